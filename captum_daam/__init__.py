@@ -1,0 +1,34 @@
+"""captum-daam: the Dynamic Accumulated Attention Map (DAAM) for Vision Transformers, in Captum.
+
+>>> from captum_daam import DAAM
+>>> flow = DAAM(model).attribute(images, target=None, return_flow=True)  # doctest: +SKIP
+"""
+
+from .adapters import ViTAdapter, adapter_for, register_adapter, supported_families
+from .attr import DAAM
+from .decompose import (
+    accumulate,
+    block_map,
+    class_token_contributions,
+    paper_display_mapping,
+    per_map_scaling,
+    scale_flow,
+    shared_linear_scaling,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DAAM",
+    "ViTAdapter",
+    "adapter_for",
+    "register_adapter",
+    "supported_families",
+    "accumulate",
+    "block_map",
+    "class_token_contributions",
+    "paper_display_mapping",
+    "per_map_scaling",
+    "scale_flow",
+    "shared_linear_scaling",
+]

@@ -1,0 +1,212 @@
+"""The adapter interface: the only code that knows where a model family keeps its attention.
+
+An adapter answers, for one model: which modules are the attention of its blocks, how many
+prefix tokens precede the patches, what patch grid an image size gives, and, during one
+forward pass, what each attention block computed for the [class] query. It records that
+through module hooks that :meth:`ViTAdapter.record` always removes.
+
+A new family is one subclass of :class:`ViTAdapter`, decorated with :func:`register_adapter`.
+"""
+
+import threading
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from typing import Callable, ClassVar, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["BlockRecord", "Hook", "ViTAdapter", "register_adapter", "adapter_for", "supported_families"]
+
+
+class BlockRecord:
+    """What one attention block computed for the [class] query in one forward pass.
+
+    Attributes:
+        class_attention: (B, H, N) the [class] attention row, detached.
+        values: (B, H, N, d) the values, detached.
+        class_gradient: (B, C) gradient of the objective with respect to the [class] row of
+            the attention output before the output projection; set during the backward pass.
+        anchor: the tensor in the autograd graph whose gradient gives ``class_gradient``.
+    """
+
+    def __init__(self) -> None:
+        self.class_attention: Optional[Tensor] = None
+        self.values: Optional[Tensor] = None
+        self.class_gradient: Optional[Tensor] = None
+        self.anchor: Optional[Tensor] = None
+
+    def set_attention(self, class_attention: Tensor, values: Tensor) -> None:
+        """Store the [class] attention row and the values (both detached here)."""
+        if self.class_attention is not None:
+            raise RuntimeError(
+                "An attention module ran twice in one forward pass; DAAM expects each "
+                "block's attention to run once per forward."
+            )
+        self.class_attention = class_attention.detach()
+        self.values = values.detach()
+
+    def watch(
+        self, tensor: Tensor, to_pre_projection: Optional[Callable[[Tensor], Tensor]] = None
+    ) -> Tensor:
+        """Take the [class] row of the gradient at ``tensor`` (B, N, ...) during backward.
+
+        Args:
+            tensor: the pre-projection attention output, or any tensor from which the
+                gradient at the pre-projection [class] row follows.
+            to_pre_projection: maps the gradient's [class] row (B, ...) to the gradient at
+                the pre-projection [class] row (B, C); identity when None.
+
+        Returns:
+            The tensor the forward pass must go on with: ``tensor`` itself, or a detached
+            copy that requires grad when nothing upstream did (a frozen model).
+        """
+        if not tensor.requires_grad:
+            tensor = tensor.detach().requires_grad_()
+
+        def keep_class_row(gradient: Tensor) -> None:
+            row = gradient[:, 0]
+            if to_pre_projection is not None:
+                row = to_pre_projection(row)
+            self.class_gradient = row if self.class_gradient is None else self.class_gradient + row
+
+        tensor.register_hook(keep_class_row)
+        self.anchor = tensor
+        return tensor
+
+
+class Hook(NamedTuple):
+    """One module hook an adapter asks for.
+
+    ``kind`` is ``"forward"`` (fn(module, args, output)), ``"pre"`` (fn(module, args), may
+    return new args) or ``"pre_kwargs"`` (fn(module, args, kwargs)).
+    """
+
+    module: nn.Module
+    kind: str
+    fn: Callable
+
+
+def _install(hook: Hook, owner_thread: int) -> RemovableHandle:
+    # Hooks live on shared modules: a forward in another thread must not feed this call's records.
+    def guarded(*args):
+        if threading.get_ident() == owner_thread:
+            return hook.fn(*args)
+        return None
+
+    if hook.kind == "forward":
+        return hook.module.register_forward_hook(guarded)
+    if hook.kind == "pre":
+        return hook.module.register_forward_pre_hook(guarded)
+    if hook.kind == "pre_kwargs":
+        return hook.module.register_forward_pre_hook(guarded, with_kwargs=True)
+    raise ValueError(f"Expected hook kind 'forward', 'pre' or 'pre_kwargs', got {hook.kind!r}.")
+
+
+class ViTAdapter(ABC):
+    """Base class of model-family adapters.
+
+    Subclasses set ``family`` (a name for messages) and ``examples`` (model names), and
+    implement :meth:`supports`, :meth:`attention_modules`, :attr:`num_prefix_tokens`,
+    :meth:`grid_size` and :meth:`block_hooks`.
+    """
+
+    family: ClassVar[str] = ""
+    examples: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    @abstractmethod
+    def supports(cls, model: nn.Module) -> bool:
+        """Whether this adapter knows ``model``'s family."""
+
+    @abstractmethod
+    def attention_modules(self) -> List[nn.Module]:
+        """The attention module of every block that has a [class] query, in forward order."""
+
+    @property
+    @abstractmethod
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: [class], distillation, register tokens."""
+
+    @abstractmethod
+    def grid_size(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
+        """The patch grid (gh, gw) for images of ``image_size`` (H, W).
+
+        Raises:
+            ValueError: when the model cannot take images of that size.
+        """
+
+    @property
+    def in_channels(self) -> Optional[int]:
+        """Image channels the model expects, or None when unknown."""
+        return None
+
+    @property
+    def num_outputs(self) -> Optional[int]:
+        """Width of the model's output (classes), or None when unknown."""
+        return None
+
+    @abstractmethod
+    def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+        """The hooks that fill ``record`` when ``attention`` runs.
+
+        Together they must call ``record.set_attention(...)`` once, and hand the tensor given
+        by ``record.watch(...)`` on to the forward pass in place of the pre-projection output
+        (or of a tensor from which its gradient follows).
+        """
+
+    @contextmanager
+    def record(self, attention_modules: Sequence[nn.Module]) -> Iterator[List[BlockRecord]]:
+        """Hooks on ``attention_modules`` for the duration of the block; always removed."""
+        records = [BlockRecord() for _ in attention_modules]
+        owner_thread = threading.get_ident()
+        handles: List[RemovableHandle] = []
+        try:
+            for attention, block_record in zip(attention_modules, records):
+                for hook in self.block_hooks(attention, block_record):
+                    handles.append(_install(hook, owner_thread))
+            yield records
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+_ADAPTERS: List[Type[ViTAdapter]] = []
+
+
+def register_adapter(adapter_class: Type[ViTAdapter]) -> Type[ViTAdapter]:
+    """Class decorator: make ``adapter_class`` one of the families :func:`adapter_for` knows.
+
+    Adapters registered later are asked first, so a more specific family can be added after
+    a general one.
+    """
+    if not (isinstance(adapter_class, type) and issubclass(adapter_class, ViTAdapter)):
+        raise TypeError(f"Expected a subclass of ViTAdapter, got {adapter_class!r}.")
+    if adapter_class not in _ADAPTERS:
+        _ADAPTERS.insert(0, adapter_class)
+    return adapter_class
+
+
+def supported_families() -> List[str]:
+    """Human-readable names of the registered families, with example models."""
+    return [f"{cls.family} ({cls.examples})" if cls.examples else cls.family for cls in _ADAPTERS]
+
+
+def adapter_for(model: nn.Module) -> ViTAdapter:
+    """The adapter of ``model``'s family.
+
+    Raises:
+        TypeError: when no registered adapter supports the model.
+    """
+    for adapter_class in _ADAPTERS:
+        if adapter_class.supports(model):
+            return adapter_class(model)
+    families = "; ".join(supported_families())
+    raise TypeError(
+        f"DAAM has no adapter for a model of type {type(model).__name__}. Supported families: "
+        f"{families}. For another architecture, subclass captum_daam.adapters.ViTAdapter, "
+        f"register it with @captum_daam.adapters.register_adapter, or pass adapter=... to DAAM."
+    )

@@ -1,0 +1,301 @@
+"""DAAM, the Dynamic Accumulated Attention Map, as a Captum layer attribution."""
+
+import warnings
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from captum._utils.common import _format_tensor_into_tuples, _run_forward, _select_targets
+from captum._utils.typing import TargetType
+from captum.attr import GradientAttribution, LayerAttribution
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from ..adapters import BlockRecord, ViTAdapter, adapter_for
+from ..decompose import accumulate as accumulate_maps
+from ..decompose import block_map, tokens_to_grid
+
+__all__ = ["DAAM"]
+
+
+class DAAM(LayerAttribution, GradientAttribution):
+    r"""
+    Dynamic Accumulated Attention Map (Liao, Gao & Zhang, Pattern Recognition 2025,
+    https://arxiv.org/abs/2503.14640).
+
+    DAAM explains a Vision Transformer block by block. In every block it splits the
+    [class] token's attention output (before the output projection) into the contribution
+    of each source token, F[n, (h, e)] = A[h, 0, n] * v[h, n, e], weights the channels by the
+    gradient of the target score with respect to that output, g, and keeps the positive part:
+    cam[n] = relu(sum_c relu(g[c]) * F[n, c]). Summing the block maps from the first block
+    gives the accumulated maps D_1, ..., D_L, the attention flow of the decision; D_L is the
+    final map.
+
+    One forward and one backward pass give every block's map. The backward pass takes
+    gradients only with respect to the recorded attention outputs (no weight gradients),
+    and only the [class] row of each attention matrix is formed, so models using fused
+    attention keep it.
+
+    Attributions are raw: non-negative and unnormalised, on the input's device and dtype,
+    shaped like a layer attribution over the patch grid, (B, 1, gh, gw), so
+    ``LayerAttribution.interpolate(attributions, (H, W), "bilinear")`` brings them to the
+    image. Normalisation is a visualisation choice (see ``captum_daam.decompose``).
+
+    The model should be in eval mode: with dropout active the explained forward pass is a
+    random one.
+    """
+
+    def __init__(
+        self,
+        model: Union[nn.Module, Callable[..., Tensor]],
+        layer: Optional[Union[nn.Module, Sequence[nn.Module]]] = None,
+        adapter: Optional[ViTAdapter] = None,
+    ) -> None:
+        r"""
+        Args:
+            model (torch.nn.Module or Callable): The Vision Transformer, or any callable whose
+                        forward pass runs it (e.g. normalisation followed by the model), in
+                        which case ``adapter`` must be given for the model inside.
+            layer (torch.nn.Module or list[torch.nn.Module], optional): Attention modules
+                        of the blocks the flow runs over. They are taken in the model's block
+                        order, whatever the order given. The flow has one map per module.
+                        Default: None, the attention modules of all blocks.
+            adapter (ViTAdapter, optional): The adapter that knows where the model keeps
+                        its attention. Default: None, the registered adapter of ``model``'s
+                        family (``captum_daam.adapters.adapter_for``).
+        """
+        if adapter is None:
+            if not isinstance(model, nn.Module):
+                raise TypeError(
+                    f"Expected a torch.nn.Module, got {type(model).__name__}. To explain a "
+                    f"forward function, pass adapter=... for the model it runs."
+                )
+            adapter = adapter_for(model)
+        attention_modules = _select_attention_modules(adapter.attention_modules(), layer)
+        LayerAttribution.__init__(self, model, attention_modules)
+        GradientAttribution.__init__(self, model)
+        self.adapter = adapter
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor]],
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+        return_flow: bool = False,
+        accumulate: bool = True,
+    ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor or tuple[Tensor]): Images, (B, C, H, W), as the model takes them.
+                        A tuple must hold exactly this one tensor.
+            target (int, list[int] or Tensor, optional): The output class whose decision is
+                        explained:
+
+                        - None: the class the model predicts for each example;
+                        - an int (or a one-element tensor), for every example;
+                        - a list of ints or a 1-D tensor with one class per example.
+
+                        Default: None
+            additional_forward_args (Any, optional): Further arguments of the forward
+                        function, passed after ``inputs`` in order, as in Captum.
+                        Default: None
+            return_flow (bool, optional): Return the map of every block of the flow,
+                        (B, L, gh, gw), instead of only the last, (B, 1, gh, gw).
+                        Default: False
+            accumulate (bool, optional): Return accumulated maps D_l = cam_1 + ... + cam_l
+                        (the DAAM flow). With False, return the block maps cam_l themselves;
+                        without ``return_flow`` that is the last block's map alone.
+                        Default: True
+
+        Returns:
+            *Tensor* of **attributions**:
+            - **attributions** (*Tensor*): Non-negative, unnormalised, detached, on the
+                        input's device and dtype. (B, 1, gh, gw) by default, the final DAAM
+                        map D_L over the patch grid; (B, L, gh, gw) with ``return_flow``,
+                        one map per block of the flow.
+
+        Examples::
+
+            >>> import timm, torch
+            >>> from captum.attr import LayerAttribution
+            >>> from captum_daam import DAAM
+            >>> model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+            >>> images = torch.rand(2, 3, 224, 224)
+            >>> daam = DAAM(model)
+            >>> final_map = daam.attribute(images, target=[3, 7])
+            >>> final_map.shape
+            torch.Size([2, 1, 14, 14])
+            >>> flow = daam.attribute(images, target=3, return_flow=True)
+            >>> flow.shape
+            torch.Size([2, 12, 14, 14])
+            >>> upsampled = LayerAttribution.interpolate(final_map, (224, 224), "bilinear")
+        """
+        images = self._check_inputs(inputs)
+        grid = self.adapter.grid_size(tuple(images.shape[-2:]))
+        target_indices = self._check_target(target, images.shape[0], images.device)
+        if getattr(self.forward_func, "training", False):
+            warnings.warn(
+                "The model is in training mode, so dropout makes the explained forward pass "
+                "random. Call model.eval() first.",
+                stacklevel=2,
+            )
+
+        with torch.enable_grad(), self.adapter.record(self.layer) as records:
+            output = _run_forward(self.forward_func, images, None, additional_forward_args)
+            if not isinstance(output, Tensor) or output.dim() != 2:
+                raise ValueError(
+                    f"Expected the model to return class scores shaped (B, classes), got "
+                    f"{_describe(output)}."
+                )
+            if target_indices is None:
+                target_indices = output.argmax(dim=1)
+            elif int(target_indices.max()) >= output.shape[1]:
+                raise ValueError(
+                    f"Expected target classes below the model's {output.shape[1]} outputs, "
+                    f"got {int(target_indices.max())}."
+                )
+            score = _select_targets(output, target_indices).sum()
+            _backward_to_records(score, records)
+
+        block_maps = torch.stack([_block_map(record) for record in records], dim=1)
+        maps = tokens_to_grid(block_maps, self.adapter.num_prefix_tokens, grid)
+        if accumulate:
+            maps = accumulate_maps(maps, dim=1)
+        if not return_flow:
+            maps = maps[:, -1:]
+        return maps.detach().to(device=images.device, dtype=images.dtype)
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
+
+    def _check_inputs(self, inputs: Union[Tensor, Tuple[Tensor]]) -> Tensor:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "DAAM needs gradients, which torch.inference_mode() disables. Call attribute() "
+                "outside inference mode (torch.no_grad() is fine)."
+            )
+        if not isinstance(inputs, (Tensor, tuple)):
+            raise TypeError(f"Expected inputs to be a Tensor, got {type(inputs).__name__}.")
+        formatted = _format_tensor_into_tuples(inputs)
+        if len(formatted) != 1 or not isinstance(formatted[0], Tensor):
+            raise ValueError(
+                f"Expected one image tensor, got a tuple of {len(formatted)} items. Pass other "
+                f"forward arguments through additional_forward_args."
+            )
+        images = formatted[0]
+        channels = self.adapter.in_channels
+        expected = f"(B, {channels if channels is not None else 'C'}, H, W)"
+        if images.dim() != 4 or (channels is not None and images.shape[1] != channels):
+            raise ValueError(f"Expected images shaped {expected}, got {tuple(images.shape)}.")
+        if images.shape[0] == 0:
+            raise ValueError("Expected at least one image, got an empty batch.")
+        if not images.is_floating_point():
+            raise TypeError(f"Expected floating-point images, got dtype {images.dtype}.")
+        if images.is_inference():
+            raise RuntimeError(
+                "The images were created under torch.inference_mode(), which rules out "
+                "gradients. Create them outside inference mode, or pass images.clone() made "
+                "outside it."
+            )
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError("Expected finite images, got NaN or infinite values.")
+        return images
+
+    def _check_target(
+        self, target: TargetType, batch_size: int, device: torch.device
+    ) -> Optional[Tensor]:
+        """Targets as a (B,) long tensor, or None for the predicted classes."""
+        if target is None:
+            return None
+        if isinstance(target, Tensor):
+            if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+                raise TypeError(f"Expected integer targets, got a tensor of dtype {target.dtype}.")
+            if target.numel() != 1 and target.dim() != 1:
+                raise ValueError(
+                    f"Expected a target tensor with one element or one per example (1-D, "
+                    f"length {batch_size}), got shape {tuple(target.shape)}."
+                )
+            indices = target.reshape(-1).to(device=device, dtype=torch.long)
+        elif isinstance(target, int) and not isinstance(target, bool):
+            indices = torch.tensor([target], device=device)
+        elif isinstance(target, (list, tuple)) and all(
+            isinstance(item, int) and not isinstance(item, bool) for item in target
+        ):
+            if isinstance(target, tuple) and len(target) != 1:
+                raise TypeError(
+                    "Expected an int, a list of ints or a 1-D tensor as target; a tuple selects "
+                    "a position in a multi-dimensional output, which class scores are not."
+                )
+            indices = torch.tensor(list(target), device=device, dtype=torch.long)
+        else:
+            raise TypeError(
+                f"Expected target to be None, an int, a list of ints or a 1-D integer tensor, "
+                f"got {target!r}."
+            )
+        if isinstance(target, list) or (isinstance(target, Tensor) and target.numel() != 1):
+            if indices.numel() != batch_size:
+                raise ValueError(
+                    f"Expected one target per example ({batch_size}), got {indices.numel()}."
+                )
+        num_outputs = self.adapter.num_outputs
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or (num_outputs is not None and high >= num_outputs):
+            bad = low if low < 0 else high
+            limit = f"0..{num_outputs - 1}" if num_outputs is not None else "non-negative"
+            raise ValueError(f"Expected target classes in {limit}, got {bad}.")
+        return indices.expand(batch_size)
+
+
+def _select_attention_modules(
+    all_modules: List[nn.Module], layer: Optional[Union[nn.Module, Sequence[nn.Module]]]
+) -> List[nn.Module]:
+    """The attention modules of the flow, in block order; checks a user's choice."""
+    if layer is None:
+        return list(all_modules)
+    chosen = [layer] if isinstance(layer, nn.Module) else list(layer)
+    if not chosen:
+        raise ValueError("Expected at least one attention module in layer, got an empty list.")
+    position = {id(module): index for index, module in enumerate(all_modules)}
+    for module in chosen:
+        if id(module) not in position:
+            raise ValueError(
+                f"Expected layer to hold attention modules of this model's blocks (e.g. "
+                f"model.blocks[i].attn), got {type(module).__name__}, which is not one of its "
+                f"{len(all_modules)} attention modules."
+            )
+    if len({id(module) for module in chosen}) != len(chosen):
+        raise ValueError("Expected each attention module at most once in layer, got repeats.")
+    return sorted(chosen, key=lambda module: position[id(module)])
+
+
+def _backward_to_records(score: Tensor, records: List[BlockRecord]) -> None:
+    """One activation-only backward pass; the records' hooks keep the [class] gradient rows.
+
+    The gradient is taken only with respect to the first recorded block: every later block
+    lies on the way from the score to it, so all their hooks fire, and no weight gradient
+    is computed.
+    """
+    for index, record in enumerate(records):
+        if record.anchor is None or record.class_attention is None:
+            raise RuntimeError(
+                f"Attention module {index} of the flow did not run during the forward pass; "
+                f"check that the model uses the modules given as layer."
+            )
+    torch.autograd.grad(score, records[0].anchor, allow_unused=True)
+
+
+def _block_map(record: BlockRecord) -> Tensor:
+    if record.class_gradient is None:
+        # The score does not depend on this block: its channels carry no weight.
+        batch, heads, _, width = record.values.shape
+        gradient = record.values.new_zeros(batch, heads * width)
+    else:
+        gradient = record.class_gradient
+    return block_map(record.class_attention, record.values, gradient)
+
+
+def _describe(output: object) -> str:
+    if isinstance(output, Tensor):
+        return f"a tensor shaped {tuple(output.shape)}"
+    return f"a {type(output).__name__}"

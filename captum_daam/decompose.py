@@ -1,0 +1,175 @@
+"""Pure tensor math of DAAM: no modules, no hooks.
+
+Shapes use B (batch), H (heads), N (tokens), d (head width), C = H * d (channels),
+L (blocks in the flow) and (gh, gw) (the patch grid).
+"""
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "class_attention_row",
+    "class_token_contributions",
+    "block_map",
+    "tokens_to_grid",
+    "accumulate",
+    "paper_display_mapping",
+    "shared_linear_scaling",
+    "per_map_scaling",
+    "scale_flow",
+]
+
+
+def class_attention_row(
+    class_query: Tensor, keys: Tensor, scale: float, bias_row: Optional[Tensor] = None
+) -> Tensor:
+    """Attention probabilities of the [class] query over all tokens.
+
+    Args:
+        class_query: (B, H, d) the [class] token's query, after any query norm.
+        keys: (B, H, N, d) all keys, after any key norm.
+        scale: the factor applied to the logits (usually d ** -0.5).
+        bias_row: optional additive logit bias for the [class] query, broadcastable
+            to (B, H, N) (a mask row, a relative position bias row, ...).
+
+    Returns:
+        (B, H, N) softmax(q_cls k^T * scale + bias_row), computed in float32 at least.
+    """
+    compute_dtype = torch.promote_types(keys.dtype, torch.float32)
+    logits = torch.einsum("bhd,bhnd->bhn", class_query.to(compute_dtype), keys.to(compute_dtype))
+    logits = logits * scale
+    if bias_row is not None:
+        logits = logits + bias_row.to(compute_dtype)
+    return logits.softmax(dim=-1)
+
+
+def class_token_contributions(class_attention: Tensor, values: Tensor) -> Tensor:
+    """The decomposition module: the [class] attention output split over source tokens.
+
+    F[b, n, (h, e)] = A[b, h, 0, n] * v[b, h, n, e]. Summing over n gives the [class] row
+    of the attention output before the output projection.
+
+    Args:
+        class_attention: (B, H, N) the [class] attention row.
+        values: (B, H, N, d) the values.
+
+    Returns:
+        (B, N, C) per-token contributions, channels ordered head by head (h, e) as in the
+        usual ``transpose(1, 2).reshape(B, N, C)`` of multi-head attention.
+    """
+    batch, heads, tokens, width = values.shape
+    contributions = class_attention.unsqueeze(-1) * values
+    return contributions.transpose(1, 2).reshape(batch, tokens, heads * width)
+
+
+def block_map(
+    class_attention: Tensor, values: Tensor, class_gradient: Tensor, relu_gradients: bool = True
+) -> Tensor:
+    """One block's DAAM map over all tokens, without forming the (B, N, C) contributions.
+
+    cam[b, n] = relu( sum_h A[b, h, n] * <v[b, h, n, :], w[b, h, :]> ) with w = relu(g) for
+    supervised models (``relu_gradients=True``) and w = g otherwise.
+
+    Args:
+        class_attention: (B, H, N) the [class] attention row.
+        values: (B, H, N, d) the values.
+        class_gradient: (B, C) gradient of the objective with respect to the [class] row of
+            the attention output before the output projection.
+        relu_gradients: keep only positive channel weights, as for supervised models.
+
+    Returns:
+        (B, N) non-negative map over all tokens (prefix tokens included).
+    """
+    batch, heads, tokens, width = values.shape
+    weights = class_gradient.relu() if relu_gradients else class_gradient
+    weights = weights.reshape(batch, heads, width).to(values.dtype)
+    per_token = torch.einsum("bhnd,bhd->bhn", values, weights)
+    return (class_attention.to(per_token.dtype) * per_token).sum(dim=1).relu()
+
+
+def tokens_to_grid(token_maps: Tensor, num_prefix_tokens: int, grid_size: Tuple[int, int]) -> Tensor:
+    """Drop the prefix tokens ([class], distillation, registers) and lay patches on the grid.
+
+    Args:
+        token_maps: (..., N) maps over all tokens.
+        num_prefix_tokens: how many leading tokens are not patches.
+        grid_size: (gh, gw) with gh * gw == N - num_prefix_tokens.
+
+    Returns:
+        (..., gh, gw)
+    """
+    patches = token_maps[..., num_prefix_tokens:]
+    gh, gw = grid_size
+    if patches.shape[-1] != gh * gw:
+        raise ValueError(
+            f"Expected {gh} x {gw} = {gh * gw} patch tokens after {num_prefix_tokens} prefix "
+            f"tokens, got {patches.shape[-1]}."
+        )
+    return patches.reshape(*patches.shape[:-1], gh, gw)
+
+
+def accumulate(block_maps: Tensor, dim: int = 1) -> Tensor:
+    """The dynamic flow: D_l = cam_1 + ... + cam_l along ``dim`` (the block axis)."""
+    return block_maps.cumsum(dim=dim)
+
+
+def _min_max(maps: Tensor, start_dim: int) -> Tensor:
+    flat = maps.flatten(start_dim)
+    low = flat.amin(dim=-1, keepdim=True)
+    high = flat.amax(dim=-1, keepdim=True)
+    span = (high - low).clamp_min(torch.finfo(flat.dtype).tiny)
+    return ((flat - low) / span).reshape(maps.shape)
+
+
+def paper_display_mapping(flow: Tensor, steepness: float = 5.0) -> Tensor:
+    """The display mapping of the DAAM paper's figures (a visualisation, not the attribution).
+
+    Every map D_l is divided by the global maximum of the last map D_L of its example, passed
+    through sigmoid(steepness * x) - 0.5, and each map is then min-max scaled to [0, 1].
+
+    Args:
+        flow: (B, L, gh, gw) accumulated maps D_1..D_L (raw attributions).
+        steepness: the factor inside the sigmoid; the paper uses 5.
+
+    Returns:
+        (B, L, gh, gw) in [0, 1]; multiply by 255 for 8-bit images.
+    """
+    _check_flow(flow)
+    last_max = flow[:, -1].flatten(1).amax(dim=1).clamp_min(torch.finfo(flow.dtype).tiny)
+    relative = flow / last_max.reshape(-1, 1, 1, 1)
+    squashed = torch.sigmoid(steepness * relative) - 0.5
+    return _min_max(squashed, start_dim=2)
+
+
+def shared_linear_scaling(flow: Tensor) -> Tensor:
+    """Scale every map of an example linearly by one range: the min and max over its whole flow."""
+    _check_flow(flow)
+    return _min_max(flow, start_dim=1)
+
+
+def per_map_scaling(flow: Tensor) -> Tensor:
+    """Min-max scale each map of the flow to [0, 1] on its own."""
+    _check_flow(flow)
+    return _min_max(flow, start_dim=2)
+
+
+_SCALINGS = {
+    "paper": paper_display_mapping,
+    "shared": shared_linear_scaling,
+    "per_map": per_map_scaling,
+}
+
+
+def scale_flow(flow: Tensor, scaling: str = "paper") -> Tensor:
+    """Apply one of the display scalings by name: ``"paper"``, ``"shared"`` or ``"per_map"``."""
+    if scaling not in _SCALINGS:
+        raise ValueError(f"Expected scaling to be one of {sorted(_SCALINGS)}, got {scaling!r}.")
+    return _SCALINGS[scaling](flow)
+
+
+def _check_flow(flow: Tensor) -> None:
+    if flow.dim() != 4:
+        raise ValueError(f"Expected a flow shaped (B, L, gh, gw), got shape {tuple(flow.shape)}.")
+

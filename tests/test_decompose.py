@@ -1,0 +1,128 @@
+"""The pure tensor math on hand-made tensors, against numbers worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from captum_daam.decompose import (
+    accumulate,
+    block_map,
+    class_attention_row,
+    class_token_contributions,
+    paper_display_mapping,
+    per_map_scaling,
+    scale_flow,
+    shared_linear_scaling,
+    tokens_to_grid,
+)
+
+
+def test_class_attention_row_is_the_softmax_of_the_class_query_logits():
+    query = torch.tensor([[[1.0, 0.0]]])  # (B=1, H=1, d=2)
+    keys = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]]])  # (1, 1, N=3, 2)
+    row = class_attention_row(query, keys, scale=0.5)
+    logits = torch.tensor([0.5, 0.0, 1.0])
+    expected = logits.exp() / logits.exp().sum()
+    assert torch.allclose(row[0, 0], expected, atol=1e-7)
+    masked = class_attention_row(query, keys, 0.5, bias_row=torch.tensor([0.0, float("-inf"), 0.0]))
+    expected_masked = torch.tensor([math.exp(0.5), 0.0, math.exp(1.0)])
+    assert torch.allclose(masked[0, 0], expected_masked / expected_masked.sum(), atol=1e-7)
+
+
+def test_contributions_order_channels_head_by_head():
+    attention = torch.tensor([[[0.5, 0.25], [1.0, 0.0]]])  # (B=1, H=2, N=2)
+    values = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]]])  # (1, 2, 2, 2)
+    contributions = class_token_contributions(attention, values)
+    expected = torch.tensor([[[0.5, 1.0, 5.0, 6.0], [0.75, 1.0, 0.0, 0.0]]])
+    assert torch.equal(contributions, expected)
+    # summing over tokens gives the [class] row of A @ v, heads concatenated
+    assert torch.equal(contributions.sum(1), torch.tensor([[1.25, 2.0, 5.0, 6.0]]))
+
+
+def test_block_map_relu_on_gradients_and_on_the_map():
+    attention = torch.tensor([[[0.5, 0.25], [1.0, 0.0]]])
+    values = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]]])
+    gradient = torch.tensor([[1.0, -1.0, -2.0, 0.5]])
+    # token 0: 0.5*1 (channel 1 dropped by relu) + 1.0*(6*0.5) = 3.5; token 1: 0.25*3 = 0.75
+    assert torch.equal(block_map(attention, values, gradient), torch.tensor([[3.5, 0.75]]))
+    # without relu on g: token 0: 0.5*(1-2) + 1.0*(-10+3) = -7.5 -> 0; token 1: 0.25*(3-4) -> 0
+    assert torch.equal(
+        block_map(attention, values, gradient, relu_gradients=False), torch.tensor([[0.0, 0.0]])
+    )
+    weights = torch.tensor([[1.0, 1.0, 0.1, 0.1]])
+    # token 0: 0.5*3 + 1.0*1.1 = 2.6; token 1: 0.25*7 = 1.75
+    assert torch.allclose(
+        block_map(attention, values, weights, relu_gradients=False), torch.tensor([[2.6, 1.75]])
+    )
+
+
+def test_block_map_equals_the_contraction_of_the_full_contributions():
+    generator = torch.Generator().manual_seed(0)
+    attention = torch.rand(2, 3, 5, generator=generator).softmax(-1)
+    values = torch.randn(2, 3, 5, 4, generator=generator)
+    gradient = torch.randn(2, 12, generator=generator)
+    full = class_token_contributions(attention, values)
+    expected = (full * gradient.relu().unsqueeze(1)).sum(-1).relu()
+    assert torch.allclose(block_map(attention, values, gradient), expected, atol=1e-6)
+
+
+def test_tokens_to_grid_drops_prefix_tokens_row_major():
+    maps = torch.arange(2 * 8, dtype=torch.float32).reshape(2, 8)
+    grid = tokens_to_grid(maps, num_prefix_tokens=2, grid_size=(2, 3))
+    assert torch.equal(grid[0], torch.tensor([[2.0, 3.0, 4.0], [5.0, 6.0, 7.0]]))
+    with pytest.raises(ValueError, match="2 x 2 = 4 patch tokens after 2 prefix tokens, got 6"):
+        tokens_to_grid(maps, num_prefix_tokens=2, grid_size=(2, 2))
+
+
+def test_accumulate_is_the_running_sum_over_blocks():
+    maps = torch.tensor([[[[1.0]], [[2.0]], [[0.5]]]])  # (B=1, L=3, 1, 1)
+    assert accumulate(maps).flatten().tolist() == [1.0, 3.0, 3.5]
+
+
+def _hand_flow():
+    # one example, two blocks, a 1 x 3 grid; the last map's maximum is 4
+    return torch.tensor([[[[0.0, 1.0, 2.0]], [[0.0, 2.0, 4.0]]]])
+
+
+def test_paper_display_mapping_by_hand():
+    mapped = paper_display_mapping(_hand_flow())
+    # divide by 4, then sigmoid(5x) - 0.5, then min-max per map
+    squash = lambda x: 1 / (1 + math.exp(-5 * x)) - 0.5  # noqa: E731
+    first = [squash(0.0), squash(0.25), squash(0.5)]
+    first = [(value - first[0]) / (first[2] - first[0]) for value in first]
+    assert mapped.shape == (1, 2, 1, 3)
+    assert torch.allclose(mapped[0, 0, 0], torch.tensor(first), atol=1e-6)
+    second = [squash(0.0), squash(0.5), squash(1.0)]
+    second = [(value - second[0]) / (second[2] - second[0]) for value in second]
+    assert torch.allclose(mapped[0, 1, 0], torch.tensor(second), atol=1e-6)
+
+
+def test_paper_display_mapping_uses_each_examples_own_last_maximum():
+    flow = torch.cat([_hand_flow(), 10 * _hand_flow()])
+    mapped = paper_display_mapping(flow)
+    assert torch.allclose(mapped[0], mapped[1], atol=1e-6)
+
+
+def test_linear_scalings_by_hand():
+    flow = _hand_flow()
+    shared = shared_linear_scaling(flow)
+    assert torch.allclose(shared[0, 0, 0], torch.tensor([0.0, 0.25, 0.5]))
+    assert torch.allclose(shared[0, 1, 0], torch.tensor([0.0, 0.5, 1.0]))
+    per_map = per_map_scaling(flow)
+    assert torch.allclose(per_map[0, 0, 0], torch.tensor([0.0, 0.5, 1.0]))
+    assert torch.allclose(per_map[0, 1, 0], torch.tensor([0.0, 0.5, 1.0]))
+
+
+def test_scalings_of_an_all_zero_flow_stay_finite():
+    flow = torch.zeros(1, 2, 2, 2)
+    for name in ("paper", "shared", "per_map"):
+        scaled = scale_flow(flow, name)
+        assert torch.isfinite(scaled).all() and (scaled == 0).all()
+
+
+def test_scale_flow_rejects_unknown_names_and_shapes():
+    with pytest.raises(ValueError, match="'paper', 'per_map', 'shared'.*'log'"):
+        scale_flow(_hand_flow(), "log")
+    with pytest.raises(ValueError, match=r"\(B, L, gh, gw\)"):
+        paper_display_mapping(torch.zeros(3, 3))
