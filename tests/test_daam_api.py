@@ -295,3 +295,17 @@ def test_a_vit_without_class_token_is_rejected():
 def test_a_callable_without_adapter_is_rejected(model):
     with pytest.raises(TypeError, match="adapter"):
         DAAM(lambda x: model(x))
+
+
+def test_a_forward_that_does_not_return_class_scores_is_rejected(model):
+    daam = DAAM(lambda x: model.forward_features(x), adapter=adapter_for(model))
+    with pytest.raises(ValueError, match=r"\(B, classes\), got a tensor shaped \(2, 197, 192\)"):
+        daam.attribute(make_images(2), target=1)
+    assert module_hook_count(model) == 0
+
+
+def test_a_forward_whose_scores_ignore_the_blocks_is_rejected(model):
+    daam = DAAM(lambda x: model(x).detach(), adapter=adapter_for(model))
+    with pytest.raises(ValueError, match="do not depend on the model's attention blocks"):
+        daam.attribute(make_images(2), target=1)
+    assert module_hook_count(model) == 0

@@ -28,13 +28,16 @@ class BlockRecord:
         class_gradient: (B, C) gradient of the objective with respect to the [class] row of
             the attention output before the output projection; set during the backward pass.
         anchor: the tensor in the autograd graph whose gradient gives ``class_gradient``.
+        on_gradient: called with the record as soon as ``class_gradient`` is set, during the
+            backward pass, so that a caller can reduce the record and free the values early.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_gradient: Optional[Callable[["BlockRecord"], None]] = None) -> None:
         self.class_attention: Optional[Tensor] = None
         self.values: Optional[Tensor] = None
         self.class_gradient: Optional[Tensor] = None
         self.anchor: Optional[Tensor] = None
+        self.on_gradient = on_gradient
 
     def set_attention(self, class_attention: Tensor, values: Tensor) -> None:
         """Store the [class] attention row and the values (both detached here)."""
@@ -65,10 +68,12 @@ class BlockRecord:
             tensor = tensor.detach().requires_grad_()
 
         def keep_class_row(gradient: Tensor) -> None:
-            row = gradient[:, 0]
+            row = gradient[:, 0].clone()  # a copy, so the full (B, N, C) gradient can be freed
             if to_pre_projection is not None:
                 row = to_pre_projection(row)
-            self.class_gradient = row if self.class_gradient is None else self.class_gradient + row
+            self.class_gradient = row
+            if self.on_gradient is not None:
+                self.on_gradient(self)
 
         tensor.register_hook(keep_class_row)
         self.anchor = tensor
@@ -159,9 +164,16 @@ class ViTAdapter(ABC):
         """
 
     @contextmanager
-    def record(self, attention_modules: Sequence[nn.Module]) -> Iterator[List[BlockRecord]]:
-        """Hooks on ``attention_modules`` for the duration of the block; always removed."""
-        records = [BlockRecord() for _ in attention_modules]
+    def record(
+        self,
+        attention_modules: Sequence[nn.Module],
+        on_gradient: Optional[Callable[[BlockRecord], None]] = None,
+    ) -> Iterator[List[BlockRecord]]:
+        """Hooks on ``attention_modules`` for the duration of the block; always removed.
+
+        ``on_gradient`` is given to every record (see :class:`BlockRecord`).
+        """
+        records = [BlockRecord(on_gradient) for _ in attention_modules]
         owner_thread = threading.get_ident()
         handles: List[RemovableHandle] = []
         try:

@@ -140,7 +140,16 @@ class DAAM(LayerAttribution, GradientAttribution):
                 stacklevel=2,
             )
 
-        with torch.enable_grad(), self.adapter.record(self.layer) as records:
+        token_maps = {}
+
+        def reduce_record(record: BlockRecord) -> None:
+            # Runs in the backward pass: the map is formed and the values freed at once.
+            token_maps[id(record)] = block_map(
+                record.class_attention, record.values, record.class_gradient
+            )
+            record.values = None
+
+        with torch.enable_grad(), self.adapter.record(self.layer, reduce_record) as records:
             output = _run_forward(self.forward_func, images, None, additional_forward_args)
             if not isinstance(output, Tensor) or output.dim() != 2:
                 raise ValueError(
@@ -157,7 +166,7 @@ class DAAM(LayerAttribution, GradientAttribution):
             score = _select_targets(output, target_indices).sum()
             _backward_to_records(score, records)
 
-        block_maps = torch.stack([_block_map(record) for record in records], dim=1)
+        block_maps = torch.stack([token_maps[id(record)] for record in records], dim=1)
         maps = tokens_to_grid(block_maps, self.adapter.num_prefix_tokens, grid)
         if accumulate:
             maps = accumulate_maps(maps, dim=1)
@@ -282,17 +291,18 @@ def _backward_to_records(score: Tensor, records: List[BlockRecord]) -> None:
                 f"Attention module {index} of the flow did not run during the forward pass; "
                 f"check that the model uses the modules given as layer."
             )
+    if not score.requires_grad:
+        raise ValueError(
+            "The target scores do not depend on the model's attention blocks, so there is "
+            "nothing to attribute. Check that the forward function returns the model's output."
+        )
     torch.autograd.grad(score, records[0].anchor, allow_unused=True)
-
-
-def _block_map(record: BlockRecord) -> Tensor:
-    if record.class_gradient is None:
-        # The score does not depend on this block: its channels carry no weight.
-        batch, heads, _, width = record.values.shape
-        gradient = record.values.new_zeros(batch, heads * width)
-    else:
-        gradient = record.class_gradient
-    return block_map(record.class_attention, record.values, gradient)
+    for index, record in enumerate(records):
+        if record.class_gradient is None:
+            raise RuntimeError(
+                f"The target scores do not depend on attention module {index} of the flow "
+                f"through its first block; DAAM expects blocks that run one after another."
+            )
 
 
 def _describe(output: object) -> str:

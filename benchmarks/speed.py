@@ -1,0 +1,184 @@
+"""DAAM's cost against its floor, measured in one run.
+
+The floor is what any gradient-based explanation of every block must pay at least: one
+forward pass and an activation-only backward pass (no weight gradients) down to block 1's
+attention output. DAAM computes every block's map (``return_flow=True``) from one such pass.
+
+Times are medians over interleaved repeats (floor, DAAM, floor, DAAM, ...), so a slow spell
+of a shared machine hits both; the ratio DAAM / floor is the figure to read. Peak memory is
+measured for each method in a fresh subprocess: on CPU the peak resident set size (VmHWM,
+reset before the pass) above the size before the pass, on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before.
+
+    python benchmarks/speed.py                       # deit_small_patch16_224, batch 8 and 32
+    python benchmarks/speed.py --batch-sizes 8 --repeats 5 --device cuda
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from captum_daam import DAAM
+
+METHODS = ("floor", "daam")
+
+
+def floor_pass(model: nn.Module, images: Tensor) -> None:
+    """Forward, then gradients of the predicted scores at block 1's attention output only."""
+    captured: Dict[str, Tensor] = {}
+
+    def keep_pre_projection(module: nn.Module, args: tuple) -> None:
+        captured["output"] = args[0]
+
+    handle = model.blocks[0].attn.norm.register_forward_pre_hook(keep_pre_projection)
+    try:
+        with torch.enable_grad():
+            logits = model(images)
+            score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+            torch.autograd.grad(score, captured["output"])
+    finally:
+        handle.remove()
+
+
+def daam_pass(model: nn.Module, images: Tensor) -> None:
+    DAAM(model).attribute(images, target=None, return_flow=True)
+
+
+PASSES: Dict[str, Callable[[nn.Module, Tensor], None]] = {"floor": floor_pass, "daam": daam_pass}
+
+
+def build(model_name: str, batch_size: int, device: str):
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False).eval().to(device)
+    images = torch.rand(batch_size, 3, *model.patch_embed.img_size, device=device)
+    return model, images
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_methods(model_name: str, batch_size: int, device: str, repeats: int, warmup: int):
+    model, images = build(model_name, batch_size, device)
+    for _ in range(warmup):
+        for method in METHODS:
+            PASSES[method](model, images)
+    seconds: Dict[str, List[float]] = {method: [] for method in METHODS}
+    for repeat in range(repeats):
+        order = METHODS if repeat % 2 == 0 else METHODS[::-1]
+        for method in order:
+            synchronize(device)
+            start = time.perf_counter()
+            PASSES[method](model, images)
+            synchronize(device)
+            seconds[method].append(time.perf_counter() - start)
+    return seconds
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_resident() -> None:
+    # A child's high-water mark starts from its parent's; "5" resets it (Linux >= 4.0).
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def _peak_resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def peak_memory_here(model_name: str, batch_size: int, device: str, method: str) -> int:
+    """Peak memory of one pass above what was held before it (run in a fresh process)."""
+    model, images = build(model_name, batch_size, device)
+    if device.startswith("cuda"):
+        PASSES[method](model, images)  # let kernels and workspaces load first
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        PASSES[method](model, images)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    _reset_peak_resident()
+    before = _resident_bytes()
+    PASSES[method](model, images)
+    return _peak_resident_bytes() - before
+
+
+def peak_memory(model_name: str, batch_size: int, device: str, method: str, threads: int) -> int:
+    command = [
+        sys.executable, __file__, "--model", model_name, "--device", device,
+        "--threads", str(threads), "--_memory-of", method, "--batch-sizes", str(batch_size),
+    ]
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=9, help="timed repeats per method")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes per method first")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--_memory-of", dest="memory_of", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if args.memory_of:
+        print(peak_memory_here(args.model, args.batch_sizes[0], args.device, args.memory_of))
+        return
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"{args.model}, {device_name}, {args.threads} threads, torch {torch.__version__}, "
+          f"{args.repeats} repeats")
+    header = ("| batch | floor median (s) | DAAM median (s) | DAAM / floor | "
+              "floor peak (MiB) | DAAM peak (MiB) | memory DAAM / floor |")
+    print(header)
+    print("|" + "---|" * 7)
+    rows = []
+    for batch_size in args.batch_sizes:
+        seconds = time_methods(args.model, batch_size, args.device, args.repeats, args.warmup)
+        medians = {method: statistics.median(seconds[method]) for method in METHODS}
+        peaks = {
+            method: peak_memory(args.model, batch_size, args.device, method, args.threads)
+            for method in METHODS
+        }
+        row = {
+            "batch_size": batch_size,
+            "seconds": seconds,
+            "median_seconds": medians,
+            "time_ratio": medians["daam"] / medians["floor"],
+            "peak_bytes": peaks,
+            "memory_ratio": peaks["daam"] / peaks["floor"],
+        }
+        rows.append(row)
+        mib = {method: peaks[method] / 2**20 for method in METHODS}
+        print(f"| {batch_size} | {medians['floor']:.3f} | {medians['daam']:.3f} | "
+              f"{row['time_ratio']:.3f} | {mib['floor']:.0f} | {mib['daam']:.0f} | "
+              f"{row['memory_ratio']:.3f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"model": args.model, "device": device_name, "threads": args.threads,
+                       "torch": torch.__version__, "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
