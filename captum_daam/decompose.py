@@ -38,7 +38,8 @@ def class_attention_row(
         (B, H, N) softmax(q_cls k^T * scale + bias_row), computed in float32 at least.
     """
     compute_dtype = torch.promote_types(keys.dtype, torch.float32)
-    logits = torch.einsum("bhd,bhnd->bhn", class_query.to(compute_dtype), keys.to(compute_dtype))
+    # An elementwise product and sum: faster than a batched matmul for a single query row.
+    logits = (keys.to(compute_dtype) * class_query.to(compute_dtype).unsqueeze(2)).sum(-1)
     logits = logits * scale
     if bias_row is not None:
         logits = logits + bias_row.to(compute_dtype)
@@ -85,7 +86,7 @@ def block_map(
     batch, heads, tokens, width = values.shape
     weights = class_gradient.relu() if relu_gradients else class_gradient
     weights = weights.reshape(batch, heads, width).to(values.dtype)
-    per_token = torch.einsum("bhnd,bhd->bhn", values, weights)
+    per_token = (values * weights.unsqueeze(2)).sum(-1)
     return (class_attention.to(per_token.dtype) * per_token).sum(dim=1).relu()
 
 

@@ -190,6 +190,12 @@ def test_nothing_is_left_behind_after_a_successful_call(used_model):
     _assert_same_state(before, _state(used_model))
 
 
+def test_inputs_that_require_grad_get_no_gradient(used_model):
+    images = make_images(2).requires_grad_()
+    DAAM(used_model).attribute(images, target=[1, 2])
+    assert images.grad is None and images.requires_grad
+
+
 def test_training_mode_warns_and_is_kept(used_model):
     used_model.train()
     before = _state(used_model)
@@ -309,3 +315,17 @@ def test_a_forward_whose_scores_ignore_the_blocks_is_rejected(model):
     with pytest.raises(ValueError, match="do not depend on the model's attention blocks"):
         daam.attribute(make_images(2), target=1)
     assert module_hook_count(model) == 0
+
+
+def test_the_docstring_examples_run():
+    import doctest
+
+    import captum_daam.attr.daam as daam_module
+
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    examples = [test for test in finder.find(daam_module) if test.examples]
+    assert examples, "no docstring examples found"
+    for test in examples:
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0

@@ -24,6 +24,8 @@ MODELS = {
     # DINOv2 with 4 register tokens (no_embed_class, LayerScale), at 224 to stay quick.
     "reg4_dinov2": ("vit_small_patch14_reg4_dinov2", {"img_size": 224, "num_classes": 1000}, True),
     "qk_norm": ("vit_small_patch16_224", {"qk_norm": True}, True),
+    # DeiT-III: position embedding without the [class] token, LayerScale.
+    "deit3_small": ("deit3_small_patch16_224", {}, True),
 }
 
 

@@ -16,7 +16,14 @@ from typing import Callable, ClassVar, Iterator, List, NamedTuple, Optional, Seq
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["BlockRecord", "Hook", "ViTAdapter", "register_adapter", "adapter_for", "supported_families"]
+__all__ = [
+    "BlockRecord",
+    "Hook",
+    "ViTAdapter",
+    "register_adapter",
+    "adapter_for",
+    "supported_families",
+]
 
 
 class BlockRecord:
@@ -61,8 +68,8 @@ class BlockRecord:
                 the pre-projection [class] row (B, C); identity when None.
 
         Returns:
-            The tensor the forward pass must go on with: ``tensor`` itself, or a detached
-            copy that requires grad when nothing upstream did (a frozen model).
+            The tensor the forward pass must go on with: ``tensor`` itself, or, when nothing
+            upstream requires grad (a frozen model), a detached view of it that does.
         """
         if not tensor.requires_grad:
             tensor = tensor.detach().requires_grad_()

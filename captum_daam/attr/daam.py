@@ -133,7 +133,7 @@ class DAAM(LayerAttribution, GradientAttribution):
         images = self._check_inputs(inputs)
         grid = self.adapter.grid_size(tuple(images.shape[-2:]))
         target_indices = self._check_target(target, images.shape[0], images.device)
-        if getattr(self.forward_func, "training", False):
+        if self.adapter.model.training:
             warnings.warn(
                 "The model is in training mode, so dropout makes the explained forward pass "
                 "random. Call model.eval() first.",
