@@ -4,8 +4,10 @@ The floor is what any gradient-based explanation of every block must pay at leas
 forward pass and an activation-only backward pass (no weight gradients) down to block 1's
 attention output. DAAM computes every block's map (``return_flow=True``) from one such pass.
 
-Times are medians over interleaved repeats (floor, DAAM, floor, DAAM, ...), so a slow spell
-of a shared machine hits both; the ratio DAAM / floor is the figure to read. Peak memory is
+Times are medians over interleaved repeats (floor, DAAM, DAAM, floor, ...), so a slow spell
+of a shared machine hits both; the ratio DAAM / floor is the figure to read. It is given three
+ways: of the median wall times, the median of the ratios of neighbouring runs, and of the median
+process CPU times (less sensitive to other tenants of a shared machine). Peak memory is
 measured for each method in a fresh subprocess, on a second pass after a first: on CPU the peak
 resident set size (VmHWM, reset before the pass, with glibc returning large blocks to the system
 at once) above the size before the pass, on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before.
@@ -74,15 +76,17 @@ def time_methods(model_name: str, batch_size: int, device: str, repeats: int, wa
         for method in METHODS:
             PASSES[method](model, images)
     seconds: Dict[str, List[float]] = {method: [] for method in METHODS}
+    cpu_seconds: Dict[str, List[float]] = {method: [] for method in METHODS}
     for repeat in range(repeats):
         order = METHODS if repeat % 2 == 0 else METHODS[::-1]
         for method in order:
             synchronize(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             PASSES[method](model, images)
             synchronize(device)
             seconds[method].append(time.perf_counter() - start)
-    return seconds
+            cpu_seconds[method].append(time.process_time() - start_cpu)
+    return seconds, cpu_seconds
 
 
 def _resident_bytes() -> int:
@@ -153,15 +157,18 @@ def main(argv=None) -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"{args.model}, {device_name}, {args.threads} threads, torch {torch.__version__}, "
           f"{args.repeats} repeats")
-    header = ("| batch | floor median (s) | DAAM median (s) | DAAM / floor (medians) | "
-              "DAAM / floor (median of paired runs) | floor peak (MiB) | DAAM peak (MiB) | "
-              "memory DAAM / floor |")
+    header = ("| batch | floor median (s) | DAAM median (s) | time DAAM / floor | "
+              "paired runs DAAM / floor | CPU time DAAM / floor | floor peak (MiB) | "
+              "DAAM peak (MiB) | memory DAAM / floor |")
     print(header)
-    print("|" + "---|" * 8)
+    print("|" + "---|" * 9)
     rows = []
     for batch_size in args.batch_sizes:
-        seconds = time_methods(args.model, batch_size, args.device, args.repeats, args.warmup)
+        seconds, cpu_seconds = time_methods(
+            args.model, batch_size, args.device, args.repeats, args.warmup
+        )
         medians = {method: statistics.median(seconds[method]) for method in METHODS}
+        cpu_medians = {method: statistics.median(cpu_seconds[method]) for method in METHODS}
         peaks = {
             method: peak_memory(args.model, batch_size, args.device, method, args.threads)
             for method in METHODS
@@ -169,7 +176,10 @@ def main(argv=None) -> None:
         row = {
             "batch_size": batch_size,
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
             "median_seconds": medians,
+            "median_cpu_seconds": cpu_medians,
+            "cpu_time_ratio": cpu_medians["daam"] / cpu_medians["floor"],
             "time_ratio": medians["daam"] / medians["floor"],
             "paired_time_ratio": statistics.median(
                 daam / floor for daam, floor in zip(seconds["daam"], seconds["floor"])
@@ -181,6 +191,7 @@ def main(argv=None) -> None:
         mib = {method: peaks[method] / 2**20 for method in METHODS}
         print(f"| {batch_size} | {medians['floor']:.3f} | {medians['daam']:.3f} | "
               f"{row['time_ratio']:.3f} | {row['paired_time_ratio']:.3f} | "
+              f"{row['cpu_time_ratio']:.3f} | "
               f"{mib['floor']:.0f} | {mib['daam']:.0f} | "
               f"{row['memory_ratio']:.3f} |", flush=True)
     if args.json:
