@@ -6,6 +6,7 @@
 
 from .adapters import ViTAdapter, adapter_for, register_adapter, supported_families
 from .attr import DAAM
+from .ssl import MemoryBank
 from .decompose import (
     accumulate,
     block_map,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DAAM",
+    "MemoryBank",
     "ViTAdapter",
     "adapter_for",
     "register_adapter",

@@ -288,8 +288,12 @@ def explicit_daam(
     relu_gradients: bool = True,
     dtype: Optional[torch.dtype] = torch.float64,
     attn_mask: Optional[torch.Tensor] = None,
+    importance: Optional[torch.Tensor] = None,
 ) -> Dict[str, object]:
     """Reference DAAM block maps and flow for a timm ViT, computed explicitly.
+
+    With ``importance`` (D,) or (B, D), the objective is the self-supervised one,
+    ``sum_b sum_d importance[b, d] * output[b, d]``, instead of the target scores.
 
     Steps:
 
@@ -344,9 +348,13 @@ def explicit_daam(
     with torch.enable_grad():
         result = explicit_forward(model, images, attn_mask=attn_mask)
         logits = result["logits"]
-        targets = resolve_targets(target, logits)
-        batch_index = torch.arange(logits.shape[0], device=logits.device)
-        score = logits[batch_index, targets].sum()
+        if importance is None:
+            targets = resolve_targets(target, logits)
+            batch_index = torch.arange(logits.shape[0], device=logits.device)
+            score = logits[batch_index, targets].sum()
+        else:
+            targets = None
+            score = (logits * importance.to(logits.dtype)).sum()
 
         pre_projections = [record["pre_projection"] for record in result["blocks"]]
         gradients = torch.autograd.grad(score, pre_projections)

@@ -305,7 +305,7 @@ def test_a_callable_without_adapter_is_rejected(model):
 
 def test_a_forward_that_does_not_return_class_scores_is_rejected(model):
     daam = DAAM(lambda x: model.forward_features(x), adapter=adapter_for(model))
-    with pytest.raises(ValueError, match=r"\(B, classes\), got a tensor shaped \(2, 197, 192\)"):
+    with pytest.raises(ValueError, match=r"\(B, K\), got a tensor shaped \(2, 197, 192\)"):
         daam.attribute(make_images(2), target=1)
     assert module_hook_count(model) == 0
 
@@ -321,11 +321,14 @@ def test_the_docstring_examples_run():
     import doctest
 
     import captum_daam.attr.daam as daam_module
+    import captum_daam.ssl as ssl_module
 
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    examples = [test for test in finder.find(daam_module) if test.examples]
-    assert examples, "no docstring examples found"
+    examples = [
+        test for module in (daam_module, ssl_module) for test in finder.find(module) if test.examples
+    ]
+    assert len(examples) == 2, "expected the DAAM and MemoryBank docstring examples"
     for test in examples:
         runner.run(test)
     assert runner.summarize(verbose=False).failed == 0

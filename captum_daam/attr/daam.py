@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..adapters import BlockRecord, ViTAdapter, adapter_for
 from ..decompose import accumulate as accumulate_maps
 from ..decompose import block_map, tokens_to_grid
+from ..ssl import MemoryBank
 
 __all__ = ["DAAM"]
 
@@ -83,6 +84,8 @@ class DAAM(LayerAttribution, GradientAttribution):
         additional_forward_args: Optional[object] = None,
         return_flow: bool = False,
         accumulate: bool = True,
+        importance: Optional[Union[Tensor, MemoryBank, Callable[[Tensor], Tensor]]] = None,
+        relu_gradients: Optional[bool] = None,
     ) -> Tensor:
         r"""
         Args:
@@ -106,6 +109,22 @@ class DAAM(LayerAttribution, GradientAttribution):
                         (the DAAM flow). With False, return the block maps cam_l themselves;
                         without ``return_flow`` that is the last block's map alone.
                         Default: True
+            importance (Tensor, MemoryBank or Callable, optional): For self-supervised
+                        backbones, which output features (B, D) rather than class scores:
+                        dimension-wise importance weights w, and the explained objective is
+                        sum_d w_d f_d instead of a class score. A (D,) tensor applies to every
+                        example, a (B, D) tensor gives one row per example. A
+                        :class:`~captum_daam.MemoryBank` computes the weights from the
+                        backbone's own output in the same forward pass
+                        (``bank.importance(features)``, k=20, T=0.07); a callable maps the
+                        features (B, D) to weights (B, D), or to (weights, prediction), e.g.
+                        ``lambda f: bank.importance(f, k=10)``. Cannot be combined with
+                        ``target``.
+                        Default: None
+            relu_gradients (bool, optional): Keep only positive channel weights (the
+                        gradients) in each block map. Default: None, which means True for
+                        class targets (supervised DAAM) and False with ``importance``
+                        (self-supervised DAAM), as in the paper.
 
         Returns:
             *Tensor* of **attributions**:
@@ -132,7 +151,16 @@ class DAAM(LayerAttribution, GradientAttribution):
         """
         images = self._check_inputs(inputs)
         grid = self.adapter.grid_size(tuple(images.shape[-2:]))
+        if importance is not None:
+            if target is not None:
+                raise ValueError(
+                    "Expected either target (a class score to explain) or importance (weights "
+                    "of a self-supervised feature objective), got both."
+                )
+            _check_importance(importance, images.shape[0], self.adapter.num_outputs)
         target_indices = self._check_target(target, images.shape[0], images.device)
+        if relu_gradients is None:
+            relu_gradients = importance is None
         if self.adapter.model.training:
             warnings.warn(
                 "The model is in training mode, so dropout makes the explained forward pass "
@@ -145,7 +173,7 @@ class DAAM(LayerAttribution, GradientAttribution):
         def reduce_record(record: BlockRecord) -> None:
             # Runs in the backward pass: the map is formed and the values freed at once.
             token_maps[id(record)] = block_map(
-                record.class_attention, record.values, record.class_gradient
+                record.class_attention, record.values, record.class_gradient, relu_gradients
             )
             record.values = None
 
@@ -153,17 +181,20 @@ class DAAM(LayerAttribution, GradientAttribution):
             output = _run_forward(self.forward_func, images, None, additional_forward_args)
             if not isinstance(output, Tensor) or output.dim() != 2:
                 raise ValueError(
-                    f"Expected the model to return class scores shaped (B, classes), got "
-                    f"{_describe(output)}."
+                    f"Expected the model to return class scores or features shaped (B, K), "
+                    f"got {_describe(output)}."
                 )
-            if target_indices is None:
-                target_indices = output.argmax(dim=1)
-            elif int(target_indices.max()) >= output.shape[1]:
-                raise ValueError(
-                    f"Expected target classes below the model's {output.shape[1]} outputs, "
-                    f"got {int(target_indices.max())}."
-                )
-            score = _select_targets(output, target_indices).sum()
+            if importance is not None:
+                score = (output * _importance_weights(importance, output)).sum()
+            else:
+                if target_indices is None:
+                    target_indices = output.argmax(dim=1)
+                elif int(target_indices.max()) >= output.shape[1]:
+                    raise ValueError(
+                        f"Expected target classes below the model's {output.shape[1]} "
+                        f"outputs, got {int(target_indices.max())}."
+                    )
+                score = _select_targets(output, target_indices).sum()
             _backward_to_records(score, records)
 
         block_maps = torch.stack([token_maps[id(record)] for record in records], dim=1)
@@ -254,6 +285,61 @@ class DAAM(LayerAttribution, GradientAttribution):
             limit = f"0..{num_outputs - 1}" if num_outputs is not None else "non-negative"
             raise ValueError(f"Expected target classes in {limit}, got {bad}.")
         return indices.expand(batch_size)
+
+
+def _check_importance(
+    importance: Union[Tensor, MemoryBank, Callable[[Tensor], Tensor]],
+    batch_size: int,
+    num_outputs: Optional[int],
+) -> None:
+    """Shape and width checks that can be made before the forward pass."""
+    if isinstance(importance, MemoryBank):
+        if num_outputs is not None and importance.dim != num_outputs:
+            raise ValueError(
+                f"Expected a memory bank of the model's output width {num_outputs}, got a bank "
+                f"of width {importance.dim}."
+            )
+        return
+    if not isinstance(importance, Tensor):
+        if callable(importance):
+            return
+        raise TypeError(
+            f"Expected importance to be a Tensor, a MemoryBank or a callable, got "
+            f"{type(importance).__name__}."
+        )
+    per_example = importance.dim() == 2 and importance.shape[0] == batch_size
+    if importance.dim() != 1 and not per_example:
+        raise ValueError(
+            f"Expected importance weights shaped (D,) or (B={batch_size}, D), got "
+            f"{tuple(importance.shape)}."
+        )
+    if num_outputs is not None and importance.shape[-1] != num_outputs:
+        raise ValueError(
+            f"Expected importance weights of the model's output width {num_outputs}, got "
+            f"width {importance.shape[-1]}."
+        )
+    if not bool(torch.isfinite(importance).all()):
+        raise ValueError("Expected finite importance weights, got NaN or infinite values.")
+
+
+def _importance_weights(
+    importance: Union[Tensor, MemoryBank, Callable[[Tensor], Tensor]], output: Tensor
+) -> Tensor:
+    """The weights w of the objective sum_d w_d f_d, for the forward pass's output f."""
+    if isinstance(importance, MemoryBank):
+        weights = importance.importance(output.detach())[0]
+    elif isinstance(importance, Tensor):
+        weights = importance
+    else:
+        weights = importance(output.detach())
+        if isinstance(weights, tuple):
+            weights = weights[0]
+    if weights.shape[-1] != output.shape[1] or weights.dim() not in (1, 2):
+        raise ValueError(
+            f"Expected importance weights of the model's output width {output.shape[1]}, got "
+            f"shape {tuple(weights.shape)}."
+        )
+    return weights.detach().to(device=output.device, dtype=output.dtype)
 
 
 def _select_attention_modules(

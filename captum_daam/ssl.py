@@ -1,0 +1,281 @@
+"""Self-supervised DAAM: a memory bank of labelled features, weighted k-NN, and the
+dimension-wise importance weights that stand in for a classifier's gradients.
+
+The k-NN classifier is the one of DINO's evaluation (Caron et al. 2021): cosine similarity to
+the bank, the k most similar entries, each voting exp(similarity / T) for its label. The
+importance weights follow the DAAM paper (Liao, Gao & Zhang 2025): over the k neighbours that
+carry the predicted label, the mean of (normalised query ⊙ normalised neighbour), a per-dimension
+contribution to the similarity, min-max scaled to [0, 1] per example.
+"""
+
+import os
+from typing import Callable, Iterable, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MemoryBank"]
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+
+
+class MemoryBank:
+    r"""
+    Labelled features of a training set, kept L2-normalised, for weighted k-NN.
+
+    Similarities are computed one chunk of the bank at a time, so that a query batch never
+    holds a (B, chunk) similarity block larger than ``memory_budget`` bytes, whatever the
+    size of the bank (ImageNet's 1.28 M training features included); merging a block with
+    the running best k (a stable sort) takes a few times that while it runs.
+
+    Ties are resolved deterministically: between equally similar entries the earlier one in
+    the bank is the nearer neighbour, and between classes with equal votes the smaller label
+    wins.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_daam import MemoryBank
+        >>> bank = MemoryBank(torch.randn(100, 8), torch.arange(100) % 4)
+        >>> queries = torch.randn(3, 8)
+        >>> bank.classify(queries, k=5).shape
+        torch.Size([3])
+        >>> weights, predicted = bank.importance(queries, k=5)
+        >>> weights.shape, bool(((weights >= 0) & (weights <= 1)).all())
+        (torch.Size([3, 8]), True)
+    """
+
+    def __init__(
+        self, features: Tensor, labels: Tensor, memory_budget: int = DEFAULT_MEMORY_BUDGET
+    ) -> None:
+        r"""
+        Args:
+            features (Tensor): (M, D) features of the bank's examples, at any scale; they
+                        are stored L2-normalised, as float32 (or float64 if given so).
+            labels (Tensor): (M,) integer class labels.
+            memory_budget (int, optional): Bytes that one block of query-to-bank
+                        similarities may take. Default: 256 MiB.
+        """
+        if not isinstance(features, Tensor) or features.dim() != 2:
+            raise ValueError(f"Expected features shaped (M, D), got {_describe(features)}.")
+        if features.shape[0] == 0:
+            raise ValueError("Expected a non-empty bank, got 0 features.")
+        if not isinstance(labels, Tensor) or labels.dim() != 1:
+            raise ValueError(f"Expected labels as a 1-D integer tensor, got {_describe(labels)}.")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"Expected integer labels, got dtype {labels.dtype}.")
+        if labels.shape[0] != features.shape[0]:
+            raise ValueError(
+                f"Expected one label per feature ({features.shape[0]}), got {labels.shape[0]}."
+            )
+        if not features.is_floating_point():
+            features = features.float()
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("Expected finite features, got NaN or infinite values.")
+        if memory_budget < 1:
+            raise ValueError(f"Expected a positive memory_budget in bytes, got {memory_budget}.")
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        self.features = F.normalize(features.detach().to(dtype), dim=1)
+        self.labels = labels.detach().to(device=features.device, dtype=torch.long)
+        self.memory_budget = int(memory_budget)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Feature width D."""
+        return self.features.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    def to(self, device: Union[str, torch.device]) -> "MemoryBank":
+        """A copy of the bank on ``device``."""
+        return MemoryBank(self.features.to(device), self.labels.to(device), self.memory_budget)
+
+    # ------------------------------------------------------------------ queries
+
+    def neighbours(self, features: Tensor, k: int = 20) -> Tuple[Tensor, Tensor]:
+        """The k most similar bank entries of each query.
+
+        Args:
+            features: (B, D) queries, at any scale.
+            k: neighbours per query; values above the bank size are clamped to it.
+
+        Returns:
+            similarities (B, k) in descending order, and the bank indices (B, k).
+        """
+        queries = self._queries(features)
+        k = self._clamp_k(k)
+        batch = queries.shape[0]
+        element_bytes = queries.element_size()
+        chunk = max(1, self.memory_budget // max(1, batch * element_bytes))
+        best_similarities = queries.new_empty(batch, 0)
+        best_indices = torch.empty(batch, 0, dtype=torch.long, device=queries.device)
+        for start in range(0, len(self), chunk):
+            block = queries @ self.features[start : start + chunk].T
+            block_indices = torch.arange(start, start + block.shape[1], device=queries.device)
+            # Earlier entries come first and the sort is stable: ties go to the earlier entry.
+            similarities = torch.cat([best_similarities, block], dim=1)
+            indices = torch.cat([best_indices, block_indices.expand(batch, -1)], dim=1)
+            order = similarities.sort(dim=1, descending=True, stable=True).indices[:, :k]
+            best_similarities = similarities.gather(1, order)
+            best_indices = indices.gather(1, order)
+        return best_similarities, best_indices
+
+    def classify(self, features: Tensor, k: int = 20, temperature: float = 0.07) -> Tensor:
+        """Weighted k-NN class of each query: votes exp(similarity / temperature) per label.
+
+        Args:
+            features: (B, D) queries, at any scale.
+            k: neighbours that vote; clamped to the bank size.
+            temperature: the vote temperature T.
+
+        Returns:
+            (B,) predicted labels, on the queries' device.
+        """
+        return self._vote(features, k, temperature)[0].to(features.device)
+
+    def importance(
+        self, features: Tensor, k: int = 20, temperature: float = 0.07
+    ) -> Tuple[Tensor, Tensor]:
+        """Dimension-wise importance weights and the k-NN prediction they explain.
+
+        Over the k neighbours that carry the predicted label, the mean of the element-wise
+        product of the normalised query and the normalised neighbour, min-max scaled to
+        [0, 1] per example; all-equal contributions give weights of ones.
+
+        Args:
+            features: (B, D) queries, at any scale.
+            k: neighbours; clamped to the bank size.
+            temperature: the vote temperature T.
+
+        Returns:
+            weights (B, D) in [0, 1] and predicted labels (B,), on the queries' device.
+        """
+        predicted, similarities, indices = self._vote(features, k, temperature)
+        queries = self._queries(features)
+        neighbours = self.features[indices]  # (B, k, D)
+        carries_prediction = (self.labels[indices] == predicted.unsqueeze(1)).to(queries.dtype)
+        products = queries.unsqueeze(1) * neighbours
+        contribution = (products * carries_prediction.unsqueeze(2)).sum(1)
+        contribution = contribution / carries_prediction.sum(1, keepdim=True)
+        low = contribution.amin(dim=1, keepdim=True)
+        span = contribution.amax(dim=1, keepdim=True) - low
+        weights = torch.where(
+            span > 0, (contribution - low) / span.clamp_min(torch.finfo(span.dtype).tiny), 1.0
+        )
+        return weights.to(features.device), predicted.to(features.device)
+
+    def _vote(self, features: Tensor, k: int, temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
+        if not temperature > 0:
+            raise ValueError(f"Expected a positive temperature, got {temperature}.")
+        similarities, indices = self.neighbours(features, k)
+        classes, class_of_entry = torch.unique(self.labels, return_inverse=True)
+        votes = similarities.new_zeros(similarities.shape[0], classes.shape[0])
+        votes.scatter_add_(1, class_of_entry[indices], (similarities / temperature).exp())
+        # argmax returns the first maximum: equal votes go to the smaller label.
+        predicted = classes[votes.argmax(dim=1)]
+        return predicted, similarities, indices
+
+    def _queries(self, features: Tensor) -> Tensor:
+        if not isinstance(features, Tensor) or features.dim() != 2:
+            raise ValueError(f"Expected query features shaped (B, D), got {_describe(features)}.")
+        if features.shape[1] != self.dim:
+            raise ValueError(
+                f"Expected query features of width {self.dim} (the bank's), got "
+                f"{features.shape[1]}."
+            )
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("Expected finite query features, got NaN or infinite values.")
+        return F.normalize(features.detach().to(self.device, self.features.dtype), dim=1)
+
+    def _clamp_k(self, k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"Expected k to be an integer of at least 1, got {k!r}.")
+        return min(k, len(self))
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the bank to one safetensors file (loading it runs no pickled code)."""
+        from safetensors.torch import save_file
+
+        tensors = {"features": self.features.contiguous().cpu(), "labels": self.labels.cpu()}
+        save_file(tensors, os.fspath(path), metadata={"format": "captum-daam-memory-bank-1"})
+
+    @classmethod
+    def load(
+        cls,
+        path: Union[str, os.PathLike],
+        device: Union[str, torch.device] = "cpu",
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ) -> "MemoryBank":
+        """Read a bank written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as handle:
+            if (handle.metadata() or {}).get("format") != "captum-daam-memory-bank-1":
+                raise ValueError(f"Expected a captum-daam memory bank file, got {path}.")
+            features, labels = handle.get_tensor("features"), handle.get_tensor("labels")
+        bank = cls(features, labels, memory_budget)
+        bank.features = features  # saved normalised: keep the values bit for bit
+        return bank
+
+    @classmethod
+    def build(
+        cls,
+        backbone: Union[nn.Module, Callable[[Tensor], Tensor]],
+        loader: Iterable[Tuple[Tensor, Tensor]],
+        device: Optional[Union[str, torch.device]] = None,
+        progress: bool = True,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ) -> "MemoryBank":
+        """Run ``backbone`` over ``loader`` and keep its features with their labels.
+
+        The backbone runs in eval mode without gradients; every module's train/eval mode is
+        restored afterwards, also when a batch fails.
+
+        Args:
+            backbone: maps images (B, C, H, W) to features (B, D).
+            loader: yields (images, labels) batches, e.g. a torch DataLoader.
+            device: where the backbone runs; default: where its parameters are.
+            progress: show a tqdm progress bar.
+            memory_budget: as for :class:`MemoryBank`.
+        """
+        from tqdm.auto import tqdm
+
+        modules = list(backbone.modules()) if isinstance(backbone, nn.Module) else []
+        modes = [module.training for module in modules]
+        if device is None:
+            parameter = next(iter(backbone.parameters()), None) if modules else None
+            device = parameter.device if parameter is not None else torch.device("cpu")
+        features, labels = [], []
+        try:
+            if modules:
+                backbone.eval()
+            with torch.no_grad():
+                for images, batch_labels in tqdm(loader, desc="memory bank", disable=not progress):
+                    output = backbone(images.to(device))
+                    if not isinstance(output, Tensor) or output.dim() != 2:
+                        raise ValueError(
+                            f"Expected the backbone to return features shaped (B, D), got "
+                            f"{_describe(output)}."
+                        )
+                    features.append(output.float())
+                    labels.append(torch.as_tensor(batch_labels).to(output.device))
+        finally:
+            for module, mode in zip(modules, modes):
+                module.training = mode
+        if not features:
+            raise ValueError("Expected the loader to yield at least one batch, got none.")
+        return cls(torch.cat(features), torch.cat(labels), memory_budget)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor shaped {tuple(value.shape)} of dtype {value.dtype}"
+    return f"a {type(value).__name__}"
