@@ -319,16 +319,14 @@ def test_a_forward_whose_scores_ignore_the_blocks_is_rejected(model):
 
 def test_the_docstring_examples_run():
     import doctest
-
-    import captum_daam.attr.daam as daam_module
-    import captum_daam.ssl as ssl_module
+    import importlib
 
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    examples = [
-        test for module in (daam_module, ssl_module) for test in finder.find(module) if test.examples
-    ]
-    assert len(examples) == 2, "expected the DAAM and MemoryBank docstring examples"
-    for test in examples:
-        runner.run(test)
+    for name in ("attr.daam", "ssl", "data", "zoo", "visualization"):
+        module = importlib.import_module(f"captum_daam.{name}")
+        examples = [test for test in finder.find(module) if test.examples]
+        assert examples, f"no docstring example in captum_daam.{name}"
+        for test in examples:
+            runner.run(test)
     assert runner.summarize(verbose=False).failed == 0

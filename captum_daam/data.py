@@ -1,0 +1,173 @@
+"""Procedurally generated shapes with known object masks, for the bundled model, the tests,
+the tutorials and the localisation benchmarks. Nothing is downloaded.
+
+Every image holds one (or two) objects of five shape classes on a cluttered, textured
+background with small distractors (short strokes and dots) that carry no class information.
+Colours, sizes and positions are random; the object masks are exact.
+"""
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["CLASSES", "IMAGE_SIZE", "make_shapes"]
+
+CLASSES = ("circle", "square", "triangle", "cross", "ring")
+IMAGE_SIZE = 64
+
+_DISTRACTORS = 8
+_CHUNK = 512
+
+
+def make_shapes(
+    n: int, seed: int = 0, objects: int = 1, size: int = IMAGE_SIZE
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Generate ``n`` images of shapes with their labels and object masks.
+
+    The same ``(n, seed, objects, size)`` always gives the same tensors, on any machine (all
+    randomness comes from one seeded CPU generator).
+
+    Args:
+        n: number of images.
+        seed: random seed.
+        objects: objects per image, 1 or 2; two objects in one image always have different
+            classes and do not overlap.
+        size: image height and width in pixels.
+
+    Returns:
+        images (n, 3, size, size) float32 in [0, 1], labels (n, objects) int64 indexing
+        :data:`CLASSES`, masks (n, objects, size, size) bool, True on each object's pixels.
+
+    Example::
+
+        >>> images, labels, masks = make_shapes(4, seed=1)
+        >>> images.shape, labels.shape, masks.shape
+        (torch.Size([4, 3, 64, 64]), torch.Size([4, 1]), torch.Size([4, 1, 64, 64]))
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"Expected n to be a non-negative integer, got {n!r}.")
+    if objects not in (1, 2):
+        raise ValueError(f"Expected objects to be 1 or 2, got {objects!r}.")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 32:
+        raise ValueError(f"Expected size to be an integer of at least 32, got {size!r}.")
+    generator = torch.Generator().manual_seed(seed)
+    labels = _draw_labels(n, objects, generator)
+    radii = size * (0.14 + 0.11 * torch.rand(n, objects, generator=generator))
+    centres = _draw_centres(radii, size, generator)
+    colours = _vivid_colours((n, objects), generator)
+    background_noise = torch.rand(n, 3, 8, 8, generator=generator)
+    grain = torch.randn(n, 3, size, size, generator=generator)
+    strokes = torch.rand(n, _DISTRACTORS, 6, generator=generator)
+    stroke_colours = _vivid_colours((n, _DISTRACTORS), generator)
+
+    images = torch.empty(n, 3, size, size)
+    masks = torch.empty(n, objects, size, size, dtype=torch.bool)
+    for start in range(0, n, _CHUNK):
+        part = slice(start, min(n, start + _CHUNK))
+        canvas = _background(background_noise[part], grain[part], size)
+        canvas = _paint_distractors(canvas, strokes[part], stroke_colours[part], size)
+        for index in range(objects):
+            mask = _shape_masks(labels[part, index], centres[part, index], radii[part, index], size)
+            colour = colours[part, index].reshape(-1, 3, 1, 1)
+            canvas = torch.where(mask.unsqueeze(1), colour * (0.9 + 0.1 * canvas), canvas)
+            masks[part, index] = mask
+        images[part] = canvas.clamp(0, 1)
+    return images, labels, masks
+
+
+def _draw_labels(n: int, objects: int, generator: torch.Generator) -> Tensor:
+    if objects == 1:
+        return torch.randint(0, len(CLASSES), (n, 1), generator=generator)
+    # two distinct classes: a random permutation's first two entries
+    return torch.rand(n, len(CLASSES), generator=generator).argsort(dim=1)[:, :2]
+
+
+def _draw_centres(radii: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """Centres that keep every object inside the image and two objects apart.
+
+    Pairs that overlap are redrawn, a little smaller each time (``radii`` is updated).
+    """
+    n, objects = radii.shape
+    centres = torch.zeros(n, objects, 2)
+    placed = torch.zeros(n, dtype=torch.bool)
+    for _ in range(200):
+        margin = radii + 1
+        draw = torch.rand(n, objects, 2, generator=generator)
+        candidate = margin.unsqueeze(-1) + draw * (size - 2 * margin).unsqueeze(-1)
+        if objects == 1:
+            return candidate
+        apart = (candidate[:, 0] - candidate[:, 1]).norm(dim=-1) > radii.sum(1) + 2
+        newly_placed = apart & ~placed
+        centres[newly_placed] = candidate[newly_placed]
+        placed |= newly_placed
+        if bool(placed.all()):
+            return centres
+        radii[~placed] *= 0.97
+    raise RuntimeError("Could not place two separate objects; use a larger size.")
+
+
+def _vivid_colours(shape: Tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """Saturated, bright colours from random hues (HSV to RGB)."""
+    hue = torch.rand(*shape, generator=generator)
+    saturation = 0.65 + 0.35 * torch.rand(*shape, generator=generator)
+    value = 0.7 + 0.3 * torch.rand(*shape, generator=generator)
+    channel_offsets = torch.tensor([5.0, 3.0, 1.0])
+    k = (channel_offsets + hue.unsqueeze(-1) * 6) % 6
+    weights = (torch.minimum(k, 4 - k)).clamp(0, 1)
+    return value.unsqueeze(-1) * (1 - saturation.unsqueeze(-1) * weights)
+
+
+def _background(noise: Tensor, grain: Tensor, size: int) -> Tensor:
+    """Muted, blotchy colour texture with fine grain."""
+    blotches = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
+    grey = blotches.mean(dim=1, keepdim=True)
+    muted = grey + 0.45 * (blotches - grey)
+    return (0.15 + 0.7 * muted + 0.05 * grain).clamp(0, 1)
+
+
+def _pixel_grid(size: int) -> Tuple[Tensor, Tensor]:
+    coordinates = torch.arange(size, dtype=torch.float32) + 0.5
+    return coordinates.reshape(1, size, 1), coordinates.reshape(1, 1, size)
+
+
+def _paint_distractors(canvas: Tensor, strokes: Tensor, colours: Tensor, size: int) -> Tensor:
+    """Short strokes and dots in vivid colours: clutter with no class information."""
+    rows, cols = _pixel_grid(size)
+    for index in range(strokes.shape[1]):
+        start_y, start_x, angle, length, width, kind = strokes[:, index].unbind(-1)
+        start_y, start_x = (start_y * size).reshape(-1, 1, 1), (start_x * size).reshape(-1, 1, 1)
+        is_dot = (kind < 0.4).reshape(-1, 1, 1)
+        length = (3 + 0.12 * size * length).reshape(-1, 1, 1)
+        angle = (angle * math.pi).reshape(-1, 1, 1)
+        half_width = (0.6 + 0.6 * width).reshape(-1, 1, 1)
+        direction_y, direction_x = angle.sin(), angle.cos()
+        offset_y, offset_x = rows - start_y, cols - start_x
+        along = (offset_y * direction_y + offset_x * direction_x).clamp(min=0).minimum(length)
+        across_y = offset_y - along * direction_y
+        across_x = offset_x - along * direction_x
+        on_stroke = (across_y**2 + across_x**2) <= half_width**2
+        on_dot = (offset_y**2 + offset_x**2) <= (half_width + 0.8) ** 2
+        mask = torch.where(is_dot, on_dot, on_stroke)
+        canvas = torch.where(mask.unsqueeze(1), colours[:, index].reshape(-1, 3, 1, 1), canvas)
+    return canvas
+
+
+def _shape_masks(labels: Tensor, centres: Tensor, radii: Tensor, size: int) -> Tensor:
+    """(n, size, size) masks of each example's shape, from implicit equations."""
+    rows, cols = _pixel_grid(size)
+    dy = rows - centres[:, 0].reshape(-1, 1, 1)
+    dx = cols - centres[:, 1].reshape(-1, 1, 1)
+    r = radii.reshape(-1, 1, 1)
+    distance = (dx**2 + dy**2).sqrt()
+    circle = distance <= r
+    square = torch.maximum(dx.abs(), dy.abs()) <= 0.82 * r
+    # an upright triangle: below the two slanted edges, above the base
+    triangle = (dy <= 0.75 * r) & (2 * dx.abs() <= (dy + r) * 1.05)
+    bar = 0.32 * r
+    cross = ((dx.abs() <= bar) & (dy.abs() <= r)) | ((dy.abs() <= bar) & (dx.abs() <= r))
+    ring = (distance <= r) & (distance >= 0.55 * r)
+    shapes = torch.stack([circle, square, triangle, cross, ring], dim=1)
+    return shapes.gather(1, labels.reshape(-1, 1, 1, 1).expand(-1, 1, size, size)).squeeze(1)
