@@ -151,3 +151,23 @@ def test_cuda_without_a_cuda_device_says_so(tmp_path, shape_files, capsys, monke
                  "--out", str(out)])
     assert code == 2 and "no CUDA device" in capsys.readouterr().err
     assert _files(out) == []
+
+
+def test_explain_a_checkpoint_of_a_timm_architecture(tmp_path, shape_files, capsys):
+    """A timm architecture with its own data config: resized to 224 and normalised."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    checkpoint = tmp_path / "deit.safetensors"
+    save_file(model.state_dict(), str(checkpoint))
+    out = tmp_path / "out"
+    code = main(["explain", shape_files[0][0], "--model", str(checkpoint),
+                 "--arch", "deit_tiny_patch16_224", "--blocks", "10-12", "--save-raw",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    raw = np.load(out / "shape0_daam.npz")
+    assert raw["flow"].shape == (3, 14, 14)
+    with Image.open(out / "shape0_flow.gif") as gif:
+        assert gif.n_frames == 3
+    assert "explained class" in capsys.readouterr().out
