@@ -292,16 +292,22 @@ def _prepare_flow(
     return image, scaled[indices], [f"block {numbers[index]}" for index in indices]
 
 
-def _as_image(image: Tensor) -> Tensor:
-    if not isinstance(image, Tensor):
-        raise TypeError(f"Expected the image as a torch.Tensor, got {type(image).__name__}.")
-    if image.dim() == 4 and image.shape[0] == 1:
-        image = image[0]
-    elif image.dim() == 4:
+def _one_example(tensor: Tensor, expected: str, hint: str) -> Tensor:
+    """Drop a batch axis of size one; refuse a real batch."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"Expected {expected} as a torch.Tensor, got {type(tensor).__name__}.")
+    if tensor.dim() == 4 and tensor.shape[0] == 1:
+        return tensor[0]
+    if tensor.dim() == 4:
         raise ValueError(
-            f"Expected one image, (3, H, W) or (1, 3, H, W), got a batch of shape "
-            f"{tuple(image.shape)}: pass images[i] and flow[i] for the i-th example."
+            f"Expected {expected}, got a batch of shape {tuple(tensor.shape)}: pass {hint} "
+            f"for the i-th example."
         )
+    return tensor
+
+
+def _as_image(image: Tensor) -> Tensor:
+    image = _one_example(image, "one image, (3, H, W) or (1, 3, H, W)", "images[i] and flow[i]")
     if image.dim() != 3 or image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:
         raise ValueError(f"Expected an RGB image shaped (3, H, W), got shape {tuple(image.shape)}.")
     image = image.detach().cpu()
@@ -320,15 +326,7 @@ def _as_image(image: Tensor) -> Tensor:
 
 
 def _as_flow(flow: Tensor) -> Tensor:
-    if not isinstance(flow, Tensor):
-        raise TypeError(f"Expected the flow as a torch.Tensor, got {type(flow).__name__}.")
-    if flow.dim() == 4 and flow.shape[0] == 1:
-        flow = flow[0]
-    elif flow.dim() == 4:
-        raise ValueError(
-            f"Expected the flow of one image, (L, gh, gw) or (1, L, gh, gw), got a batch of "
-            f"shape {tuple(flow.shape)}: pass flow[i] for the i-th example."
-        )
+    flow = _one_example(flow, "the flow of one image, (L, gh, gw) or (1, L, gh, gw)", "flow[i]")
     if flow.dim() != 3 or 0 in flow.shape:
         raise ValueError(
             f"Expected a flow shaped (L, gh, gw), one map per block, got shape "
