@@ -355,3 +355,29 @@ def test_end_to_end_bank_from_a_loader_save_load_and_attribute(tmp_path):
     assert flow.shape == (2, 12, 6, 6)
     expected = explicit_daam(backbone, images, importance=weights, relu_gradients=False)
     assert_close_relative(flow, expected["flow"])
+
+
+@pytest.mark.parametrize("budget", [2**30, 3 * 4 * 13])
+def test_many_exact_ties_are_ordered_by_bank_position(budget):
+    generator = torch.Generator().manual_seed(9)
+    distinct = torch.randn(5, 8, generator=generator)
+    features = distinct[torch.randint(0, 5, (200,), generator=generator)]
+    labels = torch.randint(0, 4, (200,), generator=generator)
+    queries = torch.randn(3, 8, generator=generator)
+    bank = MemoryBank(features, labels, memory_budget=budget)
+    for k in (1, 7, 45, 200):
+        _, indices = bank.neighbours(queries, k)
+        similarities = (nn.functional.normalize(queries.double(), dim=1)
+                        @ nn.functional.normalize(features.double(), dim=1).T)
+        for row, query_similarities in enumerate(similarities.tolist()):
+            expected = sorted(range(200), key=lambda i: (-round(query_similarities[i], 9), i))[:k]
+            assert indices[row].tolist() == expected
+        expected_prediction, expected_weights = plain_knn(features, labels, queries, k, 0.07)
+        assert torch.equal(bank.classify(queries, k), expected_prediction)
+
+
+def test_a_copy_on_another_device_keeps_the_features_bit_for_bit():
+    bank = MemoryBank(*random_bank(size=20))
+    copy = bank.to("cpu")
+    assert copy is not bank
+    assert torch.equal(copy.features, bank.features) and torch.equal(copy.labels, bank.labels)
