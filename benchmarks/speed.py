@@ -10,7 +10,8 @@ ways: of the median wall times, the median of the ratios of neighbouring runs, a
 process CPU times (less sensitive to other tenants of a shared machine). Peak memory is
 measured for each method in a fresh subprocess, on a second pass after a first: on CPU the peak
 resident set size (VmHWM, reset before the pass, with glibc returning large blocks to the system
-at once) above the size before the pass, on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before.
+at once) above the size before the pass, on CUDA ``torch.cuda.max_memory_allocated`` above
+the allocation before.
 
     python benchmarks/speed.py                       # deit_small_patch16_224, batch 8 and 32
     python benchmarks/speed.py --batch-sizes 8 --repeats 5 --device cuda

@@ -334,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="offline demo: the bundled tiny ViT on generated shapes",
         description=demo.__doc__,
     )
-    demo_parser.add_argument("--out", default="daam-demo", help="output folder (default: %(default)s)")
+    demo_parser.add_argument(
+        "--out", default="daam-demo", help="output folder (default: %(default)s)"
+    )
     demo_parser.add_argument("--images", type=int, default=3, help="how many images (default: 3)")
     demo_parser.add_argument("--seed", type=int, default=2024, help="generator seed")
     demo_parser.add_argument("--scaling", choices=scalings, default="paper",
@@ -360,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain_parser.add_argument("--blocks", default=None,
                                 help="blocks of the flow, 1-based, e.g. 1-12 or 9-12 or 3,6,9 "
                                 "(default: all)")
-    explain_parser.add_argument("--out", default="daam-out", help="output folder (default: %(default)s)")
+    explain_parser.add_argument(
+        "--out", default="daam-out", help="output folder (default: %(default)s)"
+    )
     explain_parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     explain_parser.add_argument("--save-raw", action="store_true",
                                 help="also write the raw flow of each image as .npz")

@@ -4,7 +4,7 @@ Shapes use B (batch), H (heads), N (tokens), d (head width), C = H * d (channels
 L (blocks in the flow) and (gh, gw) (the patch grid).
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -90,7 +90,9 @@ def block_map(
     return (class_attention.to(per_token.dtype) * per_token).sum(dim=1).relu()
 
 
-def tokens_to_grid(token_maps: Tensor, num_prefix_tokens: int, grid_size: Tuple[int, int]) -> Tensor:
+def tokens_to_grid(
+    token_maps: Tensor, num_prefix_tokens: int, grid_size: Tuple[int, int]
+) -> Tensor:
     """Drop the prefix tokens ([class], distillation, registers) and lay patches on the grid.
 
     Args:
@@ -173,4 +175,3 @@ def scale_flow(flow: Tensor, scaling: str = "paper") -> Tensor:
 def _check_flow(flow: Tensor) -> None:
     if flow.dim() != 4:
         raise ValueError(f"Expected a flow shaped (B, L, gh, gw), got shape {tuple(flow.shape)}.")
-

@@ -12,7 +12,9 @@ def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rel: flo
     expected = expected.detach().to(torch.float64)
     scale = expected.abs().max().clamp(min=1e-30)
     error = (actual - expected).abs().max()
-    assert error <= rel * scale, f"max abs error {error.item():.3e} > {rel:.0e} * {scale.item():.3e}"
+    assert (
+        error <= rel * scale
+    ), f"max abs error {error.item():.3e} > {rel:.0e} * {scale.item():.3e}"
 
 
 def make_images(batch: int = 3, height: int = 224, width: int = 224, seed: int = 0) -> torch.Tensor:

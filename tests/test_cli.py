@@ -41,8 +41,12 @@ def test_help_lists_the_commands(capsys):
 def test_demo_writes_a_flow_png_and_gif_per_image(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--images", "2"]) == 0
-    assert _files(out) == ["shapes_0_flow.gif", "shapes_0_flow.png", "shapes_1_flow.gif",
-                           "shapes_1_flow.png"]
+    assert _files(out) == [
+        "shapes_0_flow.gif",
+        "shapes_0_flow.png",
+        "shapes_1_flow.gif",
+        "shapes_1_flow.png",
+    ]
     printed = capsys.readouterr().out
     assert "predicted" in printed and "shapes_1_flow.gif" in printed
     with Image.open(out / "shapes_0_flow.gif") as gif:
@@ -52,8 +56,22 @@ def test_demo_writes_a_flow_png_and_gif_per_image(tmp_path, capsys):
 def test_explain_with_the_bundled_model_saves_raw_maps(tmp_path, shape_files, capsys):
     paths, labels = shape_files
     out = tmp_path / "out"
-    code = main(["explain", *paths, "--model", "tiny-vit", "--blocks", "4-6", "--target", "2",
-                 "--out", str(out), "--save-raw", "--no-progress"])
+    code = main(
+        [
+            "explain",
+            *paths,
+            "--model",
+            "tiny-vit",
+            "--blocks",
+            "4-6",
+            "--target",
+            "2",
+            "--out",
+            str(out),
+            "--save-raw",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert _files(out) == sorted(
         f"shape{i}_{kind}" for i in range(2) for kind in ("daam.npz", "flow.gif", "flow.png")
@@ -70,13 +88,40 @@ def test_explain_a_local_checkpoint(tmp_path, shape_files):
     checkpoint = tmp_path / "mine.safetensors"
     save_file(tiny_vit().state_dict(), str(checkpoint))
     out = tmp_path / "out"
-    assert main(["explain", shape_files[0][0], "--model", str(checkpoint), "--out", str(out),
-                 "--save-raw", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                shape_files[0][0],
+                "--model",
+                str(checkpoint),
+                "--out",
+                str(out),
+                "--save-raw",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     bundled = tmp_path / "bundled"
-    assert main(["explain", shape_files[0][0], "--model", "tiny-vit", "--out", str(bundled),
-                 "--save-raw", "--no-progress"]) == 0
-    assert np.array_equal(np.load(out / "shape0_daam.npz")["flow"],
-                          np.load(bundled / "shape0_daam.npz")["flow"])
+    assert (
+        main(
+            [
+                "explain",
+                shape_files[0][0],
+                "--model",
+                "tiny-vit",
+                "--out",
+                str(bundled),
+                "--save-raw",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert np.array_equal(
+        np.load(out / "shape0_daam.npz")["flow"], np.load(bundled / "shape0_daam.npz")["flow"]
+    )
 
 
 def _bad_checkpoint(tmp_path):
@@ -94,20 +139,34 @@ def _not_an_image(tmp_path):
 
 
 BAD_COMMANDS = {
-    "missing_image": (lambda tmp, good: ["explain", str(tmp / "nope.png"), "--model", "tiny-vit"],
-                      "does not exist"),
-    "unreadable_image": (lambda tmp, good: ["explain", _not_an_image(tmp), "--model", "tiny-vit"],
-                         "cannot read image"),
-    "unknown_model": (lambda tmp, good: ["explain", good, "--model", "not_a_model_xyz"],
-                      "unknown model"),
-    "checkpoint_does_not_fit": (lambda tmp, good: ["explain", good, "--model", _bad_checkpoint(tmp)],
-                                "does not fit"),
-    "target_out_of_range": (lambda tmp, good: ["explain", good, "--model", "tiny-vit",
-                                               "--target", "5"], "classes 0-4"),
-    "blocks_out_of_range": (lambda tmp, good: ["explain", good, "--model", "tiny-vit",
-                                               "--blocks", "2-9"], "blocks 1-6"),
-    "blocks_malformed": (lambda tmp, good: ["explain", good, "--model", "tiny-vit",
-                                            "--blocks", "x"], "--blocks expects"),
+    "missing_image": (
+        lambda tmp, good: ["explain", str(tmp / "nope.png"), "--model", "tiny-vit"],
+        "does not exist",
+    ),
+    "unreadable_image": (
+        lambda tmp, good: ["explain", _not_an_image(tmp), "--model", "tiny-vit"],
+        "cannot read image",
+    ),
+    "unknown_model": (
+        lambda tmp, good: ["explain", good, "--model", "not_a_model_xyz"],
+        "unknown model",
+    ),
+    "checkpoint_does_not_fit": (
+        lambda tmp, good: ["explain", good, "--model", _bad_checkpoint(tmp)],
+        "does not fit",
+    ),
+    "target_out_of_range": (
+        lambda tmp, good: ["explain", good, "--model", "tiny-vit", "--target", "5"],
+        "classes 0-4",
+    ),
+    "blocks_out_of_range": (
+        lambda tmp, good: ["explain", good, "--model", "tiny-vit", "--blocks", "2-9"],
+        "blocks 1-6",
+    ),
+    "blocks_malformed": (
+        lambda tmp, good: ["explain", good, "--model", "tiny-vit", "--blocks", "x"],
+        "--blocks expects",
+    ),
 }
 
 
@@ -132,8 +191,9 @@ def test_a_timm_name_offline_says_so(tmp_path, shape_files, capsys, monkeypatch)
     create = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
     out = tmp_path / "out"
-    code = main(["explain", shape_files[0][0], "--model", "deit_tiny_patch16_224",
-                 "--out", str(out)])
+    code = main(
+        ["explain", shape_files[0][0], "--model", "deit_tiny_patch16_224", "--out", str(out)]
+    )
     assert code == 2
     assert "no network?" in capsys.readouterr().err
     assert _files(out) == []
@@ -147,8 +207,9 @@ def test_check_passes(capsys):
 def test_cuda_without_a_cuda_device_says_so(tmp_path, shape_files, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "out"
-    code = main(["explain", shape_files[0][0], "--model", "tiny-vit", "--device", "cuda",
-                 "--out", str(out)])
+    code = main(
+        ["explain", shape_files[0][0], "--model", "tiny-vit", "--device", "cuda", "--out", str(out)]
+    )
     assert code == 2 and "no CUDA device" in capsys.readouterr().err
     assert _files(out) == []
 
@@ -162,9 +223,22 @@ def test_explain_a_checkpoint_of_a_timm_architecture(tmp_path, shape_files, caps
     checkpoint = tmp_path / "deit.safetensors"
     save_file(model.state_dict(), str(checkpoint))
     out = tmp_path / "out"
-    code = main(["explain", shape_files[0][0], "--model", str(checkpoint),
-                 "--arch", "deit_tiny_patch16_224", "--blocks", "10-12", "--save-raw",
-                 "--out", str(out), "--no-progress"])
+    code = main(
+        [
+            "explain",
+            shape_files[0][0],
+            "--model",
+            str(checkpoint),
+            "--arch",
+            "deit_tiny_patch16_224",
+            "--blocks",
+            "10-12",
+            "--save-raw",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     raw = np.load(out / "shape0_daam.npz")
     assert raw["flow"].shape == (3, 14, 14)

@@ -27,10 +27,7 @@ def images():
 @pytest.fixture(scope="module")
 def reference_maps(model, images):
     """Reference block maps per class for the three images, computed once."""
-    return {
-        target: explicit_daam(model, images, target=target)["flow"]
-        for target in (11, 500)
-    }
+    return {target: explicit_daam(model, images, target=target)["flow"] for target in (11, 500)}
 
 
 def test_is_a_captum_layer_and_gradient_attribution(model):
@@ -112,7 +109,9 @@ def test_pickled_daam_gives_the_same_maps(model, images):
 def test_one_daam_shared_by_threads(model):
     daam = DAAM(model)
     batches = [make_images(2, seed=seed) for seed in range(4)]
-    expected = [daam.attribute(batch, target=[seed, seed + 1]) for seed, batch in enumerate(batches)]
+    expected = [
+        daam.attribute(batch, target=[seed, seed + 1]) for seed, batch in enumerate(batches)
+    ]
     results = [None] * len(batches)
     errors = []
 
@@ -224,23 +223,51 @@ BAD_CALLS = {
     "not_4d": (lambda: torch.rand(3, 224, 224), {}, ValueError, r"\(B, 3, H, W\).*\(3, 224, 224\)"),
     "wrong_channels": (lambda: torch.rand(2, 1, 224, 224), {}, ValueError, r"\(B, 3, H, W\)"),
     "wrong_size": (lambda: torch.rand(2, 3, 160, 224), {}, ValueError, r"224x224.*160x224"),
-    "nan": (lambda: make_images(2).index_fill(2, torch.tensor([5]), float("nan")), {},
-            ValueError, "finite"),
-    "inf": (lambda: make_images(2).index_fill(3, torch.tensor([0]), float("inf")), {},
-            ValueError, "finite"),
-    "integer_images": (lambda: torch.zeros(2, 3, 224, 224, dtype=torch.uint8), {}, TypeError,
-                       "floating"),
+    "nan": (
+        lambda: make_images(2).index_fill(2, torch.tensor([5]), float("nan")),
+        {},
+        ValueError,
+        "finite",
+    ),
+    "inf": (
+        lambda: make_images(2).index_fill(3, torch.tensor([0]), float("inf")),
+        {},
+        ValueError,
+        "finite",
+    ),
+    "integer_images": (
+        lambda: torch.zeros(2, 3, 224, 224, dtype=torch.uint8),
+        {},
+        TypeError,
+        "floating",
+    ),
     "target_too_big": (lambda: make_images(2), {"target": 1000}, ValueError, r"0\.\.999.*1000"),
     "target_negative": (lambda: make_images(2), {"target": -1}, ValueError, "-1"),
     "target_list_too_big": (lambda: make_images(2), {"target": [3, 1200]}, ValueError, "1200"),
-    "target_wrong_length": (lambda: make_images(2), {"target": [1, 2, 3]}, ValueError,
-                            r"one target per example \(2\), got 3"),
-    "target_tensor_wrong_length": (lambda: make_images(2), {"target": torch.tensor([1, 2, 3])},
-                                   ValueError, r"\(2\), got 3"),
-    "target_float": (lambda: make_images(2), {"target": torch.tensor([1.0, 2.0])}, TypeError,
-                     "integer"),
-    "target_2d": (lambda: make_images(2), {"target": torch.zeros(2, 2, dtype=torch.long)},
-                  ValueError, "shape"),
+    "target_wrong_length": (
+        lambda: make_images(2),
+        {"target": [1, 2, 3]},
+        ValueError,
+        r"one target per example \(2\), got 3",
+    ),
+    "target_tensor_wrong_length": (
+        lambda: make_images(2),
+        {"target": torch.tensor([1, 2, 3])},
+        ValueError,
+        r"\(2\), got 3",
+    ),
+    "target_float": (
+        lambda: make_images(2),
+        {"target": torch.tensor([1.0, 2.0])},
+        TypeError,
+        "integer",
+    ),
+    "target_2d": (
+        lambda: make_images(2),
+        {"target": torch.zeros(2, 2, dtype=torch.long)},
+        ValueError,
+        "shape",
+    ),
     "target_string": (lambda: make_images(2), {"target": "cat"}, TypeError, "target"),
     "two_inputs": (lambda: (make_images(2), make_images(2)), {}, ValueError, "one image tensor"),
 }

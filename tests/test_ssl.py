@@ -34,7 +34,9 @@ def plain_knn(bank_features, bank_labels, queries, k, temperature):
         carriers = [index for index in nearest if int(bank_labels[index]) == predicted]
         contribution = torch.stack([query * bank[index] for index in carriers]).mean(0)
         low, high = contribution.min(), contribution.max()
-        weight = torch.ones_like(contribution) if high == low else (contribution - low) / (high - low)
+        weight = (
+            torch.ones_like(contribution) if high == low else (contribution - low) / (high - low)
+        )
         predictions.append(predicted)
         weights.append(weight)
     return torch.tensor(predictions), torch.stack(weights)
@@ -54,12 +56,16 @@ def test_classify_and_importance_equal_the_plain_computation(k, temperature):
     queries = random_bank(size=8, seed=1)[0]
     expected_prediction, expected_weights = plain_knn(features, labels, queries, k, temperature)
     bank = MemoryBank(features.double(), labels)
-    assert torch.equal(bank.classify(queries.double(), k=k, temperature=temperature), expected_prediction)
+    assert torch.equal(
+        bank.classify(queries.double(), k=k, temperature=temperature), expected_prediction
+    )
     weights, prediction = bank.importance(queries.double(), k=k, temperature=temperature)
     assert torch.equal(prediction, expected_prediction)
     assert torch.allclose(weights, expected_weights, atol=1e-10)
     assert weights.shape == (8, 16) and weights.min() >= 0 and weights.max() <= 1
-    float_weights, _ = MemoryBank(features, labels).importance(queries, k=k, temperature=temperature)
+    float_weights, _ = MemoryBank(features, labels).importance(
+        queries, k=k, temperature=temperature
+    )
     assert torch.allclose(float_weights.double(), expected_weights, atol=1e-4)
 
 
@@ -89,7 +95,9 @@ def test_a_bank_with_one_class_only():
     bank = MemoryBank(features, labels)
     assert bank.classify(queries).tolist() == [7, 7, 7]
     weights, _ = bank.importance(queries.double())
-    assert torch.allclose(weights.double(), plain_knn(features, labels, queries, 20, 0.07)[1], atol=1e-5)
+    assert torch.allclose(
+        weights.double(), plain_knn(features, labels, queries, 20, 0.07)[1], atol=1e-5
+    )
 
 
 def test_k_larger_than_the_bank_is_clamped():
@@ -147,12 +155,18 @@ def test_the_similarity_block_stays_within_the_budget(monkeypatch):
 BAD_BANKS = {
     "labels_2d": (lambda: (torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long)), "1-D integer"),
     "labels_float": (lambda: (torch.randn(4, 3), torch.zeros(4)), "integer labels"),
-    "labels_length": (lambda: (torch.randn(4, 3), torch.zeros(5, dtype=torch.long)),
-                      r"one label per feature \(4\), got 5"),
-    "features_nan": (lambda: (torch.tensor([[1.0, float("nan")]]), torch.zeros(1, dtype=torch.long)),
-                     "finite"),
-    "features_inf": (lambda: (torch.tensor([[1.0, float("inf")]]), torch.zeros(1, dtype=torch.long)),
-                     "finite"),
+    "labels_length": (
+        lambda: (torch.randn(4, 3), torch.zeros(5, dtype=torch.long)),
+        r"one label per feature \(4\), got 5",
+    ),
+    "features_nan": (
+        lambda: (torch.tensor([[1.0, float("nan")]]), torch.zeros(1, dtype=torch.long)),
+        "finite",
+    ),
+    "features_inf": (
+        lambda: (torch.tensor([[1.0, float("inf")]]), torch.zeros(1, dtype=torch.long)),
+        "finite",
+    ),
     "empty": (lambda: (torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)), "non-empty"),
     "features_1d": (lambda: (torch.zeros(3), torch.zeros(3, dtype=torch.long)), r"\(M, D\)"),
 }
@@ -200,7 +214,9 @@ def test_loading_another_safetensors_file_is_rejected(tmp_path):
     from safetensors.torch import save_file
 
     path = tmp_path / "weights.safetensors"
-    save_file({"features": torch.zeros(2, 2), "labels": torch.zeros(2, dtype=torch.long)}, str(path))
+    save_file(
+        {"features": torch.zeros(2, 2), "labels": torch.zeros(2, dtype=torch.long)}, str(path)
+    )
     with pytest.raises(ValueError, match="memory bank file"):
         MemoryBank.load(path)
 
@@ -211,8 +227,10 @@ def test_loading_another_safetensors_file_is_rejected(tmp_path):
 def synthetic_loader(batches=3, batch_size=4, size=224, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return [
-        (torch.rand(batch_size, 3, size, size, generator=generator),
-         torch.randint(0, 3, (batch_size,), generator=generator))
+        (
+            torch.rand(batch_size, 3, size, size, generator=generator),
+            torch.randint(0, 3, (batch_size,), generator=generator),
+        )
         for _ in range(batches)
     ]
 
@@ -290,7 +308,9 @@ def test_relu_gradients_overrides_either_default(backbone):
     )
     expected = explicit_daam(supervised, images, target=[3, 4], relu_gradients=False)
     assert_close_relative(without_relu, expected["flow"])
-    assert not torch.allclose(without_relu, DAAM(supervised).attribute(images, target=[3, 4], return_flow=True))
+    assert not torch.allclose(
+        without_relu, DAAM(supervised).attribute(images, target=[3, 4], return_flow=True)
+    )
 
 
 def test_a_bank_gives_the_weights_of_the_backbones_own_output_in_one_forward(backbone):
@@ -367,8 +387,10 @@ def test_many_exact_ties_are_ordered_by_bank_position(budget):
     bank = MemoryBank(features, labels, memory_budget=budget)
     for k in (1, 7, 45, 200):
         _, indices = bank.neighbours(queries, k)
-        similarities = (nn.functional.normalize(queries.double(), dim=1)
-                        @ nn.functional.normalize(features.double(), dim=1).T)
+        similarities = (
+            nn.functional.normalize(queries.double(), dim=1)
+            @ nn.functional.normalize(features.double(), dim=1).T
+        )
         for row, query_similarities in enumerate(similarities.tolist()):
             expected = sorted(range(200), key=lambda i: (-round(query_similarities[i], 9), i))[:k]
             assert indices[row].tolist() == expected

@@ -6,7 +6,6 @@ Its weights ship inside the package, so it loads without a network. It takes
 
 from importlib import resources
 
-import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from ..data import CLASSES, IMAGE_SIZE
