@@ -29,7 +29,9 @@ class DAAM(LayerAttribution, GradientAttribution):
     gradient of the target score with respect to that output, g, and keeps the positive part:
     cam[n] = relu(sum_c relu(g[c]) * F[n, c]). Summing the block maps from the first block
     gives the accumulated maps D_1, ..., D_L, the attention flow of the decision; D_L is the
-    final map.
+    final map. Self-supervised backbones, which output features, are explained through
+    dimension-wise importance weights instead of a class score (``importance=``, see
+    :class:`~captum_daam.MemoryBank`), without the relu on the gradients.
 
     One forward and one backward pass give every block's map. The backward pass takes
     gradients only with respect to the recorded attention outputs (no weight gradients),
