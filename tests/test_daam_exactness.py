@@ -11,7 +11,13 @@ from timm.models.vision_transformer import VisionTransformer
 
 from captum_daam import DAAM, class_token_contributions
 from captum_daam.adapters import adapter_for
-from helpers import assert_close_relative, make_images, make_model, set_fused_attention
+from helpers import (
+    assert_close_relative,
+    make_images,
+    make_model,
+    module_hook_count,
+    set_fused_attention,
+)
 from reference import explicit_daam
 
 TARGETS = [3, 401, 977]
@@ -184,3 +190,28 @@ def test_float64_model_gives_float64_maps_equal_to_reference():
     assert flow.dtype == torch.float64
     expected = explicit_daam(model, images, target=[7, 8])
     assert_close_relative(flow, expected["flow"], 1e-9)
+
+
+def test_gradient_checkpointing_gives_the_same_maps():
+    """A checkpointed backward re-runs the blocks' forward: the hooks must not record twice."""
+    model = make_model("deit_tiny_patch16_224")
+    images = make_images(2)
+    expected = explicit_daam(model, images, target=[4, 9])
+    model.set_grad_checkpointing(True)
+    flow = DAAM(model).attribute(images, target=[4, 9], return_flow=True)
+    assert_close_relative(flow, expected["flow"])
+
+
+def test_reentrant_checkpointing_is_refused_with_a_clear_error():
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    model = make_model("deit_tiny_patch16_224")
+    model.set_grad_checkpointing(True)
+    before = use_reentrant_ckpt()
+    set_reentrant_ckpt(True)
+    try:
+        with pytest.raises(RuntimeError, match="set_grad_checkpointing\\(False\\)"):
+            DAAM(model).attribute(make_images(2), target=1)
+    finally:
+        set_reentrant_ckpt(before)
+    assert module_hook_count(model) == 0

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Callable, ClassVar, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -45,6 +46,11 @@ class BlockRecord:
         self.class_gradient: Optional[Tensor] = None
         self.anchor: Optional[Tensor] = None
         self.on_gradient = on_gradient
+        self.closed = False
+
+    def close(self) -> None:
+        """Record nothing more: a checkpointed backward pass re-runs the forward."""
+        self.closed = True
 
     def set_attention(self, class_attention: Tensor, values: Tensor) -> None:
         """Store the [class] attention row and the values (both detached here)."""
@@ -69,8 +75,11 @@ class BlockRecord:
 
         Returns:
             The tensor the forward pass must go on with: ``tensor`` itself, or, when nothing
-            upstream requires grad (a frozen model), a detached view of it that does.
+            upstream requires grad (a frozen model), a detached view of it that does. Under
+            disabled gradients nothing is watched.
         """
+        if not torch.is_grad_enabled():
+            return tensor  # a forward without gradients: nothing to watch, ``anchor`` stays None
         if not tensor.requires_grad:
             tensor = tensor.detach().requires_grad_()
 
@@ -99,10 +108,10 @@ class Hook(NamedTuple):
     fn: Callable
 
 
-def _install(hook: Hook, owner_thread: int) -> RemovableHandle:
+def _install(hook: Hook, record: BlockRecord, owner_thread: int) -> RemovableHandle:
     # Hooks live on shared modules: a forward in another thread must not feed this call's records.
     def guarded(*args):
-        if threading.get_ident() == owner_thread:
+        if threading.get_ident() == owner_thread and not record.closed:
             return hook.fn(*args)
         return None
 
@@ -186,7 +195,7 @@ class ViTAdapter(ABC):
         try:
             for attention, block_record in zip(attention_modules, records):
                 for hook in self.block_hooks(attention, block_record):
-                    handles.append(_install(hook, owner_thread))
+                    handles.append(_install(hook, block_record, owner_thread))
             yield records
         finally:
             for handle in handles:

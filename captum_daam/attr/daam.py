@@ -374,11 +374,19 @@ def _backward_to_records(score: Tensor, records: List[BlockRecord]) -> None:
     is computed.
     """
     for index, record in enumerate(records):
-        if record.anchor is None or record.class_attention is None:
+        if record.class_attention is None:
             raise RuntimeError(
                 f"Attention module {index} of the flow did not run during the forward pass; "
                 f"check that the model uses the modules given as layer."
             )
+        if record.anchor is None:
+            raise RuntimeError(
+                f"The model ran attention module {index} of the flow with gradients disabled "
+                f"(reentrant gradient checkpointing does), so DAAM cannot take gradients there. "
+                f"Turn checkpointing off (model.set_grad_checkpointing(False)) or use "
+                f"non-reentrant checkpointing."
+            )
+        record.close()  # a checkpointed backward re-runs the forward: record nothing more
     if not score.requires_grad:
         raise ValueError(
             "The target scores do not depend on the model's attention blocks, so there is "
