@@ -18,37 +18,23 @@ import time
 import torch
 
 from captum_daam import MemoryBank
-
-
-def _resident() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_above(before: int) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 - before
-    raise RuntimeError("VmHWM not found")
+from peak_memory import MMAP_THRESHOLD, peak_above, reset_peak
 
 
 def measure(run, repeats: int):
     run()  # warm up
     seconds = []
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    before = _resident()
+    before = reset_peak()
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), _peak_above(before)
+    return statistics.median(seconds), peak_above(before)
 
 
 def main(argv=None) -> None:
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # see the module docstring
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if not MMAP_THRESHOLD.items() <= os.environ.items():  # see peak_memory's docstring
+        os.environ.update(MMAP_THRESHOLD)
         os.execv(sys.executable, [sys.executable, *sys.argv])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, default=1_281_167)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_daam import DAAM
+from peak_memory import MMAP_THRESHOLD, peak_above, reset_peak
 
 METHODS = ("floor", "daam")
 
@@ -90,25 +91,6 @@ def time_methods(model_name: str, batch_size: int, device: str, repeats: int, wa
     return seconds, cpu_seconds
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_resident() -> None:
-    # A child's high-water mark starts from its parent's; "5" resets it (Linux >= 4.0).
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
-def _peak_resident_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
-
-
 def peak_memory_here(model_name: str, batch_size: int, device: str, method: str) -> int:
     """Peak memory of one pass above what was held before it (run in a fresh process)."""
     model, images = build(model_name, batch_size, device)
@@ -121,10 +103,9 @@ def peak_memory_here(model_name: str, batch_size: int, device: str, method: str)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     PASSES[method](model, images)  # let thread pools and one-time buffers settle first
-    _reset_peak_resident()
-    before = _resident_bytes()
+    before = reset_peak()
     PASSES[method](model, images)
-    return _peak_resident_bytes() - before
+    return peak_above(before)
 
 
 def peak_memory(model_name: str, batch_size: int, device: str, method: str, threads: int) -> int:
@@ -133,7 +114,7 @@ def peak_memory(model_name: str, batch_size: int, device: str, method: str, thre
         "--threads", str(threads), "--_memory-of", method, "--batch-sizes", str(batch_size),
     ]
     # Large blocks straight from mmap, so that freed tensors leave the resident set at once.
-    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    environment = dict(os.environ, **MMAP_THRESHOLD)
     result = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
     return int(result.stdout.strip().splitlines()[-1])
 
