@@ -4,7 +4,13 @@
 >>> flow = DAAM(model).attribute(images, target=None, return_flow=True)  # doctest: +SKIP
 """
 
-from .adapters import ViTAdapter, adapter_for, register_adapter, supported_families
+from .adapters import (
+    GenericAdapter,
+    ViTAdapter,
+    adapter_for,
+    register_adapter,
+    supported_families,
+)
 from .attr import DAAM
 from .ssl import MemoryBank
 from .decompose import (
@@ -22,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DAAM",
     "MemoryBank",
+    "GenericAdapter",
     "ViTAdapter",
     "adapter_for",
     "register_adapter",

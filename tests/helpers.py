@@ -1,4 +1,7 @@
-"""Small utilities shared by the tests (no package code under test here)."""
+"""Small utilities shared by the tests. Nothing here computes an expected value: the explicit
+references live in reference.py and in each family's test file."""
+
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import timm
 import torch
@@ -49,3 +52,37 @@ def module_hook_count(model: nn.Module) -> int:
         ):
             total += len(getattr(module, name, {}))
     return total
+
+
+def assert_attributions_match(
+    daam, images: torch.Tensor, target, expected: Dict[str, torch.Tensor], rel: float = 1e-4
+) -> torch.Tensor:
+    """DAAM's block maps, flow and final map for ``target`` equal the reference's
+    ``block_maps`` and ``flow`` (B, L, gh, gw). Returns the flow."""
+    flow = daam.attribute(images, target=target, return_flow=True)
+    block_maps = daam.attribute(images, target=target, return_flow=True, accumulate=False)
+    final = daam.attribute(images, target=target)
+    assert_close_relative(block_maps, expected["block_maps"], rel)
+    assert_close_relative(flow, expected["flow"], rel)
+    assert_close_relative(final, expected["flow"][:, -1:], rel)
+    return flow
+
+
+def record_with_module_outputs(
+    adapter, attention_modules: Sequence[nn.Module], forward: Callable[[], object]
+) -> Tuple[List, List[torch.Tensor]]:
+    """Run ``forward`` without gradients under ``adapter.record`` and also keep each attention
+    module's own output (the first tensor of a tuple), to check the records against it."""
+    outputs: List[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: tuple, output) -> None:
+        outputs.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    handles = [module.register_forward_hook(keep) for module in attention_modules]
+    try:
+        with adapter.record(attention_modules) as records, torch.no_grad():
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records, outputs

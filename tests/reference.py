@@ -41,6 +41,7 @@ __all__ = [
     "explicit_attention",
     "explicit_forward",
     "explicit_daam",
+    "maps_from_explicit_blocks",
     "resolve_targets",
     "patch_grid_size",
 ]
@@ -359,13 +360,51 @@ def explicit_daam(
         pre_projections = [record["pre_projection"] for record in result["blocks"]]
         gradients = torch.autograd.grad(score, pre_projections)
 
-    num_prefix = result["num_prefix_tokens"]
-    gh, gw = result["grid_size"]
+    maps = maps_from_explicit_blocks(
+        result["blocks"],
+        gradients,
+        result["num_prefix_tokens"],
+        result["grid_size"],
+        relu_gradients=relu_gradients,
+    )
+    return dict(
+        maps,
+        logits=logits.detach(),
+        targets=targets,
+        num_prefix_tokens=result["num_prefix_tokens"],
+        grid_size=result["grid_size"],
+    )
 
+
+def maps_from_explicit_blocks(
+    blocks: Sequence[Dict[str, torch.Tensor]],
+    gradients: Sequence[torch.Tensor],
+    num_prefix_tokens: int,
+    grid_size: Tuple[int, int],
+    relu_gradients: bool = True,
+) -> Dict[str, object]:
+    """Steps 4-6 of :func:`explicit_daam`, shared by the references of every model family.
+
+    Args:
+        blocks: per block of the flow, ``attn`` (B, H, Q, N), the explicit attention
+            probabilities whose query 0 is the [class] token (Q = N for self-attention,
+            Q = 1 for class attention), ``v`` (B, H, N, d) and ``pre_projection``
+            (B, Q, C), the head-concatenated attention output.
+        gradients: per block, d objective / d pre_projection, (B, Q, C).
+        num_prefix_tokens: leading tokens (of the N keys) that are not patches.
+        grid_size: (gh, gw), row-major patch grid of the remaining N - num_prefix tokens.
+        relu_gradients: clamp the channel weights at zero (supervised DAAM).
+
+    Returns:
+        dict with ``block_maps`` and ``flow`` (B, L, gh, gw), and per block lists
+        ``contributions`` F_l (B, N, C), ``class_outputs`` (B, C), ``class_gradients``
+        (B, C, before any relu) and ``class_attention`` (B, H, N).
+    """
+    gh, gw = grid_size
     contributions, class_outputs, class_gradients, class_attention = [], [], [], []
     maps = []
-    for record, grad in zip(result["blocks"], gradients):
-        attn = record["attn"].detach()  # (B, H, N, N)
+    for record, grad in zip(blocks, gradients):
+        attn = record["attn"].detach()
         v = record["v"].detach()  # (B, H, N, d)
         batch, heads, tokens, head_dim = v.shape
 
@@ -377,7 +416,7 @@ def explicit_daam(
         g = grad[:, 0, :].detach()  # (B, C), gradient w.r.t. the [class] row
         weights = g.clamp(min=0) if relu_gradients else g
         cam = (contribution * weights.unsqueeze(1)).sum(dim=-1).clamp(min=0)  # (B, N)
-        patch_cam = cam[:, num_prefix:].reshape(batch, gh, gw)
+        patch_cam = cam[:, num_prefix_tokens:].reshape(batch, gh, gw)
 
         contributions.append(contribution)
         class_outputs.append(record["pre_projection"][:, 0, :].detach())
@@ -386,16 +425,11 @@ def explicit_daam(
         maps.append(patch_cam)
 
     block_maps = torch.stack(maps, dim=1)  # (B, L, gh, gw)
-    flow = torch.cumsum(block_maps, dim=1)
     return {
-        "logits": logits.detach(),
-        "targets": targets,
         "block_maps": block_maps,
-        "flow": flow,
+        "flow": torch.cumsum(block_maps, dim=1),
         "contributions": contributions,
         "class_outputs": class_outputs,
         "class_gradients": class_gradients,
         "class_attention": class_attention,
-        "num_prefix_tokens": num_prefix,
-        "grid_size": (gh, gw),
     }

@@ -13,6 +13,7 @@ from captum_daam import DAAM, class_token_contributions
 from captum_daam.adapters import adapter_for
 from helpers import (
     assert_close_relative,
+    record_with_module_outputs,
     make_images,
     make_model,
     module_hook_count,
@@ -80,17 +81,9 @@ def test_contributions_sum_to_the_modules_own_class_output(fused):
     model = set_fused_attention(make_model("deit_tiny_patch16_224"), fused)
     images = make_images(2)
     adapter = adapter_for(model)
-    module_outputs = []
-    handles = [
-        block.attn.register_forward_hook(lambda m, a, out: module_outputs.append(out.detach()))
-        for block in model.blocks
-    ]
-    try:
-        with adapter.record(adapter.attention_modules()) as records, torch.no_grad():
-            model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
+    records, module_outputs = record_with_module_outputs(
+        adapter, adapter.attention_modules(), lambda: model(images)
+    )
     for block, record, module_output in zip(model.blocks, records, module_outputs):
         contributions = class_token_contributions(record.class_attention, record.values)
         assert contributions.shape == (2, 197, 192)

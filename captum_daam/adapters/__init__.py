@@ -1,4 +1,8 @@
-"""Model-family adapters and the registry that picks one for a model."""
+"""Model-family adapters and the registry that picks one for a model.
+
+Importing this package registers every family below; transformers is not imported (the
+Hugging Face adapter recognises its models only once the user has loaded transformers).
+"""
 
 from .base import (
     BlockRecord,
@@ -8,7 +12,14 @@ from .base import (
     register_adapter,
     supported_families,
 )
-from .timm_vit import TimmVisionTransformerAdapter
+from .generic import GenericAdapter
+from .hf_vit import HFViTAdapter
+from .timm_beit import TimmBeitAdapter
+from .timm_cait import TimmCaitAdapter
+from .timm_eva import TimmEvaAdapter
+from .timm_vit import TimmAdapter, TimmVisionTransformerAdapter
+from .timm_xcit import TimmXcitAdapter
+from .torchvision_vit import TorchvisionVisionTransformerAdapter
 
 __all__ = [
     "BlockRecord",
@@ -17,5 +28,13 @@ __all__ = [
     "adapter_for",
     "register_adapter",
     "supported_families",
+    "GenericAdapter",
+    "HFViTAdapter",
+    "TimmAdapter",
+    "TimmBeitAdapter",
+    "TimmCaitAdapter",
+    "TimmEvaAdapter",
     "TimmVisionTransformerAdapter",
+    "TimmXcitAdapter",
+    "TorchvisionVisionTransformerAdapter",
 ]

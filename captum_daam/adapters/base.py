@@ -8,10 +8,22 @@ through module hooks that :meth:`ViTAdapter.record` always removes.
 A new family is one subclass of :class:`ViTAdapter`, decorated with :func:`register_adapter`.
 """
 
+import math
 import threading
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Callable, ClassVar, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+)
 
 import torch
 from torch import Tensor, nn
@@ -127,15 +139,21 @@ def _install(hook: Hook, record: BlockRecord, owner_thread: int) -> RemovableHan
 class ViTAdapter(ABC):
     """Base class of model-family adapters.
 
-    Subclasses set ``family`` (a name for messages) and ``examples`` (model names), and
-    implement :meth:`supports`, :meth:`attention_modules`, :attr:`num_prefix_tokens`,
-    :meth:`grid_size` and :meth:`block_hooks`.
+    Subclasses set ``family`` (a name for messages), ``examples`` (model names) and
+    ``layer_example`` (how a user reaches one block's attention module), and implement
+    :meth:`supports`, :meth:`attention_modules`, :attr:`num_prefix_tokens`,
+    :meth:`grid_size` and :meth:`block_hooks`. They may override :attr:`in_channels`,
+    :attr:`num_outputs` (for checks before the forward pass), :meth:`grid_from_tokens` (for a
+    grid known only from the token count) and :meth:`output_scores` (for models that return
+    an output object rather than a tensor).
     """
 
     family: ClassVar[str] = ""
     examples: ClassVar[str] = ""
+    layer_example: ClassVar[str] = "model.blocks[i].attn"
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Optional[nn.Module]) -> None:
+        """``model``: the model explained, or None for an adapter given its modules directly."""
         self.model = model
 
     @classmethod
@@ -153,12 +171,36 @@ class ViTAdapter(ABC):
         """Tokens before the patches: [class], distillation, register tokens."""
 
     @abstractmethod
-    def grid_size(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
-        """The patch grid (gh, gw) for images of ``image_size`` (H, W).
+    def grid_size(self, image_size: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+        """The patch grid (gh, gw) for images of ``image_size`` (H, W), checked before the
+        forward pass; None when only the forward pass tells (see :meth:`grid_from_tokens`).
 
         Raises:
             ValueError: when the model cannot take images of that size.
         """
+
+    def grid_from_tokens(self, num_patches: int) -> Tuple[int, int]:
+        """The patch grid of a forward pass that left ``num_patches`` patch tokens, used when
+        :meth:`grid_size` returned None. The default is the square grid.
+
+        Raises:
+            ValueError: when ``num_patches`` is not a square number.
+        """
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise ValueError(
+                f"The model produced {num_patches} patch tokens, which is not a square grid, and "
+                f"the adapter was not told the grid. Give it as grid_size=(rows, columns)."
+            )
+        return side, side
+
+    def output_scores(self, output: Any) -> Tensor:
+        """The (B, K) tensor of class scores or features in what the forward pass returned.
+
+        The default takes the output as it is; adapters of models that return an output
+        object (e.g. with ``.logits``) override this.
+        """
+        return output
 
     @property
     def in_channels(self) -> Optional[int]:
@@ -235,6 +277,10 @@ def adapter_for(model: nn.Module) -> ViTAdapter:
     families = "; ".join(supported_families())
     raise TypeError(
         f"DAAM has no adapter for a model of type {type(model).__name__}. Supported families: "
-        f"{families}. For another architecture, subclass captum_daam.adapters.ViTAdapter, "
-        f"register it with @captum_daam.adapters.register_adapter, or pass adapter=... to DAAM."
+        f"{families}. For a model built from timm-style attention modules (a qkv and a proj "
+        f"linear layer, e.g. T2T-ViT or research code), pass "
+        f"adapter=captum_daam.adapters.GenericAdapter(attention_modules=[...], "
+        f"num_prefix_tokens=1) to DAAM. For another architecture, subclass "
+        f"captum_daam.adapters.ViTAdapter and register it with "
+        f"@captum_daam.adapters.register_adapter."
     )

@@ -1,8 +1,13 @@
 """timm ``VisionTransformer`` and its subclasses (ViT, DeiT, DeiT-III, DINO, distilled DeiT,
 register-token models), with timm's standard ``Attention``: fused or not, qk_norm, scale_norm,
-gated, with an attention mask or causal, fixed or dynamic image size."""
+gated, with an attention mask or causal, fixed or dynamic image size.
 
-from typing import List, Optional, Tuple
+The hooks here also serve :class:`~captum_daam.adapters.GenericAdapter`, for any model built
+from timm-style attention (older timm and research code without q_norm / k_norm / norm).
+"""
+
+import warnings
+from typing import ClassVar, List, Optional, Tuple
 
 from timm.layers import Attention
 from timm.layers.attention import resolve_self_attn_mask
@@ -13,14 +18,22 @@ from ..decompose import class_attention_row
 from .base import BlockRecord, Hook, ViTAdapter, register_adapter
 
 
-def timm_attention_hooks(attention: Attention, record: BlockRecord) -> List[Hook]:
-    """Hooks that fill ``record`` from one call of timm's ``Attention``.
+def timm_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook]:
+    """Hooks that fill ``record`` from one call of a timm-style attention module.
 
-    They read the values from ``qkv``, the query and keys after ``q_norm`` / ``k_norm`` (so
-    qk_norm is included), the mask from the call's arguments, and watch the head-concatenated
-    output where it enters ``norm`` (identity unless scale_norm), before any gate and ``proj``.
+    The module has ``qkv`` (a linear layer giving [q, k, v] per token, heads inside each),
+    ``proj`` and ``num_heads``, and maybe ``q_norm`` / ``k_norm``, ``norm`` and ``scale``, as
+    timm's ``Attention`` has. The hooks read the query, keys and values from ``qkv``, or the
+    query and keys after ``q_norm`` / ``k_norm`` where those exist (so qk_norm is included),
+    the mask from the call's ``attn_mask`` / ``is_causal`` arguments, and watch the
+    head-concatenated output where it enters ``norm`` (identity unless scale_norm; before any
+    gate) or, without ``norm``, ``proj``.
     """
-    heads, width = attention.num_heads, attention.head_dim
+    heads = attention.num_heads
+    width = attention.qkv.out_features // (3 * heads)
+    scale = getattr(attention, "scale", width**-0.5)
+    norms = [getattr(attention, name, None) for name in ("q_norm", "k_norm")]
+    has_qk_norm = all(isinstance(norm, nn.Module) for norm in norms)
     call: dict = {}
 
     def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -31,64 +44,95 @@ def timm_attention_hooks(attention: Attention, record: BlockRecord) -> List[Hook
         call["bias_row"] = None if bias is None else bias[..., 0, :].detach()
 
     def on_qkv(module: nn.Module, args: tuple, qkv: Tensor) -> None:
-        call["values"] = qkv.detach().unflatten(-1, (3, heads, width))[:, :, 2].transpose(1, 2)
+        # (B, N, 3 * H * d) -> (3, B, H, N, d), as timm's reshape(B, N, 3, H, d).permute.
+        query, keys, values = qkv.detach().unflatten(-1, (3, heads, width)).permute(2, 0, 3, 1, 4)
+        call["values"] = values
+        if not has_qk_norm:
+            set_row(query[:, :, 0], keys)
 
     def on_query(module: nn.Module, args: tuple, query: Tensor) -> None:
         call["class_query"] = query.detach()[:, :, 0]
 
     def on_keys(module: nn.Module, args: tuple, keys: Tensor) -> None:
-        row = class_attention_row(
-            call.pop("class_query"), keys.detach(), attention.scale, call.pop("bias_row")
-        )
+        set_row(call.pop("class_query"), keys.detach())
+
+    def set_row(class_query: Tensor, keys: Tensor) -> None:
+        row = class_attention_row(class_query, keys, scale, call.pop("bias_row"))
         record.set_attention(row, call.pop("values"))
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
         return (record.watch(args[0]),) + tuple(args[1:])
 
-    return [
-        Hook(attention, "pre_kwargs", on_call),
-        Hook(attention.qkv, "forward", on_qkv),
-        Hook(attention.q_norm, "forward", on_query),
-        Hook(attention.k_norm, "forward", on_keys),
-        Hook(attention.norm, "pre", on_pre_projection),
-    ]
+    hooks = [Hook(attention, "pre_kwargs", on_call), Hook(attention.qkv, "forward", on_qkv)]
+    if has_qk_norm:
+        hooks += [Hook(norms[0], "forward", on_query), Hook(norms[1], "forward", on_keys)]
+    output_norm = getattr(attention, "norm", None)
+    watched = output_norm if isinstance(output_norm, nn.Module) else attention.proj
+    return hooks + [Hook(watched, "pre", on_pre_projection)]
 
 
-@register_adapter
-class TimmVisionTransformerAdapter(ViTAdapter):
-    """timm ``VisionTransformer`` with a [class] token and timm ``Attention`` in every block."""
+def check_class_token_pooling(model: nn.Module) -> None:
+    """Warn when the model's head does not read the [class] token (``global_pool`` other
+    than ``'token'``): DAAM then shows only what reaches the output through the [class]
+    token of the earlier blocks, and the last block's map is zero."""
+    pooling = getattr(model, "global_pool", "token")
+    if pooling != "token":
+        warnings.warn(
+            f"This {type(model).__name__} pools its output with global_pool={pooling!r}, not "
+            f"from the [class] token that DAAM explains: the maps show only what reaches the "
+            f"output through the [class] token of earlier blocks, and the last block's map is "
+            f"zero. Models with global_pool='token' are explained in full.",
+            stacklevel=3,
+        )
 
-    family = "timm VisionTransformer"
-    examples = (
-        "vit_*, deit_*, deit3_*, deit_*_distilled_*, DINO vit_*.dino, vit_*_reg4_dinov2, "
-        "qk_norm / scale_norm variants, dynamic_img_size"
-    )
+
+class TimmAdapter(ViTAdapter):
+    """What timm's ViT-like models share, for the timm family adapters to build on.
+
+    A subclass names where the blocks of the flow are (``blocks_name``) and the attention
+    types their ``attn`` may be (``attention_types``), and implements :meth:`block_hooks`.
+    The [class] token, the prefix tokens, the image channels, the output width and the patch
+    grid (timm's ``PatchEmbed``, fixed or ``dynamic_img_size``) are read here.
+    """
+
+    blocks_name: ClassVar[str] = "blocks"
+    attention_types: ClassVar[Tuple[type, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
+        name = type(model).__name__
         if getattr(model, "cls_token", None) is None:
             raise TypeError(
-                "DAAM explains the [class] token, but this VisionTransformer was built with "
-                "class_token=False. Use a model with a [class] token."
+                f"DAAM explains the [class] token, but this {name} has none (built with "
+                f"class_token=False, or without a head). Use a model with a [class] token."
             )
-        for index, block in enumerate(model.blocks):
+        blocks = getattr(model, self.blocks_name, None)
+        if blocks is None:
+            raise TypeError(
+                f"DAAM explains the [class] token in {name}.{self.blocks_name}, but this model "
+                f"has none (its head was pruned, e.g. by prune_intermediate_layers). Use the "
+                f"model as created."
+            )
+        allowed = " or ".join(
+            f"{cls.__module__}.{cls.__qualname__}" for cls in self.attention_types
+        )
+        for index, block in enumerate(blocks):
             attention = getattr(block, "attn", None)
-            if not isinstance(attention, Attention):
+            if not isinstance(attention, self.attention_types):
                 raise TypeError(
-                    f"Block {index} of this VisionTransformer uses {type(attention).__name__} "
-                    f"(block type {type(block).__name__}); the timm VisionTransformer adapter "
-                    f"supports timm.layers.Attention. Write an adapter for this block type."
+                    f"Block {index} of {name}.{self.blocks_name} uses "
+                    f"{type(attention).__name__} (block type {type(block).__name__}); the "
+                    f"{self.family} adapter supports {allowed}. Write an adapter for this "
+                    f"attention type."
                 )
+        self.check_pooling()
 
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        return isinstance(model, VisionTransformer)
+    def check_pooling(self) -> None:
+        """Called by the constructor: warns when the output is not read from the [class] token."""
+        check_class_token_pooling(self.model)
 
     def attention_modules(self) -> List[nn.Module]:
-        return [block.attn for block in self.model.blocks]
-
-    def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
-        return timm_attention_hooks(attention, record)
+        return [block.attn for block in getattr(self.model, self.blocks_name)]
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -96,17 +140,20 @@ class TimmVisionTransformerAdapter(ViTAdapter):
 
     @property
     def in_channels(self) -> Optional[int]:
-        projection = getattr(self.model.patch_embed, "proj", None)
-        return getattr(projection, "in_channels", None)
+        channels = getattr(self.model, "in_chans", None)
+        if channels is None:
+            projection = getattr(self.model.patch_embed, "proj", None)
+            channels = getattr(projection, "in_channels", None)
+        return channels
 
     @property
     def num_outputs(self) -> Optional[int]:
         return self.model.num_classes or self.model.num_features
 
-    def grid_size(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
+    def grid_size(self, image_size: Tuple[int, int]) -> Optional[Tuple[int, int]]:
         patch_embed = self.model.patch_embed
         height, width = image_size
-        if self.model.dynamic_img_size:
+        if getattr(self.model, "dynamic_img_size", False):
             patch_h, patch_w = patch_embed.patch_size
             if not patch_embed.dynamic_img_pad and (height % patch_h or width % patch_w):
                 raise ValueError(
@@ -116,10 +163,33 @@ class TimmVisionTransformerAdapter(ViTAdapter):
             return tuple(patch_embed.dynamic_feat_size((height, width)))
         if tuple(patch_embed.img_size) != (height, width):
             expected_h, expected_w = patch_embed.img_size
+            remedies = ["resize the images"]
+            if hasattr(self.model, "set_input_size"):
+                remedies.append(f"call model.set_input_size(img_size=({height}, {width}))")
+            if hasattr(self.model, "dynamic_img_size"):
+                remedies.append("build the model with dynamic_img_size=True")
             raise ValueError(
                 f"This model takes {expected_h}x{expected_w} images (a fixed "
                 f"{patch_embed.grid_size[0]}x{patch_embed.grid_size[1]} patch grid), got "
-                f"{height}x{width}. Resize the images, or build the model with "
-                f"dynamic_img_size=True."
+                f"{height}x{width}. To explain other sizes, {', or '.join(remedies)}."
             )
         return tuple(patch_embed.grid_size)
+
+
+@register_adapter
+class TimmVisionTransformerAdapter(TimmAdapter):
+    """timm ``VisionTransformer`` with a [class] token and timm ``Attention`` in every block."""
+
+    family = "timm VisionTransformer"
+    examples = (
+        "vit_*, deit_*, deit3_*, deit_*_distilled_*, DINO vit_*.dino, vit_*_reg4_dinov2, "
+        "qk_norm / scale_norm variants, dynamic_img_size"
+    )
+    attention_types = (Attention,)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+        return timm_attention_hooks(attention, record)

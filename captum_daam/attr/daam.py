@@ -38,6 +38,10 @@ class DAAM(LayerAttribution, GradientAttribution):
     and only the [class] row of each attention matrix is formed, so models using fused
     attention keep it.
 
+    The flow runs over the blocks whose [class] token decides: every block of a ViT, DeiT or
+    BEiT, the class-attention blocks of CaiT and XCiT (the blocks before them have no [class]
+    token). The grid is the model's patch grid for the input size.
+
     Attributions are raw: non-negative and unnormalised, on the input's device and dtype,
     shaped like a layer attribution over the patch grid, (B, 1, gh, gw), so
     ``LayerAttribution.interpolate(attributions, (H, W), "bilinear")`` brings them to the
@@ -64,7 +68,10 @@ class DAAM(LayerAttribution, GradientAttribution):
                         Default: None, the attention modules of all blocks.
             adapter (ViTAdapter, optional): The adapter that knows where the model keeps
                         its attention. Default: None, the registered adapter of ``model``'s
-                        family (``captum_daam.adapters.adapter_for``).
+                        family (``captum_daam.adapters.adapter_for``): timm ViT / DeiT /
+                        DINO, CaiT, XCiT, BEiT, EVA, torchvision and Hugging Face ViTs. For
+                        other models built from timm-style attention (T2T-ViT, research
+                        code), give ``captum_daam.adapters.GenericAdapter(attention_modules)``.
         """
         if adapter is None:
             if not isinstance(model, nn.Module):
@@ -73,7 +80,7 @@ class DAAM(LayerAttribution, GradientAttribution):
                     f"forward function, pass adapter=... for the model it runs."
                 )
             adapter = adapter_for(model)
-        attention_modules = _select_attention_modules(adapter.attention_modules(), layer)
+        attention_modules = _select_attention_modules(adapter, layer)
         LayerAttribution.__init__(self, model, attention_modules)
         GradientAttribution.__init__(self, model)
         self.adapter = adapter
@@ -163,7 +170,7 @@ class DAAM(LayerAttribution, GradientAttribution):
         target_indices = self._check_target(target, images.shape[0], images.device)
         if relu_gradients is None:
             relu_gradients = importance is None
-        if self.adapter.model.training:
+        if self._in_training_mode():
             warnings.warn(
                 "The model is in training mode, so dropout makes the explained forward pass "
                 "random. Call model.eval() first.",
@@ -181,6 +188,7 @@ class DAAM(LayerAttribution, GradientAttribution):
 
         with torch.enable_grad(), self.adapter.record(self.layer, reduce_record) as records:
             output = _run_forward(self.forward_func, images, None, additional_forward_args)
+            output = self.adapter.output_scores(output)
             if not isinstance(output, Tensor) or output.dim() != 2:
                 raise ValueError(
                     f"Expected the model to return class scores or features shaped (B, K), "
@@ -200,6 +208,7 @@ class DAAM(LayerAttribution, GradientAttribution):
             _backward_to_records(score, records)
 
         block_maps = torch.stack([token_maps[id(record)] for record in records], dim=1)
+        grid = self._patch_grid(grid, block_maps.shape[-1])
         maps = tokens_to_grid(block_maps, self.adapter.num_prefix_tokens, grid)
         if accumulate:
             maps = accumulate_maps(maps, dim=1)
@@ -210,6 +219,24 @@ class DAAM(LayerAttribution, GradientAttribution):
     @property
     def multiplies_by_inputs(self) -> bool:
         return False
+
+    def _in_training_mode(self) -> bool:
+        modules = [self.forward_func, self.adapter.model, *self.layer]
+        return any(module.training for module in modules if isinstance(module, nn.Module))
+
+    def _patch_grid(self, grid: Optional[Tuple[int, int]], num_tokens: int) -> Tuple[int, int]:
+        """The grid of the forward pass's patch tokens: the adapter's, checked against them."""
+        num_patches = num_tokens - self.adapter.num_prefix_tokens
+        if grid is None:
+            grid = self.adapter.grid_from_tokens(num_patches)
+        if grid[0] * grid[1] != num_patches:
+            raise ValueError(
+                f"Expected {grid[0]}x{grid[1]} = {grid[0] * grid[1]} patch tokens after "
+                f"{self.adapter.num_prefix_tokens} prefix tokens, got {num_patches} "
+                f"({num_tokens} tokens in all). Check the adapter's num_prefix_tokens and "
+                f"grid_size."
+            )
+        return tuple(grid)
 
     def _check_inputs(self, inputs: Union[Tensor, Tuple[Tensor]]) -> Tensor:
         if torch.is_inference_mode_enabled():
@@ -345,9 +372,10 @@ def _importance_weights(
 
 
 def _select_attention_modules(
-    all_modules: List[nn.Module], layer: Optional[Union[nn.Module, Sequence[nn.Module]]]
+    adapter: ViTAdapter, layer: Optional[Union[nn.Module, Sequence[nn.Module]]]
 ) -> List[nn.Module]:
     """The attention modules of the flow, in block order; checks a user's choice."""
+    all_modules = adapter.attention_modules()
     if layer is None:
         return list(all_modules)
     chosen = [layer] if isinstance(layer, nn.Module) else list(layer)
@@ -358,8 +386,8 @@ def _select_attention_modules(
         if id(module) not in position:
             raise ValueError(
                 f"Expected layer to hold attention modules of this model's blocks (e.g. "
-                f"model.blocks[i].attn), got {type(module).__name__}, which is not one of its "
-                f"{len(all_modules)} attention modules."
+                f"{adapter.layer_example}), got {type(module).__name__}, which is not one of "
+                f"its {len(all_modules)} attention modules."
             )
     if len({id(module) for module in chosen}) != len(chosen):
         raise ValueError("Expected each attention module at most once in layer, got repeats.")

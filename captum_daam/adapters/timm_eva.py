@@ -1,0 +1,117 @@
+"""timm ``Eva`` with ``EvaAttention`` (EVA, EVA-02, DINOv3-style and other rotary-embedding
+ViTs in timm's eva.py that keep a [class] token): fused or separate q / k / v projections,
+qk_norm, scale_norm, register tokens, rotary position embedding (per block for mixed RoPE),
+attention masks, fixed or dynamic image size.
+
+The [class] query is a prefix token, which the rotary embedding leaves alone, but the keys of
+the patch tokens are rotated: the recorded row uses the keys as the module rotates them,
+with timm's own ``apply_rot_embed_cat``.
+"""
+
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
+from timm.layers.attention import resolve_self_attn_mask
+from timm.models.eva import Eva, EvaAttention
+from torch import Tensor, nn
+
+from ..decompose import class_attention_row
+from .base import BlockRecord, Hook, register_adapter
+from .timm_beit import qkv_weight_and_bias, split_heads
+from .timm_vit import TimmAdapter
+
+
+def eva_attention_hooks(attention: EvaAttention, record: BlockRecord) -> List[Hook]:
+    """Hooks that fill ``record`` from one call of timm's ``EvaAttention``.
+
+    The call's ``rope``, ``attn_mask`` and ``is_causal`` arguments are read when the module
+    is called; the [class] query and the keys after ``q_norm`` / ``k_norm`` (identity unless
+    qk_norm); the values from ``v_proj`` or ``qkv`` where a module gives them, and otherwise
+    (q / v biases applied in ``F.linear``) recomputed from the input as the module does. The
+    head-concatenated output is watched where it enters ``norm`` (identity unless
+    scale_norm), before any gate and ``proj``.
+    """
+    heads = attention.num_heads
+    num_prefix = attention.num_prefix_tokens
+    rotate_half = getattr(attention, "rotate_half", False)
+    values_by_linear = attention.qkv is not None and attention.q_bias is not None
+    values_by_linear = values_by_linear and not attention.qkv_bias_separate
+    call: dict = {}
+
+    def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = args[0]
+        call["rope"] = kwargs.get("rope", args[1] if len(args) > 1 else None)
+        attn_mask = kwargs.get("attn_mask", args[2] if len(args) > 2 else None)
+        is_causal = kwargs.get("is_causal", args[3] if len(args) > 3 else False)
+        bias = resolve_self_attn_mask(tokens.shape[1], tokens, attn_mask, is_causal)
+        call["bias_row"] = None if bias is None else bias[..., 0, :].detach()
+        if values_by_linear:
+            with torch.no_grad():
+                weight, qkv_bias = qkv_weight_and_bias(attention)
+                width = weight.shape[0] // 3
+                call["values"] = split_heads(
+                    F.linear(tokens, weight[2 * width :], qkv_bias[2 * width :]), heads
+                )
+
+    def on_qkv(module: nn.Module, args: tuple, qkv: Tensor) -> None:
+        values = qkv.detach()[..., 2 * qkv.shape[-1] // 3 :]
+        if attention.q_bias is not None:  # qkv_bias_separate: the bias is added after qkv
+            values = values + attention.v_bias.detach()
+        call["values"] = split_heads(values, heads)
+
+    def on_values(module: nn.Module, args: tuple, values: Tensor) -> None:
+        call["values"] = split_heads(values.detach(), heads)
+
+    def on_query(module: nn.Module, args: tuple, query: Tensor) -> None:
+        call["class_query"] = query.detach()[:, :, 0]  # a prefix token: never rotated
+
+    def on_keys(module: nn.Module, args: tuple, keys: Tensor) -> None:
+        call["keys"] = keys.detach()
+
+    def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
+        keys, rope = call.pop("keys"), call.pop("rope")
+        with torch.no_grad():
+            if rope is not None:
+                rotated = apply_rot_embed_cat(keys[:, :, num_prefix:], rope, half=rotate_half)
+                keys = torch.cat([keys[:, :, :num_prefix], rotated], dim=2).type_as(keys)
+            row = class_attention_row(
+                call.pop("class_query"), keys, attention.scale, call.pop("bias_row")
+            )
+        record.set_attention(row, call.pop("values"))
+        return (record.watch(args[0]),) + tuple(args[1:])
+
+    hooks = [Hook(attention, "pre_kwargs", on_call)]
+    if attention.qkv is None:
+        hooks.append(Hook(attention.v_proj, "forward", on_values))
+    elif not values_by_linear:
+        hooks.append(Hook(attention.qkv, "forward", on_qkv))
+    return hooks + [
+        Hook(attention.q_norm, "forward", on_query),
+        Hook(attention.k_norm, "forward", on_keys),
+        Hook(attention.norm, "pre", on_pre_projection),
+    ]
+
+
+@register_adapter
+class TimmEvaAdapter(TimmAdapter):
+    """timm ``Eva`` with a [class] token and ``EvaAttention`` (attn_type='eva') in every block.
+
+    Eva models built with class_token=False (vit_*_rope_reg*_gap_*) or with timm's
+    ``AttentionRope`` (attn_type='rope': Perception Encoder, RoPE-ViT) are refused.
+    """
+
+    family = "timm EVA"
+    examples = (
+        "eva02_*, eva_giant_*, vit_*_dinov3 (global_pool='token' to explain in full), Eva "
+        "with class_token=True and attn_type='eva'"
+    )
+    attention_types = (EvaAttention,)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return isinstance(model, Eva)
+
+    def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+        return eva_attention_hooks(attention, record)
