@@ -302,3 +302,13 @@ def test_the_vit_base_patch16_224_architecture_equals_explicit_reference():
     flow = DAAM(model).attribute(images, target=[3, 7], return_flow=True)
     assert flow.shape == (2, 12, 14, 14)
     assert_close_relative(flow, expected["flow"])
+
+
+def test_layer_takes_attention_modules_in_block_order_and_names_them_in_errors(classifier, images):
+    expected = explicit_hf_daam(classifier, images, target=TARGETS)
+    layers = classifier.vit.layers
+    daam = DAAM(classifier, layer=[layers[3].attention, layers[1].attention])
+    block_maps = daam.attribute(images, target=TARGETS, return_flow=True, accumulate=False)
+    assert_close_relative(block_maps, expected["block_maps"][:, [1, 3]])
+    with pytest.raises(ValueError, match=r"model\.vit\.layers\[i\]\.attention"):
+        DAAM(classifier, layer=layers[0].attention.q_proj)

@@ -165,6 +165,8 @@ def test_layer_takes_multihead_attention_modules_in_block_order():
         images, target=TARGETS, accumulate=False
     )
     assert_close_relative(single, expected["block_maps"][:, 2:3])
+    with pytest.raises(ValueError, match=r"model\.encoder\.layers\[i\]\.self_attention"):
+        DAAM(model, layer=layers[0].ln_1)
 
 
 def test_contributions_sum_to_the_modules_own_class_output():

@@ -198,9 +198,17 @@ def test_inputs_that_require_grad_get_no_gradient(used_model):
 def test_training_mode_warns_and_is_kept(used_model):
     used_model.train()
     before = _state(used_model)
-    with pytest.warns(UserWarning, match="training mode"):
+    with pytest.warns(UserWarning, match="training mode") as caught:
         DAAM(used_model).attribute(make_images(2), target=[1, 2])
     _assert_same_state(before, _state(used_model))
+    assert caught[0].filename == __file__  # attributed to the caller's line
+
+
+def test_a_pooled_model_warns_at_the_callers_line():
+    model = make_model("deit_tiny_patch16_224", global_pool="avg")
+    with pytest.warns(UserWarning, match="global_pool='avg'") as caught:
+        DAAM(model)
+    assert caught[0].filename == __file__
 
 
 class _Boom(RuntimeError):

@@ -12,6 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from captum_daam import DAAM, class_token_contributions
 from captum_daam.adapters import adapter_for
 from helpers import (
+    assert_attributions_match,
     assert_close_relative,
     record_with_module_outputs,
     make_images,
@@ -48,19 +49,8 @@ def test_flow_and_block_maps_equal_explicit_reference(model_case, target):
     case, model = model_case
     images = make_images(3, *model.patch_embed.img_size)
     expected = explicit_daam(model, images, target=target)
-    daam = DAAM(model)
-
-    flow = daam.attribute(images, target=target, return_flow=True)
-    block_maps = daam.attribute(images, target=target, return_flow=True, accumulate=False)
-    final = daam.attribute(images, target=target)
-
-    depth = len(model.blocks)
-    gh, gw = model.patch_embed.grid_size
-    assert flow.shape == (3, depth, gh, gw)
-    assert final.shape == (3, 1, gh, gw)
-    assert_close_relative(block_maps, expected["block_maps"])
-    assert_close_relative(flow, expected["flow"])
-    assert_close_relative(final, expected["flow"][:, -1:])
+    flow = assert_attributions_match(DAAM(model), images, target, expected)
+    assert flow.shape == (3, len(model.blocks), *model.patch_embed.grid_size)
     if target is None:
         assert expected["targets"].tolist() == model(images).argmax(1).tolist()
 
@@ -208,3 +198,18 @@ def test_reentrant_checkpointing_is_refused_with_a_clear_error():
     finally:
         set_reentrant_ckpt(before)
     assert module_hook_count(model) == 0
+
+
+def test_an_average_pooled_vit_equals_the_reference_with_a_zero_last_block_map():
+    """global_pool='avg': DAAM warns, and is still exact: the [class] token of the last block
+    does not reach the output, so its map is zero, while earlier blocks' maps are not."""
+    model = make_model("vit_small_patch16_224", global_pool="avg", depth=4)
+    images = make_images(2)
+    expected = explicit_daam(model, images, target=[3, 401])
+    with pytest.warns(UserWarning, match="global_pool='avg'"):
+        daam = DAAM(model)
+    assert_attributions_match(daam, images, [3, 401], expected)
+    last_block = daam.attribute(images, target=[3, 401], return_flow=True, accumulate=False)[:, -1]
+    assert float(last_block.abs().max()) == 0
+    assert float(expected["block_maps"][:, -1].abs().max()) == 0
+    assert float(expected["block_maps"][:, :-1].amax()) > 0

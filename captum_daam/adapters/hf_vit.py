@@ -114,6 +114,7 @@ class HFViTAdapter(ViTAdapter):
 
     family = "Hugging Face transformers ViT"
     examples = "ViTForImageClassification, ViTModel, e.g. google/vit-base-patch16-224"
+    layer_example = "model.vit.layers[i].attention, or model.layers[i].attention for a ViTModel"
 
     def __init__(self, model: nn.Module, interpolate_pos_encoding: bool = False) -> None:
         super().__init__(model)

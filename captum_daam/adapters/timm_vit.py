@@ -6,7 +6,6 @@ The hooks here also serve :class:`~captum_daam.adapters.GenericAdapter`, for any
 from timm-style attention (older timm and research code without q_norm / k_norm / norm).
 """
 
-import warnings
 from typing import ClassVar, List, Optional, Tuple
 
 from timm.layers import Attention
@@ -14,6 +13,7 @@ from timm.layers.attention import resolve_self_attn_mask
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from .._warnings import warn_user
 from ..decompose import class_attention_row
 from .base import BlockRecord, Hook, ViTAdapter, register_adapter
 
@@ -77,12 +77,11 @@ def check_class_token_pooling(model: nn.Module) -> None:
     token of the earlier blocks, and the last block's map is zero."""
     pooling = getattr(model, "global_pool", "token")
     if pooling != "token":
-        warnings.warn(
+        warn_user(
             f"This {type(model).__name__} pools its output with global_pool={pooling!r}, not "
             f"from the [class] token that DAAM explains: the maps show only what reaches the "
             f"output through the [class] token of earlier blocks, and the last block's map is "
-            f"zero. Models with global_pool='token' are explained in full.",
-            stacklevel=3,
+            f"zero. Models with global_pool='token' are explained in full."
         )
 
 

@@ -90,6 +90,7 @@ class TorchvisionVisionTransformerAdapter(ViTAdapter):
 
     family = "torchvision VisionTransformer"
     examples = "torchvision.models.vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14"
+    layer_example = "model.encoder.layers[i].self_attention"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -1,6 +1,5 @@
 """DAAM, the Dynamic Accumulated Attention Map, as a Captum layer attribution."""
 
-import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -10,6 +9,7 @@ from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from .._warnings import warn_user
 from ..adapters import BlockRecord, ViTAdapter, adapter_for
 from ..decompose import accumulate as accumulate_maps
 from ..decompose import block_map, tokens_to_grid
@@ -171,10 +171,9 @@ class DAAM(LayerAttribution, GradientAttribution):
         if relu_gradients is None:
             relu_gradients = importance is None
         if self._in_training_mode():
-            warnings.warn(
+            warn_user(
                 "The model is in training mode, so dropout makes the explained forward pass "
-                "random. Call model.eval() first.",
-                stacklevel=2,
+                "random. Call model.eval() first."
             )
 
         token_maps = {}
