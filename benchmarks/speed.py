@@ -1,8 +1,9 @@
 """DAAM's cost against its floor, measured in one run.
 
 The floor is what any gradient-based explanation of every block must pay at least: one
-forward pass and an activation-only backward pass (no weight gradients) down to block 1's
-attention output. DAAM computes every block's map (``return_flow=True``) from one such pass.
+forward pass and an activation-only backward pass (no weight gradients) down to the output of
+the first attention module of the flow (block 1's, or CaiT's / XCiT's first class-attention
+block's). DAAM computes every block's map (``return_flow=True``) from one such pass.
 
 Times are medians over interleaved repeats (floor, DAAM, DAAM, floor, ...), so a slow spell
 of a shared machine hits both; the ratio DAAM / floor is the figure to read. It is given three
@@ -15,6 +16,7 @@ the allocation before.
 
     python benchmarks/speed.py                       # deit_small_patch16_224, batch 8 and 32
     python benchmarks/speed.py --batch-sizes 8 --repeats 5 --device cuda
+    python benchmarks/speed.py --models cait_xxs24_224 torchvision:vit_b_16 --batch-sizes 4
 """
 
 import argparse
@@ -31,22 +33,25 @@ import torch
 from torch import Tensor, nn
 
 from captum_daam import DAAM
+from captum_daam.adapters import adapter_for
 from peak_memory import MMAP_THRESHOLD, peak_above, reset_peak
 
 METHODS = ("floor", "daam")
 
 
 def floor_pass(model: nn.Module, images: Tensor) -> None:
-    """Forward, then gradients of the predicted scores at block 1's attention output only."""
+    """Forward, then gradients of the predicted scores at the output of the first attention
+    module of the flow only (one linear layer short of where DAAM's backward pass stops)."""
+    adapter = adapter_for(model)
     captured: Dict[str, Tensor] = {}
 
-    def keep_pre_projection(module: nn.Module, args: tuple) -> None:
-        captured["output"] = args[0]
+    def keep_output(module: nn.Module, args: tuple, output) -> None:
+        captured["output"] = output[0] if isinstance(output, tuple) else output
 
-    handle = model.blocks[0].attn.norm.register_forward_pre_hook(keep_pre_projection)
+    handle = adapter.attention_modules()[0].register_forward_hook(keep_output)
     try:
         with torch.enable_grad():
-            logits = model(images)
+            logits = adapter.output_scores(model(images))
             score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
             torch.autograd.grad(score, captured["output"])
     finally:
@@ -61,10 +66,28 @@ PASSES: Dict[str, Callable[[nn.Module, Tensor], None]] = {"floor": floor_pass, "
 
 
 def build(model_name: str, batch_size: int, device: str):
+    """A model with random weights and a batch of images of its input size.
+
+    ``model_name`` is a timm name, ``torchvision:<name>`` (e.g. torchvision:vit_b_16) or
+    ``hf:vit-base`` (transformers' default ViTConfig, google/vit-base-patch16-224's shape).
+    """
     torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False).eval().to(device)
-    images = torch.rand(batch_size, 3, *model.patch_embed.img_size, device=device)
-    return model, images
+    if model_name.startswith("torchvision:"):
+        import torchvision
+
+        model = torchvision.models.get_model(model_name.split(":", 1)[1], weights=None)
+        size = (model.image_size, model.image_size)
+    elif model_name == "hf:vit-base":
+        import transformers
+
+        config = transformers.ViTConfig(attn_implementation="sdpa")
+        model = transformers.ViTForImageClassification(config)
+        size = (config.image_size, config.image_size)
+    else:
+        model = timm.create_model(model_name, pretrained=False)
+        size = tuple(model.pretrained_cfg["input_size"][1:])
+    model = model.eval().to(device)
+    return model, torch.rand(batch_size, 3, *size, device=device)
 
 
 def synchronize(device: str) -> None:
@@ -110,7 +133,7 @@ def peak_memory_here(model_name: str, batch_size: int, device: str, method: str)
 
 def peak_memory(model_name: str, batch_size: int, device: str, method: str, threads: int) -> int:
     command = [
-        sys.executable, __file__, "--model", model_name, "--device", device,
+        sys.executable, __file__, "--models", model_name, "--device", device,
         "--threads", str(threads), "--_memory-of", method, "--batch-sizes", str(batch_size),
     ]
     # Large blocks straight from mmap, so that freed tensors leave the resident set at once.
@@ -121,7 +144,12 @@ def peak_memory(model_name: str, batch_size: int, device: str, method: str, thre
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["deit_small_patch16_224"],
+        help="timm model names, torchvision:<name> (e.g. torchvision:vit_b_16) or hf:vit-base",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=11, help="timed repeats per method")
@@ -133,29 +161,30 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     if args.memory_of:
-        print(peak_memory_here(args.model, args.batch_sizes[0], args.device, args.memory_of))
+        print(peak_memory_here(args.models[0], args.batch_sizes[0], args.device, args.memory_of))
         return
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"{args.model}, {device_name}, {args.threads} threads, torch {torch.__version__}, "
+    print(f"{device_name}, {args.threads} threads, torch {torch.__version__}, "
           f"{args.repeats} repeats")
-    header = ("| batch | floor median (s) | DAAM median (s) | time DAAM / floor | "
+    header = ("| model | batch | floor median (s) | DAAM median (s) | time DAAM / floor | "
               "paired runs DAAM / floor | CPU time DAAM / floor | floor peak (MiB) | "
               "DAAM peak (MiB) | memory DAAM / floor |")
     print(header)
-    print("|" + "---|" * 9)
+    print("|" + "---|" * 10)
     rows = []
-    for batch_size in args.batch_sizes:
+    for model_name, batch_size in ((m, b) for m in args.models for b in args.batch_sizes):
         seconds, cpu_seconds = time_methods(
-            args.model, batch_size, args.device, args.repeats, args.warmup
+            model_name, batch_size, args.device, args.repeats, args.warmup
         )
         medians = {method: statistics.median(seconds[method]) for method in METHODS}
         cpu_medians = {method: statistics.median(cpu_seconds[method]) for method in METHODS}
         peaks = {
-            method: peak_memory(args.model, batch_size, args.device, method, args.threads)
+            method: peak_memory(model_name, batch_size, args.device, method, args.threads)
             for method in METHODS
         }
         row = {
+            "model": model_name,
             "batch_size": batch_size,
             "seconds": seconds,
             "cpu_seconds": cpu_seconds,
@@ -171,14 +200,14 @@ def main(argv=None) -> None:
         }
         rows.append(row)
         mib = {method: peaks[method] / 2**20 for method in METHODS}
-        print(f"| {batch_size} | {medians['floor']:.3f} | {medians['daam']:.3f} | "
+        print(f"| {model_name} | {batch_size} | {medians['floor']:.3f} | {medians['daam']:.3f} | "
               f"{row['time_ratio']:.3f} | {row['paired_time_ratio']:.3f} | "
               f"{row['cpu_time_ratio']:.3f} | "
               f"{mib['floor']:.0f} | {mib['daam']:.0f} | "
               f"{row['memory_ratio']:.3f} |", flush=True)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"model": args.model, "device": device_name, "threads": args.threads,
+            json.dump({"device": device_name, "threads": args.threads,
                        "torch": torch.__version__, "rows": rows}, handle, indent=2)
 
 
