@@ -11,8 +11,10 @@ from .adapters import (
     register_adapter,
     supported_families,
 )
-from .attr import DAAM
+from .attr import DAAM, AttentionRollout, GradientRollout
+from . import metrics
 from .ssl import MemoryBank
+from .token_grid import TokenGrid
 from .decompose import (
     accumulate,
     block_map,
@@ -27,7 +29,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DAAM",
+    "AttentionRollout",
+    "GradientRollout",
     "MemoryBank",
+    "TokenGrid",
+    "metrics",
     "GenericAdapter",
     "ViTAdapter",
     "adapter_for",

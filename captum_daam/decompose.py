@@ -11,6 +11,7 @@ from torch import Tensor
 
 __all__ = [
     "class_attention_row",
+    "attention_probabilities",
     "class_token_contributions",
     "block_map",
     "tokens_to_grid",
@@ -43,6 +44,27 @@ def class_attention_row(
     logits = logits * scale
     if bias_row is not None:
         logits = logits + bias_row.to(compute_dtype)
+    return logits.softmax(dim=-1)
+
+
+def attention_probabilities(
+    queries: Tensor, keys: Tensor, scale: float, bias: Optional[Tensor] = None
+) -> Tensor:
+    """Full attention probabilities, softmax(q k^T * scale + bias), in float32 at least.
+
+    Args:
+        queries: (B, H, N, d) all queries, after any query norm or rotation.
+        keys: (B, H, N, d) all keys, likewise.
+        scale: the factor applied to the logits.
+        bias: optional additive logit bias broadcastable to (B, H, N, N).
+
+    Returns:
+        (B, H, N, N), rows summing to one.
+    """
+    compute_dtype = torch.promote_types(keys.dtype, torch.float32)
+    logits = queries.to(compute_dtype) @ keys.to(compute_dtype).transpose(-2, -1) * scale
+    if bias is not None:
+        logits = logits + bias.to(compute_dtype)
     return logits.softmax(dim=-1)
 
 

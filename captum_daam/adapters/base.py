@@ -50,22 +50,45 @@ class BlockRecord:
         anchor: the tensor in the autograd graph whose gradient gives ``class_gradient``.
         on_gradient: called with the record as soon as ``class_gradient`` is set, during the
             backward pass, so that a caller can reduce the record and free the values early.
+        full: whether the caller needs full attention matrices (attention rollouts): then
+            ``attention`` is kept and the whole gradient (B, N, C) is kept in ``gradient``.
+        attention: with ``full``, a function giving the block's full attention probabilities
+            (B, H, N, N), formed only when called, so a caller can form one block's at a time.
+        gradient: with ``full``, (B, N, C) the gradient at the pre-projection output.
+        on_attention: called with the record as soon as the attention is set, during the
+            forward pass.
     """
 
-    def __init__(self, on_gradient: Optional[Callable[["BlockRecord"], None]] = None) -> None:
+    def __init__(
+        self,
+        on_gradient: Optional[Callable[["BlockRecord"], None]] = None,
+        full: bool = False,
+        on_attention: Optional[Callable[["BlockRecord"], None]] = None,
+    ) -> None:
         self.class_attention: Optional[Tensor] = None
         self.values: Optional[Tensor] = None
         self.class_gradient: Optional[Tensor] = None
         self.anchor: Optional[Tensor] = None
         self.on_gradient = on_gradient
         self.closed = False
+        self.full = full
+        self.attention: Optional[Callable[[], Tensor]] = None
+        self.gradient: Optional[Tensor] = None
+        self.on_attention = on_attention
 
     def close(self) -> None:
         """Record nothing more: a checkpointed backward pass re-runs the forward."""
         self.closed = True
 
-    def set_attention(self, class_attention: Tensor, values: Tensor) -> None:
-        """Store the [class] attention row and the values (both detached here)."""
+    def set_attention(
+        self,
+        class_attention: Tensor,
+        values: Tensor,
+        attention: Optional[Callable[[], Tensor]] = None,
+    ) -> None:
+        """Store the [class] attention row and the values (both detached here), and, for a
+        caller that asked for ``full`` records, ``attention``: a function forming the full
+        (B, H, N, N) attention probabilities (``decompose.attention_probabilities``)."""
         if self.class_attention is not None:
             raise RuntimeError(
                 "An attention module ran twice in one forward pass; DAAM expects each "
@@ -73,6 +96,15 @@ class BlockRecord:
             )
         self.class_attention = class_attention.detach()
         self.values = values.detach()
+        if self.full:
+            if attention is None:
+                raise RuntimeError(
+                    "This adapter records only the [class] attention row, not full attention "
+                    "matrices."
+                )
+            self.attention = attention
+        if self.on_attention is not None:
+            self.on_attention(self)
 
     def watch(
         self, tensor: Tensor, to_pre_projection: Optional[Callable[[Tensor], Tensor]] = None
@@ -82,8 +114,8 @@ class BlockRecord:
         Args:
             tensor: the pre-projection attention output, or any tensor from which the
                 gradient at the pre-projection [class] row follows.
-            to_pre_projection: maps the gradient's [class] row (B, ...) to the gradient at
-                the pre-projection [class] row (B, C); identity when None.
+            to_pre_projection: maps the gradient at ``tensor`` (..., C') to the gradient at
+                the pre-projection output (..., C), row by row; identity when None.
 
         Returns:
             The tensor the forward pass must go on with: ``tensor`` itself, or, when nothing
@@ -96,6 +128,9 @@ class BlockRecord:
             tensor = tensor.detach().requires_grad_()
 
         def keep_class_row(gradient: Tensor) -> None:
+            if self.full:
+                mapped = gradient if to_pre_projection is None else to_pre_projection(gradient)
+                self.gradient = mapped
             row = gradient[:, 0].clone()  # a copy, so the full (B, N, C) gradient can be freed
             if to_pre_projection is not None:
                 row = to_pre_projection(row)
@@ -151,6 +186,9 @@ class ViTAdapter(ABC):
     family: ClassVar[str] = ""
     examples: ClassVar[str] = ""
     layer_example: ClassVar[str] = "model.blocks[i].attn"
+    #: Whether every token is a query in the flow's blocks, so that full attention matrices
+    #: exist (attention rollouts); False for class-attention blocks (CaiT, XCiT).
+    self_attention: ClassVar[bool] = True
 
     def __init__(self, model: Optional[nn.Module]) -> None:
         """``model``: the model explained, or None for an adapter given its modules directly."""
@@ -226,12 +264,15 @@ class ViTAdapter(ABC):
         self,
         attention_modules: Sequence[nn.Module],
         on_gradient: Optional[Callable[[BlockRecord], None]] = None,
+        full: bool = False,
+        on_attention: Optional[Callable[[BlockRecord], None]] = None,
     ) -> Iterator[List[BlockRecord]]:
         """Hooks on ``attention_modules`` for the duration of the block; always removed.
 
-        ``on_gradient`` is given to every record (see :class:`BlockRecord`).
+        ``on_gradient``, ``full`` and ``on_attention`` are given to every record (see
+        :class:`BlockRecord`).
         """
-        records = [BlockRecord(on_gradient) for _ in attention_modules]
+        records = [BlockRecord(on_gradient, full, on_attention) for _ in attention_modules]
         owner_thread = threading.get_ident()
         handles: List[RemovableHandle] = []
         try:

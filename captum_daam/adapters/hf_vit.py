@@ -14,7 +14,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..decompose import class_attention_row
+from ..decompose import attention_probabilities, class_attention_row
 from .base import BlockRecord, Hook, ViTAdapter, register_adapter
 
 _VIT_MODULE = "transformers.models.vit.modeling_vit"
@@ -32,8 +32,8 @@ def _vit_classes() -> Tuple[type, ...]:
     )
 
 
-def _additive_bias_row(attention_mask: Optional[Any]) -> Optional[Tensor]:
-    """The [class] query's row of the mask the layer was given, as an additive logit bias.
+def _additive_bias(attention_mask: Optional[Any]) -> Optional[Tensor]:
+    """The mask the layer was given, as an additive logit bias.
 
     transformers prepares the mask per implementation: eager gets an additive float mask, sdpa a
     boolean one (True = may attend), both (B, 1, N, N); None when nothing is masked.
@@ -46,11 +46,11 @@ def _additive_bias_row(attention_mask: Optional[Any]) -> Optional[Tensor]:
             f"{type(attention_mask).__name__} (flex attention?). Load the model with "
             f"attn_implementation='eager' or 'sdpa' to explain it with DAAM."
         )
-    row = attention_mask.detach()[..., 0, :]
-    if row.dtype.is_floating_point:
-        return row
-    bias = torch.zeros(row.shape, dtype=torch.float32, device=row.device)
-    return bias.masked_fill(~row.bool(), float("-inf"))
+    mask = attention_mask.detach()
+    if mask.dtype.is_floating_point:
+        return mask
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    return bias.masked_fill(~mask.bool(), float("-inf"))
 
 
 def hf_vit_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook]:
@@ -69,10 +69,10 @@ def hf_vit_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Ho
 
     def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
         attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        call["bias_row"] = _additive_bias_row(attention_mask)
+        call["bias"] = _additive_bias(attention_mask)
 
     def on_query(module: nn.Module, args: tuple, query: Tensor) -> None:
-        call["class_query"] = split_heads(query)[:, :, 0]
+        call["queries"] = split_heads(query)
 
     def on_keys(module: nn.Module, args: tuple, keys: Tensor) -> None:
         call["keys"] = split_heads(keys)
@@ -81,10 +81,14 @@ def hf_vit_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Ho
         call["values"] = split_heads(values)
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
-        row = class_attention_row(
-            call.pop("class_query"), call.pop("keys"), attention.scaling, call.pop("bias_row")
+        queries, keys, bias = call.pop("queries"), call.pop("keys"), call.pop("bias")
+        bias_row = None if bias is None else bias[..., 0, :]
+        row = class_attention_row(queries[:, :, 0], keys, attention.scaling, bias_row)
+        record.set_attention(
+            row,
+            call.pop("values"),
+            lambda: attention_probabilities(queries, keys, attention.scaling, bias),
         )
-        record.set_attention(row, call.pop("values"))
         return (record.watch(args[0]),) + tuple(args[1:])
 
     return [

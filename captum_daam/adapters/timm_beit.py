@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.models.beit import Attention, Beit
 from torch import Tensor, nn
 
-from ..decompose import class_attention_row
+from ..decompose import attention_probabilities, class_attention_row
 from .base import BlockRecord, Hook, register_adapter
 from .timm_vit import TimmAdapter
 
@@ -54,22 +54,28 @@ def beit_attention_hooks(attention: Attention, record: BlockRecord) -> List[Hook
         with torch.no_grad():
             weight, bias = qkv_weight_and_bias(attention)
             width = weight.shape[0] // 3
+            query_bias = None if bias is None else bias[:width]
+            key_value_bias = None if bias is None else bias[width:]
             # Only the [class] row of the query is needed; keys and values for every token.
-            class_query = F.linear(
-                tokens[:, 0], weight[:width], None if bias is None else bias[:width]
-            )
-            keys_values = F.linear(tokens, weight[width:], None if bias is None else bias[width:])
+            class_query = F.linear(tokens[:, 0], weight[:width], query_bias)
+            keys_values = F.linear(tokens, weight[width:], key_value_bias)
             keys, values = (split_heads(part, heads) for part in keys_values.chunk(2, dim=-1))
-            bias_row = None
+            logit_bias = None
             if attention.relative_position_bias_table is not None:
-                bias_row = attention._get_rel_pos_bias()[..., 0, :]  # (1, H, N)
+                logit_bias = attention._get_rel_pos_bias()  # (1, H, N, N)
             if shared_bias is not None:
-                shared_row = shared_bias[..., 0, :]
-                bias_row = shared_row if bias_row is None else bias_row + shared_row
+                logit_bias = shared_bias if logit_bias is None else logit_bias + shared_bias
+            bias_row = None if logit_bias is None else logit_bias[..., 0, :]
             row = class_attention_row(
                 class_query.unflatten(-1, (heads, -1)), keys, attention.scale, bias_row
             )
-        record.set_attention(row, values)
+
+        def full_attention() -> Tensor:  # every query, formed only for attention rollouts
+            with torch.no_grad():
+                queries = split_heads(F.linear(tokens, weight[:width], query_bias), heads)
+                return attention_probabilities(queries, keys, attention.scale, logit_bias)
+
+        record.set_attention(row, values, full_attention)
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
         return (record.watch(args[0]),) + tuple(args[1:])

@@ -57,6 +57,7 @@ class ClassAttentionAdapter(TimmAdapter):
     class-attention blocks would not affect the output at all."""
 
     attention_types = (ClassAttn,)
+    self_attention = False  # only the [class] token queries: no full attention matrices
 
     def check_pooling(self) -> None:
         pooling = getattr(self.model, "global_pool", "token")

@@ -8,7 +8,7 @@ the patch tokens are rotated: the recorded row uses the keys as the module rotat
 with timm's own ``apply_rot_embed_cat``.
 """
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from timm.layers.attention import resolve_self_attn_mask
 from timm.models.eva import Eva, EvaAttention
 from torch import Tensor, nn
 
-from ..decompose import class_attention_row
+from ..decompose import attention_probabilities, class_attention_row
 from .base import BlockRecord, Hook, register_adapter
 from .timm_beit import qkv_weight_and_bias, split_heads
 from .timm_vit import TimmAdapter
@@ -46,7 +46,7 @@ def eva_attention_hooks(attention: EvaAttention, record: BlockRecord) -> List[Ho
         attn_mask = kwargs.get("attn_mask", args[2] if len(args) > 2 else None)
         is_causal = kwargs.get("is_causal", args[3] if len(args) > 3 else False)
         bias = resolve_self_attn_mask(tokens.shape[1], tokens, attn_mask, is_causal)
-        call["bias_row"] = None if bias is None else bias[..., 0, :].detach()
+        call["bias"] = None if bias is None else bias.detach()
         if values_by_linear:
             with torch.no_grad():
                 weight, qkv_bias = qkv_weight_and_bias(attention)
@@ -64,22 +64,32 @@ def eva_attention_hooks(attention: EvaAttention, record: BlockRecord) -> List[Ho
     def on_values(module: nn.Module, args: tuple, values: Tensor) -> None:
         call["values"] = split_heads(values.detach(), heads)
 
-    def on_query(module: nn.Module, args: tuple, query: Tensor) -> None:
-        call["class_query"] = query.detach()[:, :, 0]  # a prefix token: never rotated
+    def on_query(module: nn.Module, args: tuple, queries: Tensor) -> None:
+        call["queries"] = queries.detach()
 
     def on_keys(module: nn.Module, args: tuple, keys: Tensor) -> None:
         call["keys"] = keys.detach()
 
+    def rotate(tokens: Tensor, rope: Optional[Tensor]) -> Tensor:
+        # As the module does: the prefix tokens (the [class] token among them) are not rotated.
+        if rope is None:
+            return tokens
+        rotated = apply_rot_embed_cat(tokens[:, :, num_prefix:], rope, half=rotate_half)
+        return torch.cat([tokens[:, :, :num_prefix], rotated], dim=2).type_as(tokens)
+
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
-        keys, rope = call.pop("keys"), call.pop("rope")
+        queries, keys, rope = call.pop("queries"), call.pop("keys"), call.pop("rope")
+        bias = call.pop("bias")
         with torch.no_grad():
-            if rope is not None:
-                rotated = apply_rot_embed_cat(keys[:, :, num_prefix:], rope, half=rotate_half)
-                keys = torch.cat([keys[:, :, :num_prefix], rotated], dim=2).type_as(keys)
-            row = class_attention_row(
-                call.pop("class_query"), keys, attention.scale, call.pop("bias_row")
-            )
-        record.set_attention(row, call.pop("values"))
+            keys = rotate(keys, rope)
+            bias_row = None if bias is None else bias[..., 0, :]
+            row = class_attention_row(queries[:, :, 0], keys, attention.scale, bias_row)
+
+        def full_attention() -> Tensor:  # every query, formed only for attention rollouts
+            with torch.no_grad():
+                return attention_probabilities(rotate(queries, rope), keys, attention.scale, bias)
+
+        record.set_attention(row, call.pop("values"), full_attention)
         return (record.watch(args[0]),) + tuple(args[1:])
 
     hooks = [Hook(attention, "pre_kwargs", on_call)]

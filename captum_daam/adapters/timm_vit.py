@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from .._warnings import warn_user
-from ..decompose import class_attention_row
+from ..decompose import attention_probabilities, class_attention_row
 from .base import BlockRecord, Hook, ViTAdapter, register_adapter
 
 
@@ -41,24 +41,27 @@ def timm_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook
         attn_mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
         is_causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
         bias = resolve_self_attn_mask(tokens.shape[1], tokens, attn_mask, is_causal)
-        call["bias_row"] = None if bias is None else bias[..., 0, :].detach()
+        call["bias"] = None if bias is None else bias.detach()
 
     def on_qkv(module: nn.Module, args: tuple, qkv: Tensor) -> None:
         # (B, N, 3 * H * d) -> (3, B, H, N, d), as timm's reshape(B, N, 3, H, d).permute.
-        query, keys, values = qkv.detach().unflatten(-1, (3, heads, width)).permute(2, 0, 3, 1, 4)
+        queries, keys, values = qkv.detach().unflatten(-1, (3, heads, width)).permute(2, 0, 3, 1, 4)
         call["values"] = values
         if not has_qk_norm:
-            set_row(query[:, :, 0], keys)
+            set_attention(queries, keys)
 
-    def on_query(module: nn.Module, args: tuple, query: Tensor) -> None:
-        call["class_query"] = query.detach()[:, :, 0]
+    def on_query(module: nn.Module, args: tuple, queries: Tensor) -> None:
+        call["queries"] = queries.detach()
 
     def on_keys(module: nn.Module, args: tuple, keys: Tensor) -> None:
-        set_row(call.pop("class_query"), keys.detach())
+        set_attention(call.pop("queries"), keys.detach())
 
-    def set_row(class_query: Tensor, keys: Tensor) -> None:
-        row = class_attention_row(class_query, keys, scale, call.pop("bias_row"))
-        record.set_attention(row, call.pop("values"))
+    def set_attention(queries: Tensor, keys: Tensor) -> None:
+        bias = call.pop("bias")
+        row = class_attention_row(queries[:, :, 0], keys, scale, _class_row(bias))
+        record.set_attention(
+            row, call.pop("values"), lambda: attention_probabilities(queries, keys, scale, bias)
+        )
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
         return (record.watch(args[0]),) + tuple(args[1:])
@@ -69,6 +72,11 @@ def timm_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook
     output_norm = getattr(attention, "norm", None)
     watched = output_norm if isinstance(output_norm, nn.Module) else attention.proj
     return hooks + [Hook(watched, "pre", on_pre_projection)]
+
+
+def _class_row(bias: Optional[Tensor]) -> Optional[Tensor]:
+    """The [class] query's row of an additive logit bias (..., N, N), or None."""
+    return None if bias is None else bias[..., 0, :]
 
 
 def check_class_token_pooling(model: nn.Module) -> None:

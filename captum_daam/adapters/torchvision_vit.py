@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
-from ..decompose import class_attention_row
+from ..decompose import attention_probabilities, class_attention_row
 from .base import BlockRecord, Hook, ViTAdapter, register_adapter
 
 # nn.MultiheadAttention.forward's parameters, in order, to read a call's arguments by name.
@@ -60,12 +60,16 @@ def multihead_attention_hooks(attention: nn.MultiheadAttention, record: BlockRec
         query_weight, key_weight, value_weight = weight.split(channels)
         with torch.no_grad():
             class_query = F.linear(call["query"][:, 0], query_weight, biases[0])
-            keys = F.linear(call["key"], key_weight, biases[1])
+            keys = split_heads(F.linear(call["key"], key_weight, biases[1]))
             values = F.linear(call["value"], value_weight, biases[2])
-            row = class_attention_row(
-                class_query.unflatten(-1, (heads, width)), split_heads(keys), width**-0.5
-            )
-        record.set_attention(row, split_heads(values))
+            row = class_attention_row(class_query.unflatten(-1, (heads, width)), keys, width**-0.5)
+
+        def full_attention() -> Tensor:  # every query, formed only for attention rollouts
+            with torch.no_grad():
+                queries = split_heads(F.linear(call["query"], query_weight, biases[0]))
+                return attention_probabilities(queries, keys, width**-0.5)
+
+        record.set_attention(row, split_heads(values), full_attention)
 
     def on_output(module: nn.Module, args: tuple, output: Tuple[Tensor, Optional[Tensor]]):
         projected, attention_weights = output

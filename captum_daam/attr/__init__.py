@@ -1,5 +1,6 @@
 """Captum attribution classes for Vision Transformers."""
 
 from .daam import DAAM
+from .rollout import AttentionRollout, GradientRollout
 
-__all__ = ["DAAM"]
+__all__ = ["DAAM", "AttentionRollout", "GradientRollout"]

@@ -1,24 +1,24 @@
 """DAAM, the Dynamic Accumulated Attention Map, as a Captum layer attribution."""
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
-from captum._utils.common import _format_tensor_into_tuples, _run_forward, _select_targets
+from captum._utils.common import _run_forward
 from captum._utils.typing import TargetType
-from captum.attr import GradientAttribution, LayerAttribution
+from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._warnings import warn_user
-from ..adapters import BlockRecord, ViTAdapter, adapter_for
+from ..adapters import BlockRecord, ViTAdapter
 from ..decompose import accumulate as accumulate_maps
 from ..decompose import block_map, tokens_to_grid
 from ..ssl import MemoryBank
+from .base import ViTLayerAttribution, backward_to_records
 
 __all__ = ["DAAM"]
 
 
-class DAAM(LayerAttribution, GradientAttribution):
+class DAAM(ViTLayerAttribution, GradientAttribution):
     r"""
     Dynamic Accumulated Attention Map (Liao, Gao & Zhang, Pattern Recognition 2025,
     https://arxiv.org/abs/2503.14640).
@@ -73,17 +73,8 @@ class DAAM(LayerAttribution, GradientAttribution):
                         other models built from timm-style attention (T2T-ViT, research
                         code), give ``captum_daam.adapters.GenericAdapter(attention_modules)``.
         """
-        if adapter is None:
-            if not isinstance(model, nn.Module):
-                raise TypeError(
-                    f"Expected a torch.nn.Module, got {type(model).__name__}. To explain a "
-                    f"forward function, pass adapter=... for the model it runs."
-                )
-            adapter = adapter_for(model)
-        attention_modules = _select_attention_modules(adapter, layer)
-        LayerAttribution.__init__(self, model, attention_modules)
+        ViTLayerAttribution.__init__(self, model, layer, adapter)
         GradientAttribution.__init__(self, model)
-        self.adapter = adapter
 
     @log_usage()
     def attribute(
@@ -170,11 +161,7 @@ class DAAM(LayerAttribution, GradientAttribution):
         target_indices = self._check_target(target, images.shape[0], images.device)
         if relu_gradients is None:
             relu_gradients = importance is None
-        if self._in_training_mode():
-            warn_user(
-                "The model is in training mode, so dropout makes the explained forward pass "
-                "random. Call model.eval() first."
-            )
+        self._warn_if_training()
 
         token_maps = {}
 
@@ -186,25 +173,14 @@ class DAAM(LayerAttribution, GradientAttribution):
             record.values = None
 
         with torch.enable_grad(), self.adapter.record(self.layer, reduce_record) as records:
-            output = _run_forward(self.forward_func, images, None, additional_forward_args)
-            output = self.adapter.output_scores(output)
-            if not isinstance(output, Tensor) or output.dim() != 2:
-                raise ValueError(
-                    f"Expected the model to return class scores or features shaped (B, K), "
-                    f"got {_describe(output)}."
-                )
+            output = self._scores(
+                _run_forward(self.forward_func, images, None, additional_forward_args)
+            )
             if importance is not None:
                 score = (output * _importance_weights(importance, output)).sum()
             else:
-                if target_indices is None:
-                    target_indices = output.argmax(dim=1)
-                elif int(target_indices.max()) >= output.shape[1]:
-                    raise ValueError(
-                        f"Expected target classes below the model's {output.shape[1]} "
-                        f"outputs, got {int(target_indices.max())}."
-                    )
-                score = _select_targets(output, target_indices).sum()
-            _backward_to_records(score, records)
+                score = self._target_score(output, target_indices)
+            backward_to_records(score, records)
 
         block_maps = torch.stack([token_maps[id(record)] for record in records], dim=1)
         grid = self._patch_grid(grid, block_maps.shape[-1])
@@ -218,101 +194,6 @@ class DAAM(LayerAttribution, GradientAttribution):
     @property
     def multiplies_by_inputs(self) -> bool:
         return False
-
-    def _in_training_mode(self) -> bool:
-        modules = [self.forward_func, self.adapter.model, *self.layer]
-        return any(module.training for module in modules if isinstance(module, nn.Module))
-
-    def _patch_grid(self, grid: Optional[Tuple[int, int]], num_tokens: int) -> Tuple[int, int]:
-        """The grid of the forward pass's patch tokens: the adapter's, checked against them."""
-        num_patches = num_tokens - self.adapter.num_prefix_tokens
-        if grid is None:
-            grid = self.adapter.grid_from_tokens(num_patches)
-        if grid[0] * grid[1] != num_patches:
-            raise ValueError(
-                f"Expected {grid[0]}x{grid[1]} = {grid[0] * grid[1]} patch tokens after "
-                f"{self.adapter.num_prefix_tokens} prefix tokens, got {num_patches} "
-                f"({num_tokens} tokens in all). Check the adapter's num_prefix_tokens and "
-                f"grid_size."
-            )
-        return tuple(grid)
-
-    def _check_inputs(self, inputs: Union[Tensor, Tuple[Tensor]]) -> Tensor:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "DAAM needs gradients, which torch.inference_mode() disables. Call attribute() "
-                "outside inference mode (torch.no_grad() is fine)."
-            )
-        if not isinstance(inputs, (Tensor, tuple)):
-            raise TypeError(f"Expected inputs to be a Tensor, got {type(inputs).__name__}.")
-        formatted = _format_tensor_into_tuples(inputs)
-        if len(formatted) != 1 or not isinstance(formatted[0], Tensor):
-            raise ValueError(
-                f"Expected one image tensor, got a tuple of {len(formatted)} items. Pass other "
-                f"forward arguments through additional_forward_args."
-            )
-        images = formatted[0]
-        channels = self.adapter.in_channels
-        expected = f"(B, {channels if channels is not None else 'C'}, H, W)"
-        if images.dim() != 4 or (channels is not None and images.shape[1] != channels):
-            raise ValueError(f"Expected images shaped {expected}, got {tuple(images.shape)}.")
-        if images.shape[0] == 0:
-            raise ValueError("Expected at least one image, got an empty batch.")
-        if not images.is_floating_point():
-            raise TypeError(f"Expected floating-point images, got dtype {images.dtype}.")
-        if images.is_inference():
-            raise RuntimeError(
-                "The images were created under torch.inference_mode(), which rules out "
-                "gradients. Create them outside inference mode, or pass images.clone() made "
-                "outside it."
-            )
-        if not bool(torch.isfinite(images).all()):
-            raise ValueError("Expected finite images, got NaN or infinite values.")
-        return images
-
-    def _check_target(
-        self, target: TargetType, batch_size: int, device: torch.device
-    ) -> Optional[Tensor]:
-        """Targets as a (B,) long tensor, or None for the predicted classes."""
-        if target is None:
-            return None
-        if isinstance(target, Tensor):
-            if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-                raise TypeError(f"Expected integer targets, got a tensor of dtype {target.dtype}.")
-            if target.numel() != 1 and target.dim() != 1:
-                raise ValueError(
-                    f"Expected a target tensor with one element or one per example (1-D, "
-                    f"length {batch_size}), got shape {tuple(target.shape)}."
-                )
-            indices = target.reshape(-1).to(device=device, dtype=torch.long)
-        elif isinstance(target, int) and not isinstance(target, bool):
-            indices = torch.tensor([target], device=device)
-        elif isinstance(target, (list, tuple)) and all(
-            isinstance(item, int) and not isinstance(item, bool) for item in target
-        ):
-            if isinstance(target, tuple) and len(target) != 1:
-                raise TypeError(
-                    "Expected an int, a list of ints or a 1-D tensor as target; a tuple selects "
-                    "a position in a multi-dimensional output, which class scores are not."
-                )
-            indices = torch.tensor(list(target), device=device, dtype=torch.long)
-        else:
-            raise TypeError(
-                f"Expected target to be None, an int, a list of ints or a 1-D integer tensor, "
-                f"got {target!r}."
-            )
-        if isinstance(target, list) or (isinstance(target, Tensor) and target.numel() != 1):
-            if indices.numel() != batch_size:
-                raise ValueError(
-                    f"Expected one target per example ({batch_size}), got {indices.numel()}."
-                )
-        num_outputs = self.adapter.num_outputs
-        low, high = int(indices.min()), int(indices.max())
-        if low < 0 or (num_outputs is not None and high >= num_outputs):
-            bad = low if low < 0 else high
-            limit = f"0..{num_outputs - 1}" if num_outputs is not None else "non-negative"
-            raise ValueError(f"Expected target classes in {limit}, got {bad}.")
-        return indices.expand(batch_size)
 
 
 def _check_importance(
@@ -368,67 +249,3 @@ def _importance_weights(
             f"shape {tuple(weights.shape)}."
         )
     return weights.detach().to(device=output.device, dtype=output.dtype)
-
-
-def _select_attention_modules(
-    adapter: ViTAdapter, layer: Optional[Union[nn.Module, Sequence[nn.Module]]]
-) -> List[nn.Module]:
-    """The attention modules of the flow, in block order; checks a user's choice."""
-    all_modules = adapter.attention_modules()
-    if layer is None:
-        return list(all_modules)
-    chosen = [layer] if isinstance(layer, nn.Module) else list(layer)
-    if not chosen:
-        raise ValueError("Expected at least one attention module in layer, got an empty list.")
-    position = {id(module): index for index, module in enumerate(all_modules)}
-    for module in chosen:
-        if id(module) not in position:
-            raise ValueError(
-                f"Expected layer to hold attention modules of this model's blocks (e.g. "
-                f"{adapter.layer_example}), got {type(module).__name__}, which is not one of "
-                f"its {len(all_modules)} attention modules."
-            )
-    if len({id(module) for module in chosen}) != len(chosen):
-        raise ValueError("Expected each attention module at most once in layer, got repeats.")
-    return sorted(chosen, key=lambda module: position[id(module)])
-
-
-def _backward_to_records(score: Tensor, records: List[BlockRecord]) -> None:
-    """One activation-only backward pass; the records' hooks keep the [class] gradient rows.
-
-    The gradient is taken only with respect to the first recorded block: every later block
-    lies on the way from the score to it, so all their hooks fire, and no weight gradient
-    is computed.
-    """
-    for index, record in enumerate(records):
-        if record.class_attention is None:
-            raise RuntimeError(
-                f"Attention module {index} of the flow did not run during the forward pass; "
-                f"check that the model uses the modules given as layer."
-            )
-        if record.anchor is None:
-            raise RuntimeError(
-                f"The model ran attention module {index} of the flow with gradients disabled "
-                f"(reentrant gradient checkpointing does), so DAAM cannot take gradients there. "
-                f"Turn checkpointing off (model.set_grad_checkpointing(False)) or use "
-                f"non-reentrant checkpointing."
-            )
-        record.close()  # a checkpointed backward re-runs the forward: record nothing more
-    if not score.requires_grad:
-        raise ValueError(
-            "The target scores do not depend on the model's attention blocks, so there is "
-            "nothing to attribute. Check that the forward function returns the model's output."
-        )
-    torch.autograd.grad(score, records[0].anchor, allow_unused=True)
-    for index, record in enumerate(records):
-        if record.class_gradient is None:
-            raise RuntimeError(
-                f"The target scores do not depend on attention module {index} of the flow "
-                f"through its first block; DAAM expects blocks that run one after another."
-            )
-
-
-def _describe(output: object) -> str:
-    if isinstance(output, Tensor):
-        return f"a tensor shaped {tuple(output.shape)}"
-    return f"a {type(output).__name__}"

@@ -1,0 +1,57 @@
+"""Captum-style targets, checked the same way everywhere in the package."""
+
+from typing import Optional
+
+import torch
+from captum._utils.typing import TargetType
+from torch import Tensor
+
+__all__ = ["format_target"]
+
+
+def format_target(
+    target: TargetType,
+    batch_size: int,
+    device: torch.device,
+    num_outputs: Optional[int] = None,
+) -> Optional[Tensor]:
+    """Captum-style targets as a (B,) long tensor on ``device``, or None for the predicted
+    classes; checked against ``num_outputs`` classes when known."""
+    if target is None:
+        return None
+    if isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"Expected integer targets, got a tensor of dtype {target.dtype}.")
+        if target.numel() != 1 and target.dim() != 1:
+            raise ValueError(
+                f"Expected a target tensor with one element or one per example (1-D, "
+                f"length {batch_size}), got shape {tuple(target.shape)}."
+            )
+        indices = target.reshape(-1).to(device=device, dtype=torch.long)
+    elif isinstance(target, int) and not isinstance(target, bool):
+        indices = torch.tensor([target], device=device)
+    elif isinstance(target, (list, tuple)) and all(
+        isinstance(item, int) and not isinstance(item, bool) for item in target
+    ):
+        if isinstance(target, tuple) and len(target) != 1:
+            raise TypeError(
+                "Expected an int, a list of ints or a 1-D tensor as target; a tuple selects "
+                "a position in a multi-dimensional output, which class scores are not."
+            )
+        indices = torch.tensor(list(target), device=device, dtype=torch.long)
+    else:
+        raise TypeError(
+            f"Expected target to be None, an int, a list of ints or a 1-D integer tensor, "
+            f"got {target!r}."
+        )
+    if isinstance(target, list) or (isinstance(target, Tensor) and target.numel() != 1):
+        if indices.numel() != batch_size:
+            raise ValueError(
+                f"Expected one target per example ({batch_size}), got {indices.numel()}."
+            )
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or (num_outputs is not None and high >= num_outputs):
+        bad = low if low < 0 else high
+        limit = f"0..{num_outputs - 1}" if num_outputs is not None else "non-negative"
+        raise ValueError(f"Expected target classes in {limit}, got {bad}.")
+    return indices.expand(batch_size)

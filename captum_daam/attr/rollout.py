@@ -1,0 +1,233 @@
+"""Attention rollout and gradient-weighted rollout, the transformer baselines DAAM is compared
+with, as Captum attributions sharing DAAM's adapters.
+
+Both need every block's full attention matrix. The adapters record what forms it (queries,
+keys, any logit bias) and the attributions form one block's (B, H, N, N) matrix at a time,
+reduce it over heads at once and fold it into a running product, so peak memory stays at
+about one block's attention matrix.
+"""
+
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+from captum._utils.common import _run_forward
+from captum._utils.typing import TargetType
+from captum.attr import GradientAttribution
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from ..adapters import BlockRecord, ViTAdapter
+from ..decompose import tokens_to_grid
+from .base import ViTLayerAttribution, backward_to_records
+
+__all__ = ["AttentionRollout", "GradientRollout"]
+
+
+class _RolloutBase(ViTLayerAttribution):
+    """Refuses adapters without full self-attention, and lays the rollout row on the grid."""
+
+    def __init__(
+        self,
+        model: Union[nn.Module, Callable[..., Tensor]],
+        layer: Optional[Union[nn.Module, Sequence[nn.Module]]] = None,
+        adapter: Optional[ViTAdapter] = None,
+    ) -> None:
+        r"""
+        Args:
+            model (torch.nn.Module or Callable): The Vision Transformer, or a callable that
+                        runs it, with ``adapter`` given.
+            layer (torch.nn.Module or list[torch.nn.Module], optional): The attention modules
+                        of the blocks the rollout runs over, taken in block order.
+                        Default: None, every block.
+            adapter (ViTAdapter, optional): Default: None, the registered adapter of the
+                        model's family. Models whose blocks are class-attention blocks (CaiT,
+                        XCiT) are refused.
+        """
+        ViTLayerAttribution.__init__(self, model, layer, adapter)
+        if not self.adapter.self_attention:
+            raise TypeError(
+                f"{type(self).__name__} needs full self-attention matrices, but the "
+                f"{self.adapter.family} blocks are class-attention blocks, where only the "
+                f"[class] token is a query. Use DAAM for this model."
+            )
+
+    def _to_grid(self, class_row: Tensor, grid: Optional[Tuple[int, int]], like: Tensor) -> Tensor:
+        """(B, N) rollout row of the [class] token -> (B, 1, gh, gw) over the patches."""
+        grid = self._patch_grid(grid, class_row.shape[-1])
+        maps = tokens_to_grid(class_row, self.adapter.num_prefix_tokens, grid).unsqueeze(1)
+        return maps.detach().to(device=like.device, dtype=like.dtype)
+
+
+def _check_ran(records: Sequence[BlockRecord]) -> None:
+    for index, record in enumerate(records):
+        if record.class_attention is None:
+            raise RuntimeError(
+                f"Attention module {index} of the rollout did not run during the forward pass; "
+                f"check that the model uses the modules given as layer."
+            )
+
+
+class AttentionRollout(_RolloutBase):
+    r"""
+    Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL
+    2020, https://arxiv.org/abs/2005.00928).
+
+    Per block, the attention averaged over heads plus the identity (the residual connection),
+    rows renormalised to sum to one: Â_l = (mean_h A_l + I) / 2. The rollout multiplies
+    them from the first block to the last, R = Â_L ... Â_1, and the attribution is the
+    [class] token's row of R over the patch tokens. It has no target: the map is the same for
+    every class.
+
+    One forward pass without gradients. Attributions are shaped like DAAM's final map,
+    (B, 1, gh, gw), non-negative, on the input's device and dtype.
+    """
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor]],
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+    ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor or tuple[Tensor]): Images, (B, C, H, W), as the model takes them.
+            target (int, list[int] or Tensor, optional): Accepted, and checked as DAAM
+                        checks it, so that the call is the same as for the other
+                        attributions; the rollout does not depend on it.
+                        Default: None
+            additional_forward_args (Any, optional): Further arguments of the forward
+                        function, passed after ``inputs`` in order, as in Captum.
+                        Default: None
+
+        Returns:
+            *Tensor* of **attributions**:
+            - **attributions** (*Tensor*): (B, 1, gh, gw), the [class] row of the rollout
+                        over the patch grid.
+
+        Examples::
+
+            >>> model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+            >>> rollout = AttentionRollout(model).attribute(torch.rand(2, 3, 224, 224))
+            >>> rollout.shape
+            torch.Size([2, 1, 14, 14])
+        """
+        images = self._check_inputs(inputs)
+        grid = self.adapter.grid_size(tuple(images.shape[-2:]))
+        self._check_target(target, images.shape[0], images.device)
+        self._warn_if_training()
+        rollout = {}
+
+        def fold(record: BlockRecord) -> None:
+            # Runs as each block's attention runs: one (B, H, N, N) matrix at a time.
+            attention = record.attention().mean(dim=1)
+            record.attention = record.values = None
+            tokens = attention.shape[-1]
+            identity = torch.eye(tokens, dtype=attention.dtype, device=attention.device)
+            mixed = attention + identity
+            mixed = mixed / mixed.sum(dim=-1, keepdim=True)
+            rollout["R"] = mixed if "R" not in rollout else mixed @ rollout["R"]
+
+        with torch.no_grad(), self.adapter.record(
+            self.layer, full=True, on_attention=fold
+        ) as records:
+            self._scores(_run_forward(self.forward_func, images, None, additional_forward_args))
+        _check_ran(records)
+        return self._to_grid(rollout["R"][:, 0], grid, images)
+
+
+class GradientRollout(_RolloutBase, GradientAttribution):
+    r"""
+    Gradient-weighted attention rollout, the rule of Chefer, Gur & Wolf ("Generic
+    Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers",
+    ICCV 2021, https://arxiv.org/abs/2103.15679): R = I, and for each block from the first
+    to the last, R <- R + mean_h(relu(dA_l ⊙ A_l)) R, with dA_l the gradient of the target
+    score with respect to the block's attention probabilities A_l. The attribution is the
+    [class] token's row of R over the patch tokens.
+
+    One forward and one activation-only backward pass. dA_l follows from the gradient at the
+    attention output before the projection, dO_l: dA_l = dO_l v_l^T per head. The row of R is
+    built from the last block down as the gradients arrive, r <- r + r M_l, so only one
+    block's (B, H, N, N) matrices exist at a time. Attributions are (B, 1, gh, gw),
+    non-negative, on the input's device and dtype.
+    """
+
+    def __init__(
+        self,
+        model: Union[nn.Module, Callable[..., Tensor]],
+        layer: Optional[Union[nn.Module, Sequence[nn.Module]]] = None,
+        adapter: Optional[ViTAdapter] = None,
+    ) -> None:
+        """The arguments are :class:`AttentionRollout`'s."""
+        _RolloutBase.__init__(self, model, layer, adapter)
+        GradientAttribution.__init__(self, model)
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor]],
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+    ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor or tuple[Tensor]): Images, (B, C, H, W), as the model takes them.
+            target (int, list[int] or Tensor, optional): The output class explained, as in
+                        :meth:`DAAM.attribute`: None for each example's predicted class, an
+                        int for all, or one class per example.
+                        Default: None
+            additional_forward_args (Any, optional): Further arguments of the forward
+                        function, passed after ``inputs`` in order, as in Captum.
+                        Default: None
+
+        Returns:
+            *Tensor* of **attributions**:
+            - **attributions** (*Tensor*): (B, 1, gh, gw), the [class] row of R over the
+                        patch grid.
+
+        Examples::
+
+            >>> model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+            >>> maps = GradientRollout(model).attribute(torch.rand(2, 3, 224, 224), target=3)
+            >>> maps.shape
+            torch.Size([2, 1, 14, 14])
+        """
+        images = self._check_inputs(inputs)
+        grid = self.adapter.grid_size(tuple(images.shape[-2:]))
+        target_indices = self._check_target(target, images.shape[0], images.device)
+        self._warn_if_training()
+        state = {"next": len(self.layer) - 1}
+
+        def fold(record: BlockRecord) -> None:
+            # Runs in the backward pass, from the last block to the first.
+            index = next(i for i, candidate in enumerate(records) if candidate is record)
+            if index != state["next"]:
+                raise RuntimeError(
+                    "GradientRollout expects the blocks' gradients from the last block to the "
+                    "first, as they arrive in a ViT's backward pass."
+                )
+            state["next"] -= 1
+            values = record.values  # (B, H, N, d)
+            gradient = record.gradient.unflatten(-1, (values.shape[1], -1)).transpose(1, 2)
+            attention = record.attention()  # (B, H, N, N)
+            record.attention = record.values = record.gradient = None
+            dtype = attention.dtype
+            weighted = gradient.to(dtype) @ values.to(dtype).transpose(-2, -1)  # dA, (B, H, N, N)
+            weights = weighted.mul_(attention).clamp_(min=0).mean(dim=1)  # in place: (B, N, N)
+            if "row" not in state:
+                state["row"] = torch.zeros_like(weights[:, 0])
+                state["row"][:, 0] = 1  # e_0: the [class] token's row of R = I
+            state["row"] = state["row"] + (state["row"].unsqueeze(1) @ weights).squeeze(1)
+
+        with torch.enable_grad(), self.adapter.record(
+            self.layer, on_gradient=fold, full=True
+        ) as records:
+            scores = self._scores(
+                _run_forward(self.forward_func, images, None, additional_forward_args)
+            )
+            backward_to_records(self._target_score(scores, target_indices), records)
+        return self._to_grid(state["row"], grid, images)
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
