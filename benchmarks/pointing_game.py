@@ -20,10 +20,9 @@ import time
 from typing import Callable, Dict
 
 import torch
-from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
-from captum_daam import DAAM
+from captum_daam import DAAM, metrics
 from captum_daam.adapters import adapter_for
 from captum_daam.data import make_shapes
 from captum_daam.zoo import tiny_vit
@@ -74,13 +73,6 @@ METHODS: Dict[str, Callable[[nn.Module, Tensor, Tensor], Tensor]] = {
 }
 
 
-def pointing_hits(maps: Tensor, masks: Tensor) -> Tensor:
-    """Whether each map's maximum, at image resolution, lies in the mask."""
-    upsampled = LayerAttribution.interpolate(maps, tuple(masks.shape[-2:]), "bilinear")
-    flat = upsampled.flatten(1).argmax(dim=1)
-    return masks.flatten(1).gather(1, flat.unsqueeze(1)).squeeze(1)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=500)
@@ -99,7 +91,7 @@ def main(argv=None) -> None:
     for name, method in METHODS.items():
         start = time.perf_counter()
         hits = torch.cat([
-            pointing_hits(method(model, batch, batch_targets), batch_masks)
+            metrics.pointing_game(method(model, batch, batch_targets), batch_masks)
             for batch, batch_targets, batch_masks in zip(
                 images.split(args.batch_size), targets.split(args.batch_size),
                 masks.split(args.batch_size))
