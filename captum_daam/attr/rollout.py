@@ -46,9 +46,9 @@ class _RolloutBase(ViTLayerAttribution):
         ViTLayerAttribution.__init__(self, model, layer, adapter)
         if not self.adapter.self_attention:
             raise TypeError(
-                f"{type(self).__name__} needs full self-attention matrices, but the "
-                f"{self.adapter.family} blocks are class-attention blocks, where only the "
-                f"[class] token is a query. Use DAAM for this model."
+                f"{type(self).__name__} needs full self-attention matrices, but this model "
+                f"({self.adapter.family}) explains its decision in class-attention blocks, where "
+                f"only the [class] token is a query. Use DAAM for this model."
             )
 
     def _to_grid(self, class_row: Tensor, grid: Optional[Tuple[int, int]], like: Tensor) -> Tensor:
