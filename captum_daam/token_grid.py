@@ -8,7 +8,6 @@ give them instead: while anything is hooked on it, the block's output passes thr
 what Captum sees as its output is the block's patch tokens laid on the patch grid.
 """
 
-import math
 import threading
 import warnings
 from typing import Any, Callable, Optional, Tuple
@@ -19,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._warnings import warn_user
 from .adapters import ViTAdapter, adapter_for
+from .adapters.base import check_grid_size, square_grid
 from .decompose import tokens_to_grid
 
 __all__ = ["TokenGrid"]
@@ -143,7 +143,7 @@ class TokenGrid(nn.Module):
                     f"{num_prefix_tokens}."
                 )
         if grid_size is not None:
-            grid_size = _check_grid_size(grid_size)
+            grid_size = check_grid_size(grid_size)
         if adapter is None:
             adapter = _find_adapter(model, needed=num_prefix_tokens is None)
         elif not isinstance(adapter, ViTAdapter):
@@ -203,8 +203,7 @@ class TokenGrid(nn.Module):
         if self.grid_size is not None:
             grid = self.grid_size
         elif self.adapter is None:
-            side = _square_side(num_patches)
-            grid = (side, side) if side is not None else None
+            grid = square_grid(num_patches)
         else:
             try:
                 grid = tuple(self.adapter.grid_from_tokens(num_patches))
@@ -315,22 +314,6 @@ class _ListenerHandle(RemovableHandle):
 def _grid_to_tokens(grid: Tensor) -> Tensor:
     """(B, C, gh, gw) -> (B, gh * gw, C), the inverse of TokenGrid's view."""
     return grid.flatten(2).transpose(1, 2)
-
-
-def _square_side(count: int) -> Optional[int]:
-    side = math.isqrt(count)
-    return side if side > 0 and side * side == count else None
-
-
-def _check_grid_size(grid_size: Any) -> Tuple[int, int]:
-    grid = tuple(grid_size) if isinstance(grid_size, (tuple, list, torch.Size)) else ()
-    if len(grid) != 2 or not all(
-        isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in grid
-    ):
-        raise ValueError(
-            f"Expected grid_size to be (rows, columns), two positive ints, got {grid_size!r}."
-        )
-    return grid
 
 
 def _find_adapter(model: nn.Module, needed: bool) -> Optional[ViTAdapter]:

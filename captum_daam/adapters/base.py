@@ -224,13 +224,13 @@ class ViTAdapter(ABC):
         Raises:
             ValueError: when ``num_patches`` is not a square number.
         """
-        side = math.isqrt(num_patches)
-        if side * side != num_patches:
+        grid = square_grid(num_patches)
+        if grid is None:
             raise ValueError(
                 f"The model produced {num_patches} patch tokens, which is not a square grid, and "
                 f"the adapter was not told the grid. Give it as grid_size=(rows, columns)."
             )
-        return side, side
+        return grid
 
     def output_scores(self, output: Any) -> Tensor:
         """The (B, K) tensor of class scores or features in what the forward pass returned.
@@ -283,6 +283,24 @@ class ViTAdapter(ABC):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def square_grid(num_patches: int) -> Optional[Tuple[int, int]]:
+    """(side, side) when ``num_patches`` patch tokens fill a square grid, else None."""
+    side = math.isqrt(num_patches) if num_patches > 0 else 0
+    return (side, side) if side > 0 and side * side == num_patches else None
+
+
+def check_grid_size(grid_size: Any) -> Tuple[int, int]:
+    """A user's ``grid_size=`` as (rows, columns), two positive ints, or a ValueError."""
+    grid = tuple(grid_size) if isinstance(grid_size, (tuple, list, torch.Size)) else ()
+    if len(grid) != 2 or not all(
+        isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in grid
+    ):
+        raise ValueError(
+            f"Expected grid_size to be (rows, columns), two positive ints, got {grid_size!r}."
+        )
+    return grid
 
 
 _ADAPTERS: List[Type[ViTAdapter]] = []

@@ -5,7 +5,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from .base import BlockRecord, Hook, ViTAdapter
+from .base import BlockRecord, Hook, ViTAdapter, check_grid_size
 from .timm_vit import timm_attention_hooks
 
 
@@ -67,15 +67,7 @@ class GenericAdapter(ViTAdapter):
                 f"token), got {num_prefix_tokens}."
             )
         if grid_size is not None:
-            grid_size = tuple(grid_size)
-            if len(grid_size) != 2 or not all(
-                isinstance(side, int) and not isinstance(side, bool) and side > 0
-                for side in grid_size
-            ):
-                raise ValueError(
-                    f"Expected grid_size to be (rows, columns), two positive ints, got "
-                    f"{grid_size!r}."
-                )
+            grid_size = check_grid_size(grid_size)
         self._modules = modules
         self._num_prefix_tokens = num_prefix_tokens
         self._grid_size = grid_size
