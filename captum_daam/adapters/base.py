@@ -283,6 +283,11 @@ class ViTAdapter(ABC):
         finally:
             for handle in handles:
                 handle.remove()
+            for block_record in records:
+                # The anchor's gradient hook holds the record. Left in place, the cycle
+                # record -> anchor -> autograd graph -> hook -> record runs through C++ that
+                # Python's garbage collector cannot see, and every call would leak its graph.
+                block_record.anchor = None
 
 
 def square_grid(num_patches: int) -> Optional[Tuple[int, int]]:
