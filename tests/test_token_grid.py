@@ -10,8 +10,6 @@ import warnings
 
 import pytest
 import torch
-import torchvision
-import transformers
 from captum.attr import (
     LayerActivation,
     LayerAttribution,
@@ -21,6 +19,8 @@ from captum.attr import (
 )
 from torch import nn
 
+import test_adapter_hf as hf
+import test_adapter_torchvision as tv
 from captum_daam.adapters import GenericAdapter
 from captum_daam.token_grid import TokenGrid
 from helpers import assert_close_relative, make_images, make_model, module_hook_count
@@ -312,28 +312,8 @@ def test_adapter_given_explicitly_for_a_wrapped_model(vit, images):
     assert_close_relative(cam, expected, 1e-5)
 
 
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """torchvision zero-initialises the head, [class] token and biases: add seeded noise."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
-
-
 def test_torchvision_vision_transformer():
-    torch.manual_seed(0)
-    model = randomise(
-        torchvision.models.VisionTransformer(
-            image_size=64,
-            patch_size=16,
-            num_layers=3,
-            num_heads=4,
-            hidden_dim=64,
-            mlp_dim=128,
-            num_classes=10,
-        )
-    )
+    model = tv.small_model(num_layers=3)
     images = make_images(3, 64, 64)
     before = module_hook_count(model)
     plain = model(images)
@@ -351,17 +331,7 @@ def test_torchvision_vision_transformer():
 
 
 def test_hugging_face_vit_through_a_forward_function():
-    config = transformers.ViTConfig(
-        image_size=64,
-        patch_size=16,
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=128,
-        num_labels=10,
-    )
-    torch.manual_seed(0)
-    model = transformers.ViTForImageClassification(config).eval()
+    model = hf.make_hf_vit("sdpa")
     images = make_images(3, 64, 64)
     before = module_hook_count(model)
     module = model.vit.layers[-1].layernorm_before
