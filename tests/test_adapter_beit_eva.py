@@ -330,8 +330,16 @@ def cached_reference(case: str, model, images, target) -> Dict[str, object]:
     """The reference does not depend on fused attention: compute it once per model and target."""
     key = (case, None if target is None else tuple(target))
     if key not in _REFERENCES:
+        if any(cached_case != case for cached_case, _ in _REFERENCES):
+            _REFERENCES.clear()  # one model's references at a time: they hold its float64 graph
         _REFERENCES[key] = explicit_daam(model, images, target=target)
     return _REFERENCES[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def free_references_after_the_module():
+    yield
+    _REFERENCES.clear()
 
 
 def record_blocks(model, images, attn_mask=None):
