@@ -2,13 +2,16 @@
 
 import pickle
 import threading
+import warnings
 
 import pytest
 import torch
 from captum.attr import GradientAttribution, LayerAttribution
 from torch import nn
 
-from captum_daam import DAAM
+import test_adapter_hf as hf
+import test_adapter_torchvision as tv
+from captum_daam import DAAM, AttentionRollout, GradientRollout
 from captum_daam.adapters import adapter_for, supported_families
 from helpers import assert_close_relative, make_images, make_model, module_hook_count
 from reference import explicit_daam
@@ -365,3 +368,43 @@ def test_the_docstring_examples_run():
         for test in examples:
             runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def _headless_torchvision_vit():
+    model = tv.small_model(num_layers=2)
+    model.heads = nn.Identity()
+    return model
+
+
+BACKBONES = {  # name: (backbone without a classifier head, the same architecture with one)
+    "timm": (
+        lambda: make_model("vit_small_patch16_224", img_size=64, depth=2, num_classes=0),
+        lambda: make_model("vit_small_patch16_224", img_size=64, depth=2, num_classes=10),
+    ),
+    "torchvision": (_headless_torchvision_vit, lambda: tv.small_model(num_layers=2)),
+    "hugging_face": (
+        lambda: hf.make_hf_vit("sdpa", with_head=False),
+        lambda: hf.make_hf_vit("sdpa"),
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(BACKBONES))
+def test_no_target_on_a_backbone_without_head_warns_at_the_callers_line(family):
+    make_backbone, make_classifier = BACKBONES[family]
+    backbone, images = make_backbone(), make_images(2, 64, 64)
+    assert DAAM(backbone).adapter.outputs_features
+    for method in (DAAM, GradientRollout):
+        with pytest.warns(UserWarning, match="no classifier head") as caught:
+            method(backbone).attribute(images)
+        assert caught[0].filename == __file__
+    width = DAAM(backbone).adapter.num_outputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what a backbone is explained with does not warn
+        DAAM(backbone).attribute(images, target=1)
+        DAAM(backbone).attribute(images, importance=torch.rand(width))
+        AttentionRollout(backbone).attribute(images)
+        classifier = make_classifier()  # and a model with a head predicts a class
+        assert not DAAM(classifier).adapter.outputs_features
+        DAAM(classifier).attribute(images)
+        GradientRollout(classifier).attribute(images)

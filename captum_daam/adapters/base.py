@@ -178,7 +178,8 @@ class ViTAdapter(ABC):
     ``layer_example`` (how a user reaches one block's attention module), and implement
     :meth:`supports`, :meth:`attention_modules`, :attr:`num_prefix_tokens`,
     :meth:`grid_size` and :meth:`block_hooks`. They may override :attr:`in_channels`,
-    :attr:`num_outputs` (for checks before the forward pass), :meth:`grid_from_tokens` (for a
+    :attr:`num_outputs` (for checks before the forward pass), :attr:`outputs_features`,
+    :meth:`grid_from_tokens` (for a
     grid known only from the token count) and :meth:`output_scores` (for models that return
     an output object rather than a tensor).
     """
@@ -249,6 +250,12 @@ class ViTAdapter(ABC):
     def num_outputs(self) -> Optional[int]:
         """Width of the model's output (classes), or None when unknown."""
         return None
+
+    @property
+    def outputs_features(self) -> bool:
+        """Whether the model is a backbone without a classifier head, whose output is
+        features rather than class scores (so that no class is predicted)."""
+        return False
 
     @abstractmethod
     def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:

@@ -187,6 +187,11 @@ class HFViTAdapter(ViTAdapter):
             return getattr(classifier, "out_features", self.backbone.config.hidden_size)
         return self.backbone.config.hidden_size
 
+    @property
+    def outputs_features(self) -> bool:
+        classifier = getattr(self.model, "classifier", None)
+        return classifier is None or isinstance(classifier, nn.Identity)
+
     def grid_size(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
         patch_embeddings = self.backbone.embeddings.patch_embeddings
         expected_h, expected_w = patch_embeddings.image_size

@@ -157,6 +157,10 @@ class TimmAdapter(ViTAdapter):
     def num_outputs(self) -> Optional[int]:
         return self.model.num_classes or self.model.num_features
 
+    @property
+    def outputs_features(self) -> bool:
+        return self.model.num_classes == 0
+
     def grid_size(self, image_size: Tuple[int, int]) -> Optional[Tuple[int, int]]:
         patch_embed = self.model.patch_embed
         height, width = image_size

@@ -153,6 +153,11 @@ class TorchvisionVisionTransformerAdapter(ViTAdapter):
         last = heads[-1] if isinstance(heads, nn.Sequential) and len(heads) else heads
         return last.out_features if isinstance(last, nn.Linear) else None
 
+    @property
+    def outputs_features(self) -> bool:
+        heads = self.model.heads
+        return isinstance(heads, nn.Identity) or (isinstance(heads, nn.Sequential) and not heads)
+
     def grid_size(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
         size, patch = self.model.image_size, self.model.patch_size
         if tuple(image_size) != (size, size):

@@ -48,6 +48,15 @@ class ViTLayerAttribution(LayerAttribution):
                 "random. Call model.eval() first."
             )
 
+    def _warn_if_explaining_a_feature(self, target: TargetType) -> None:
+        if target is None and self.adapter.outputs_features:
+            warn_user(
+                f"This model outputs {self.adapter.num_outputs} features, not class scores (it "
+                f"has no classifier head), so target=None explains each example's largest "
+                f"feature. Give target= a feature index or, with DAAM, importance= weights, a "
+                f"MemoryBank or a callable, as for a self-supervised backbone."
+            )
+
     def _scores(self, output: object) -> Tensor:
         """The (B, K) class scores or features in the forward pass's output."""
         scores = self.adapter.output_scores(output)

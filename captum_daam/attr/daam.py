@@ -98,6 +98,9 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
                         - an int (or a one-element tensor), for every example;
                         - a list of ints or a 1-D tensor with one class per example.
 
+                        A backbone without a classifier head predicts no class: there
+                        None takes each example's largest output feature, with a warning;
+                        explain it with ``importance`` instead.
                         Default: None
             additional_forward_args (Any, optional): Further arguments of the forward
                         function, passed after ``inputs`` in order, as in Captum.
@@ -162,6 +165,8 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
         if relu_gradients is None:
             relu_gradients = importance is None
         self._warn_if_training()
+        if importance is None:
+            self._warn_if_explaining_a_feature(target)
 
         token_maps = {}
 

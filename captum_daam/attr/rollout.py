@@ -196,6 +196,7 @@ class GradientRollout(_RolloutBase, GradientAttribution):
         grid = self.adapter.grid_size(tuple(images.shape[-2:]))
         target_indices = self._check_target(target, images.shape[0], images.device)
         self._warn_if_training()
+        self._warn_if_explaining_a_feature(target)
         state = {"next": len(self.layer) - 1}
 
         def fold(record: BlockRecord) -> None:
