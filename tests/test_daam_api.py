@@ -408,3 +408,20 @@ def test_no_target_on_a_backbone_without_head_warns_at_the_callers_line(family):
         assert not DAAM(classifier).adapter.outputs_features
         DAAM(classifier).attribute(images)
         GradientRollout(classifier).attribute(images)
+
+
+def test_maps_that_are_zero_everywhere_warn_at_the_callers_line():
+    model = tv.small_model(num_layers=2)
+    with torch.no_grad():
+        model.heads.head.weight[1] = 0  # class 1's score no longer depends on the image
+    images = make_images(3, 64, 64)
+    for method in (DAAM, GradientRollout):
+        with pytest.warns(
+            UserWarning, match=r"zero everywhere for 2 of 3 examples \(0, 2\)"
+        ) as caught:
+            maps = method(model).attribute(images, target=[1, 2, 1])
+        assert caught[0].filename == __file__
+        assert maps[[0, 2]].abs().amax() == 0 and maps[1].amax() > 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            method(model).attribute(images, target=[2, 3, 2])

@@ -57,6 +57,18 @@ class ViTLayerAttribution(LayerAttribution):
                 f"MemoryBank or a callable, as for a self-supervised backbone."
             )
 
+    def _warn_if_all_zero(self, maps: Tensor) -> None:
+        """Warn about examples whose maps (B, ...) are zero everywhere: nothing to show."""
+        empty = (maps.flatten(1).amax(dim=1) <= 0).nonzero().flatten().tolist()
+        if empty:
+            listed = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+            warn_user(
+                f"{type(self).__name__}'s maps are zero everywhere for {len(empty)} of "
+                f"{maps.shape[0]} examples ({listed}): no block contributes positively to "
+                f"the target score through the [class] token's attention. A classifier "
+                f"initialised to zero (torchvision's, before training) gives this."
+            )
+
     def _scores(self, output: object) -> Tensor:
         """The (B, K) class scores or features in the forward pass's output."""
         scores = self.adapter.output_scores(output)

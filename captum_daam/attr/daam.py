@@ -134,7 +134,9 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
             - **attributions** (*Tensor*): Non-negative, unnormalised, detached, on the
                         input's device and dtype. (B, 1, gh, gw) by default, the final DAAM
                         map D_L over the patch grid; (B, L, gh, gw) with ``return_flow``,
-                        one map per block of the flow.
+                        one map per block of the flow. An example whose maps are zero
+                        everywhere (nothing contributes positively to the target score)
+                        gets a warning.
 
         Examples::
 
@@ -190,6 +192,7 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
         block_maps = torch.stack([token_maps[id(record)] for record in records], dim=1)
         grid = self._patch_grid(grid, block_maps.shape[-1])
         maps = tokens_to_grid(block_maps, self.adapter.num_prefix_tokens, grid)
+        self._warn_if_all_zero(maps)
         if accumulate:
             maps = accumulate_maps(maps, dim=1)
         if not return_flow:

@@ -227,7 +227,9 @@ class GradientRollout(_RolloutBase, GradientAttribution):
                 _run_forward(self.forward_func, images, None, additional_forward_args)
             )
             backward_to_records(self._target_score(scores, target_indices), records)
-        return self._to_grid(state["row"], grid, images)
+        maps = self._to_grid(state["row"], grid, images)
+        self._warn_if_all_zero(maps)
+        return maps
 
     @property
     def multiplies_by_inputs(self) -> bool:
