@@ -178,10 +178,10 @@ class ViTAdapter(ABC):
     ``layer_example`` (how a user reaches one block's attention module), and implement
     :meth:`supports`, :meth:`attention_modules`, :attr:`num_prefix_tokens`,
     :meth:`grid_size` and :meth:`block_hooks`. They may override :attr:`in_channels`,
-    :attr:`num_outputs` (for checks before the forward pass), :attr:`outputs_features`,
-    :meth:`grid_from_tokens` (for a
-    grid known only from the token count) and :meth:`output_scores` (for models that return
-    an output object rather than a tensor).
+    :attr:`num_outputs` (for checks before the forward pass), :attr:`outputs_features` (for
+    backbones without a classifier head), :meth:`grid_from_tokens` (for a grid known only from
+    the token count) and :meth:`output_scores` (for models that return an output object rather
+    than a tensor).
     """
 
     family: ClassVar[str] = ""
