@@ -13,10 +13,13 @@ from helpers import assert_close_relative, make_images, make_model, module_hook_
 from reference import explicit_daam
 
 
-def plain_knn(bank_features, bank_labels, queries, k, temperature):
+def plain_knn(bank_features, bank_labels, queries, k, temperature, relative=False):
     """DINO's weighted k-NN and DAAM's importance weights, one query at a time, in float64.
 
-    Ties: equally similar entries are taken in bank order; equal votes go to the smaller label.
+    Votes are exp(s / T) summed per label; with ``relative``, exp((s - s_nearest) / T), the
+    same votes times exp(-s_nearest / T), which cannot overflow (math.exp raises if the plain
+    ones do). Ties: equally similar entries are taken in bank order; equal votes go to the
+    smaller label.
     """
     bank = bank_features.double() / bank_features.double().norm(dim=1, keepdim=True)
     predictions, weights = [], []
@@ -25,10 +28,12 @@ def plain_knn(bank_features, bank_labels, queries, k, temperature):
         similarities = [float(query @ entry) for entry in bank]
         order = sorted(range(len(bank)), key=lambda index: (-similarities[index], index))
         nearest = order[: min(k, len(bank))]
+        offset = similarities[nearest[0]] if relative else 0.0
         votes = {}
         for index in nearest:
             label = int(bank_labels[index])
-            votes[label] = votes.get(label, 0.0) + math.exp(similarities[index] / temperature)
+            vote = math.exp((similarities[index] - offset) / temperature)
+            votes[label] = votes.get(label, 0.0) + vote
         best = max(votes.values())
         predicted = min(label for label, vote in votes.items() if vote == best)
         carriers = [index for index in nearest if int(bank_labels[index]) == predicted]
@@ -42,12 +47,18 @@ def plain_knn(bank_features, bank_labels, queries, k, temperature):
     return torch.tensor(predictions), torch.stack(weights)
 
 
-def random_bank(size=300, width=16, classes=5, seed=0):
+def random_bank(size=300, width=16, classes=5, seed=0, noise=1.0):
     generator = torch.Generator().manual_seed(seed)
     centres = torch.randn(classes, width, generator=generator) * 2
     labels = torch.randint(0, classes, (size,), generator=generator)
-    features = centres[labels] + torch.randn(size, width, generator=generator)
+    features = centres[labels] + noise * torch.randn(size, width, generator=generator)
     return features * 7.0, labels  # any scale
+
+
+def overlapping_bank_and_queries():
+    """A bank of 300 entries of 5 overlapping classes, and 40 queries from the same classes."""
+    features, labels = random_bank(size=340, noise=3.0)
+    return features[:300], labels[:300], features[300:]
 
 
 @pytest.mark.parametrize("k,temperature", [(20, 0.07), (5, 0.5), (1, 0.07)])
@@ -152,6 +163,120 @@ def test_the_similarity_block_stays_within_the_budget(monkeypatch):
     assert max(largest) <= budget
 
 
+# ----------------------------------------------------------------- votes at any temperature
+
+WHOLE, CHUNKED = 2**30, 40 * 8 * 7  # one block; 7 bank entries per block of 40 float64 queries
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("budget", [WHOLE, CHUNKED])
+@pytest.mark.parametrize("temperature", [0.07, 0.5])
+def test_ordinary_temperatures_give_the_straightforward_votes(temperature, budget, dtype):
+    features, labels, queries = overlapping_bank_and_queries()
+    # exp(s / T) itself, in float64: no overflow at these temperatures (math.exp would raise)
+    expected_prediction, expected_weights = plain_knn(features, labels, queries, 20, temperature)
+    relative_prediction, _ = plain_knn(features, labels, queries, 20, temperature, relative=True)
+    assert torch.equal(relative_prediction, expected_prediction)
+    bank = MemoryBank(features.to(dtype), labels, memory_budget=budget)
+    prediction = bank.classify(queries.to(dtype), temperature=temperature)
+    assert torch.equal(prediction, expected_prediction)
+    weights, prediction = bank.importance(queries.to(dtype), temperature=temperature)
+    assert torch.equal(prediction, expected_prediction)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(weights.double(), expected_weights, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("budget", [WHOLE, CHUNKED])
+@pytest.mark.parametrize("temperature", [1e-3, 1e-4])
+def test_a_small_temperature_votes_like_the_exact_weighted_vote(temperature, budget, dtype):
+    features, labels, queries = overlapping_bank_and_queries()
+    expected_prediction, expected_weights = plain_knn(
+        features, labels, queries, 20, temperature, relative=True
+    )
+    assert len(set(expected_prediction.tolist())) == 5  # every class is predicted, not just 0
+    # and the temperature matters: a query whose class differs at T = 0.07
+    assert not torch.equal(expected_prediction, plain_knn(features, labels, queries, 20, 0.07)[0])
+    similarities = (
+        nn.functional.normalize(queries.double(), dim=1)
+        @ nn.functional.normalize(features.double(), dim=1).T
+    )
+    largest_similarity = float(similarities.max())
+    with pytest.raises(OverflowError):  # the plain votes exp(s / T) overflow even in float64
+        math.exp(largest_similarity / temperature)
+    bank = MemoryBank(features.to(dtype), labels, memory_budget=budget)
+    prediction = bank.classify(queries.to(dtype), temperature=temperature)
+    assert torch.equal(prediction, expected_prediction)
+    weights, prediction = bank.importance(queries.to(dtype), temperature=temperature)
+    assert torch.equal(prediction, expected_prediction)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(weights.double(), expected_weights, rtol=0, atol=tolerance)
+
+
+def test_similarities_far_above_the_temperature_do_not_overflow_the_votes():
+    query = torch.tensor([[1.0, 0.0, 0.0]])
+    bank = MemoryBank(torch.tensor([[1.0, 0.5, 0.0], [1.0, 0.1, 0.0]]), torch.tensor([0, 1]))
+    with pytest.raises(OverflowError):  # exp(0.894 / 0.001) overflows even float64
+        math.exp(0.894 / 1e-3)
+    expected_prediction, _ = plain_knn(bank.features, bank.labels, query, 2, 1e-3, relative=True)
+    assert expected_prediction.tolist() == [1]  # the nearer entry (similarity 0.995) wins
+    assert bank.classify(query, k=2, temperature=1e-3).tolist() == [1]
+    assert bank.importance(query, k=2, temperature=1e-3)[1].tolist() == [1]
+
+
+def test_similarities_far_below_the_temperature_do_not_underflow_the_votes():
+    query = torch.tensor([[1.0, 0.0, 0.0]])
+    # similarities -0.707, -0.447 and -1: all three plain votes are 0 in float32
+    features = torch.tensor([[-1.0, 1.0, 0.0], [-1.0, 0.0, 2.0], [-1.0, 0.0, 0.0]])
+    bank = MemoryBank(features, torch.tensor([0, 1, 2]))
+    assert float(torch.tensor(-0.447 / 1e-3).exp()) == 0.0
+    expected_prediction, _ = plain_knn(features, bank.labels, query, 3, 1e-3, relative=True)
+    assert expected_prediction.tolist() == [1]  # the least dissimilar entry wins
+    assert bank.classify(query, k=3, temperature=1e-3).tolist() == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_votes_that_vanish_next_to_the_nearest_leave_a_tie_to_the_smaller_label(dtype):
+    e1 = torch.eye(3, dtype=dtype)[0]
+    near_e1 = torch.tensor([0.8, 0.6, 0.0], dtype=dtype)  # similarity 0.8 to e1
+    bank = MemoryBank(torch.stack([e1, e1, near_e1]), torch.tensor([4, 2, 4]))
+    query = e1.unsqueeze(0)
+    # T = 0.07: label 4 votes 1 + exp(-0.2 / 0.07) against label 2's 1, and wins
+    assert plain_knn(bank.features, bank.labels, query, 3, 0.07)[0].tolist() == [4]
+    assert bank.classify(query, k=3, temperature=0.07).tolist() == [4]
+    # T = 1e-4 (and T = 1e-300, below float32's range): exp(-0.2 / T) is 0 even in float64,
+    # so labels 4 and 2 both vote 1 and the smaller label wins
+    for temperature in (1e-4, 1e-300):
+        expected_prediction, _ = plain_knn(
+            bank.features, bank.labels, query, 3, temperature, relative=True
+        )
+        assert expected_prediction.tolist() == [2]
+        assert bank.classify(query, k=3, temperature=temperature).tolist() == [2]
+        weights, prediction = bank.importance(query, k=3, temperature=temperature)
+        # the one neighbour labelled 2 is e1: contributions e1 ⊙ e1 = (1, 0, 0)
+        assert prediction.tolist() == [2]
+        assert torch.equal(weights, torch.tensor([[1.0, 0.0, 0.0]], dtype=dtype))
+
+
+@pytest.mark.parametrize("temperature", [0, 0.0, -0.07, float("nan"), float("inf")])
+def test_a_temperature_that_is_not_positive_and_finite_is_rejected(temperature):
+    bank = MemoryBank(*random_bank(size=10))
+    message = rf"positive, finite temperature, e\.g\. 0\.07, got {temperature}\."
+    with pytest.raises(ValueError, match=message):
+        bank.classify(torch.randn(2, 16), temperature=temperature)
+    with pytest.raises(ValueError, match=message):
+        bank.importance(torch.randn(2, 16), temperature=temperature)
+
+
+@pytest.mark.parametrize(
+    "temperature,given", [("0.07", "a str"), (None, "a NoneType"), (True, "a bool")]
+)
+def test_a_temperature_that_is_not_a_real_number_is_rejected(temperature, given):
+    bank = MemoryBank(*random_bank(size=10))
+    with pytest.raises(TypeError, match=f"temperature as a real number, e.g. 0.07, got {given}"):
+        bank.classify(torch.randn(2, 16), temperature=temperature)
+
+
 BAD_BANKS = {
     "labels_2d": (lambda: (torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long)), "1-D integer"),
     "labels_float": (lambda: (torch.randn(4, 3), torch.zeros(4)), "integer labels"),
@@ -169,6 +294,14 @@ BAD_BANKS = {
     ),
     "empty": (lambda: (torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)), "non-empty"),
     "features_1d": (lambda: (torch.zeros(3), torch.zeros(3, dtype=torch.long)), r"\(M, D\)"),
+    "features_complex": (
+        lambda: (torch.ones(2, 3, dtype=torch.complex64), torch.zeros(2, dtype=torch.long)),
+        "real features .* got dtype torch.complex64",
+    ),
+    "features_bool": (
+        lambda: (torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, dtype=torch.long)),
+        "real features .* got dtype torch.bool",
+    ),
 }
 
 
@@ -217,7 +350,130 @@ def test_loading_another_safetensors_file_is_rejected(tmp_path):
     save_file(
         {"features": torch.zeros(2, 2), "labels": torch.zeros(2, dtype=torch.long)}, str(path)
     )
-    with pytest.raises(ValueError, match="memory bank file"):
+    with pytest.raises(ValueError, match="memory bank file .* got .* with format None"):
+        MemoryBank.load(path)
+    write_bank_file(path, {"features": torch.ones(2, 2), "labels": torch.zeros(2).long()}, "v9")
+    with pytest.raises(ValueError, match="format 'captum-daam-memory-bank-1'.*format 'v9'"):
+        MemoryBank.load(path)
+
+
+def write_bank_file(path, tensors, file_format="captum-daam-memory-bank-1"):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": file_format})
+    return path
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_loading_features_at_any_scale_normalises_them_like_the_constructor(tmp_path, dtype):
+    features, labels = random_bank()
+    row_scales = torch.rand(len(features), 1, generator=torch.Generator().manual_seed(3)) * 10
+    file_features = (features / 7 * (row_scales + 0.1)).to(dtype)  # row norms ~1 to ~100
+    path = write_bank_file(
+        tmp_path / "bank.safetensors", {"features": file_features, "labels": labels.int()}
+    )
+    loaded = MemoryBank.load(path, memory_budget=CHUNKED)
+    explicit = file_features.double() / file_features.double().norm(dim=1, keepdim=True)
+    bank_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    assert loaded.features.dtype == bank_dtype and loaded.labels.dtype == torch.long
+    assert torch.allclose(loaded.features.double(), explicit, rtol=0, atol=tolerance)
+    assert torch.equal(loaded.features, MemoryBank(file_features, labels).features)
+    queries = random_bank(size=40, seed=11)[0].to(bank_dtype)
+    expected_prediction, expected_weights = plain_knn(file_features, labels, queries, 20, 0.07)
+    assert torch.equal(loaded.classify(queries), expected_prediction)
+    weights, prediction = loaded.importance(queries)
+    assert torch.equal(prediction, expected_prediction)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(weights.double(), expected_weights, rtol=0, atol=tolerance)
+
+
+def test_a_zero_feature_row_loads_as_the_constructor_keeps_it(tmp_path):
+    features, labels = random_bank(size=20)
+    features[4] = 0
+    path = write_bank_file(tmp_path / "raw.safetensors", {"features": features, "labels": labels})
+    loaded = MemoryBank.load(path)
+    explicit = features.double() / features.double().norm(dim=1, keepdim=True).clamp_min(1e-300)
+    assert torch.equal(loaded.features[4], torch.zeros(16))
+    assert torch.allclose(loaded.features.double(), explicit, rtol=0, atol=1e-6)
+    loaded.save(tmp_path / "saved.safetensors")  # normalised with a zero row: kept as it is
+    assert torch.equal(MemoryBank.load(tmp_path / "saved.safetensors").features, loaded.features)
+
+
+BAD_BANK_FILES = {
+    "labels_missing": (
+        lambda: {"features": torch.randn(4, 3)},
+        r"exactly the tensors \['features', 'labels'\] in .*, got \['features'\]",
+    ),
+    "features_missing": (
+        lambda: {"labels": torch.zeros(4, dtype=torch.long)},
+        r"exactly the tensors \['features', 'labels'\] in .*, got \['labels'\]",
+    ),
+    "extra_tensor": (
+        lambda: {
+            "features": torch.randn(4, 3),
+            "labels": torch.zeros(4, dtype=torch.long),
+            "names": torch.zeros(4),
+        },
+        r"got \['features', 'labels', 'names'\]",
+    ),
+    "features_1d": (
+        lambda: {"features": torch.randn(4), "labels": torch.zeros(4, dtype=torch.long)},
+        r"features shaped \(M, D\) in .*, got shape \(4,\)",
+    ),
+    "features_3d": (
+        lambda: {"features": torch.randn(4, 3, 2), "labels": torch.zeros(4, dtype=torch.long)},
+        r"features shaped \(M, D\) in .*, got shape \(4, 3, 2\)",
+    ),
+    "features_empty": (
+        lambda: {"features": torch.zeros(0, 3), "labels": torch.zeros(0, dtype=torch.long)},
+        "non-empty bank in .*, got 0 features",
+    ),
+    "labels_2d": (
+        lambda: {"features": torch.randn(4, 3), "labels": torch.zeros(4, 1, dtype=torch.long)},
+        r"1-D integer tensor in .*, got shape \(4, 1\)",
+    ),
+    "labels_count": (
+        lambda: {"features": torch.randn(4, 3), "labels": torch.zeros(5, dtype=torch.long)},
+        r"one label per feature \(4\) in .*, got 5",
+    ),
+    "labels_float": (
+        lambda: {"features": torch.randn(4, 3), "labels": torch.zeros(4)},
+        "integer labels, got dtype torch.float32",
+    ),
+    "labels_bool": (
+        lambda: {"features": torch.randn(4, 3), "labels": torch.zeros(4, dtype=torch.bool)},
+        "integer labels, got dtype torch.bool",
+    ),
+    "features_complex": (
+        lambda: {
+            "features": torch.ones(4, 3, dtype=torch.complex64),
+            "labels": torch.zeros(4, dtype=torch.long),
+        },
+        "real features .* got dtype torch.complex64",
+    ),
+    "features_nan": (
+        lambda: {
+            "features": torch.tensor([[1.0, float("nan")]]),
+            "labels": torch.zeros(1, dtype=torch.long),
+        },
+        "finite features, got NaN or infinite",
+    ),
+    "features_inf": (
+        lambda: {
+            "features": torch.tensor([[1.0, 0.0], [float("-inf"), 0.0]]),
+            "labels": torch.zeros(2, dtype=torch.long),
+        },
+        "finite features, got NaN or infinite",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BANK_FILES))
+def test_bad_bank_files_are_rejected(tmp_path, case):
+    make, message = BAD_BANK_FILES[case]
+    path = write_bank_file(tmp_path / "bank.safetensors", make())
+    with pytest.raises(ValueError, match=message):
         MemoryBank.load(path)
 
 
