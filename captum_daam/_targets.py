@@ -50,8 +50,14 @@ def format_target(
                 f"Expected one target per example ({batch_size}), got {indices.numel()}."
             )
     low, high = int(indices.min()), int(indices.max())
-    if low < 0 or (num_outputs is not None and high >= num_outputs):
-        bad = low if low < 0 else high
-        limit = f"0..{num_outputs - 1}" if num_outputs is not None else "non-negative"
-        raise ValueError(f"Expected target classes in {limit}, got {bad}.")
+    limit = f"0..{num_outputs - 1}" if num_outputs is not None else "non-negative"
+    if low < 0:
+        # Refused, not counted from the end: a negative label usually marks "no label".
+        raise ValueError(
+            f"Expected target classes in {limit}, got {low}. Negative indices are not counted "
+            f"from the end (a data set's -1 or ignore_index -100 usually means no label); "
+            f"give the class index itself."
+        )
+    if num_outputs is not None and high >= num_outputs:
+        raise ValueError(f"Expected target classes in {limit}, got {high}.")
     return indices.expand(batch_size)

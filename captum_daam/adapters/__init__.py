@@ -9,6 +9,8 @@ from .base import (
     Hook,
     ViTAdapter,
     adapter_for,
+    explained_model,
+    forward_module,
     register_adapter,
     supported_families,
 )
@@ -26,6 +28,8 @@ __all__ = [
     "Hook",
     "ViTAdapter",
     "adapter_for",
+    "explained_model",
+    "forward_module",
     "register_adapter",
     "supported_families",
     "GenericAdapter",

@@ -35,6 +35,8 @@ __all__ = [
     "ViTAdapter",
     "register_adapter",
     "adapter_for",
+    "explained_model",
+    "forward_module",
     "supported_families",
 ]
 
@@ -337,14 +339,68 @@ def supported_families() -> List[str]:
 
 
 def adapter_for(model: nn.Module) -> ViTAdapter:
-    """The adapter of ``model``'s family.
+    """The adapter of ``model``'s family, or of the one model of a known family inside it.
+
+    ``model`` may be a wrapper or a container: ``nn.DataParallel``, ``DistributedDataParallel``,
+    ``torch.compile``'s module, or e.g. ``nn.Sequential(normalize, vit)``. The adapter is that
+    of the known model nearest the top of the module tree (:func:`explained_model`).
 
     Raises:
-        TypeError: when no registered adapter supports the model.
+        TypeError: when no registered adapter supports the model or any module inside it,
+            when several modules inside it are supported models (pass the one to explain),
+            or when the model is a TorchScript (``torch.jit``) module.
     """
+    inner = explained_model(model)
+    return _adapter_class(inner)(inner)
+
+
+def _adapter_class(model: nn.Module) -> Optional[Type[ViTAdapter]]:
     for adapter_class in _ADAPTERS:
         if adapter_class.supports(model):
-            return adapter_class(model)
+            return adapter_class
+    return None
+
+
+def explained_model(model: nn.Module) -> nn.Module:
+    """The model a registered adapter knows: ``model`` itself, or the one module inside it that
+    is such a model and is not inside another one (one search over the module tree serves every
+    wrapper and container).
+
+    Raises:
+        TypeError: as :func:`adapter_for`.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise _jit_error(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected a torch.nn.Module, got {type(model).__name__}.")
+    if _adapter_class(model) is not None:
+        return model
+    found: List[Tuple[str, nn.Module]] = []
+    scripted: List[str] = []
+    pending = list(model.named_children())
+    while pending:
+        name, module = pending.pop(0)
+        if any(module is seen for _, seen in found):
+            continue
+        if isinstance(module, torch.jit.ScriptModule):
+            scripted.append(name)
+        elif _adapter_class(module) is not None:
+            found.append((name, module))
+        else:
+            pending += [(f"{name}.{child}", sub) for child, sub in module.named_children()]
+    if len(found) == 1:
+        return found[0][1]
+    if len(found) > 1:
+        names = ", ".join(f"{name!r} ({type(module).__name__})" for name, module in found)
+        first = f"model.get_submodule({found[0][0]!r})"
+        raise TypeError(
+            f"Expected one Vision Transformer inside the {type(model).__name__} given, found "
+            f"{len(found)}: {names}. Pass the one to explain, e.g. DAAM({first}), or keep "
+            f"the whole forward pass and name the model it explains: "
+            f"DAAM(model, adapter=adapter_for({first}))."
+        )
+    if scripted:
+        raise _jit_error(model)
     families = "; ".join(supported_families())
     raise TypeError(
         f"DAAM has no adapter for a model of type {type(model).__name__}. Supported families: "
@@ -355,3 +411,31 @@ def adapter_for(model: nn.Module) -> ViTAdapter:
         f"captum_daam.adapters.ViTAdapter and register it with "
         f"@captum_daam.adapters.register_adapter."
     )
+
+
+def _jit_error(model: nn.Module) -> TypeError:
+    return TypeError(
+        f"TorchScript (torch.jit) models are not supported, got a {type(model).__name__}: DAAM "
+        f"hooks into the attention modules, which a scripted or traced model does not run as "
+        f"Python modules. Pass the original nn.Module, before torch.jit.script or trace."
+    )
+
+
+def forward_module(model: nn.Module) -> nn.Module:
+    """The module whose forward pass is explained: ``model`` without the wrappers that only
+    distribute or compile it (DataParallel, DistributedDataParallel, ``torch.compile``).
+
+    Their forward computes what the model inside computes; running that model directly keeps
+    the hooks in this thread (DataParallel runs replicas in others), leaves
+    DistributedDataParallel's gradient reducer untouched (DAAM's backward pass computes no
+    weight gradient for it to reduce) and needs no recompilation for the hooks.
+    """
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(
+            model
+        ).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        else:
+            return model

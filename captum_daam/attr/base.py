@@ -1,19 +1,29 @@
 """What the attributions of this package share: the adapter, the flow's attention modules,
 the checks made before any work, and the scored forward pass."""
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from captum._utils.common import _format_tensor_into_tuples, _select_targets
+from captum._utils.common import (
+    _format_additional_forward_args,
+    _format_output,
+    _format_tensor_into_tuples,
+    _is_tuple,
+    _select_targets,
+)
 from captum._utils.typing import TargetType
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
 from .._targets import format_target
 from .._warnings import warn_user
-from ..adapters import BlockRecord, ViTAdapter, adapter_for
+from ..adapters import BlockRecord, ViTAdapter, adapter_for, forward_module
 
 __all__ = ["ViTLayerAttribution", "backward_to_records"]
+
+#: Modules whose forward pass differs between training and eval mode.
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+_INTERPOLATE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
 
 
 class ViTLayerAttribution(LayerAttribution):
@@ -37,6 +47,8 @@ class ViTLayerAttribution(LayerAttribution):
                     f"forward function, pass adapter=... for the model it runs."
                 )
             adapter = adapter_for(model)
+        if isinstance(model, nn.Module):
+            model = forward_module(model)
         attention_modules = _select_attention_modules(adapter, layer)
         LayerAttribution.__init__(self, model, attention_modules)
         self.adapter = adapter
@@ -92,8 +104,21 @@ class ViTLayerAttribution(LayerAttribution):
         return _select_targets(scores, target_indices).sum()
 
     def _in_training_mode(self) -> bool:
-        modules = [self.forward_func, self.adapter.model, *self.layer]
-        return any(module.training for module in modules if isinstance(module, nn.Module))
+        """Whether the explained forward pass runs anything in training mode: the ViT or its
+        attention modules (timm's fused attention drops out only in training mode), or a
+        dropout or batch-norm layer anywhere in the forward module. A wrapper's or container's
+        own flag (DataParallel, nn.Sequential(normalize, vit)) changes nothing and is ignored.
+        """
+        if any(module.training for module in [self.adapter.model, *self.layer]
+               if isinstance(module, nn.Module)):
+            return True
+        if not isinstance(self.forward_func, nn.Module):
+            return False
+        return any(
+            module.training
+            for module in self.forward_func.modules()
+            if isinstance(module, _MODE_DEPENDENT) or type(module).__name__ == "DropPath"
+        )
 
     def _patch_grid(self, grid: Optional[Tuple[int, int]], num_tokens: int) -> Tuple[int, int]:
         """The grid of the forward pass's patch tokens: the adapter's, checked against them."""
@@ -109,7 +134,9 @@ class ViTLayerAttribution(LayerAttribution):
             )
         return tuple(grid)
 
-    def _check_inputs(self, inputs: Union[Tensor, Tuple[Tensor]]) -> Tensor:
+    def _check_inputs(self, inputs: Union[Tensor, Tuple[Tensor]]) -> Tuple[Tensor, bool]:
+        """The image batch, checked; and whether it came as a tuple (Captum answers a tuple
+        with a tuple)."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "DAAM needs gradients, which torch.inference_mode() disables. Call attribute() "
@@ -140,13 +167,81 @@ class ViTLayerAttribution(LayerAttribution):
             )
         if not bool(torch.isfinite(images).all()):
             raise ValueError("Expected finite images, got NaN or infinite values.")
-        return images
+        return images, _is_tuple(inputs)
 
     def _check_target(
         self, target: TargetType, batch_size: int, device: torch.device
     ) -> Optional[Tensor]:
         """Targets as a (B,) long tensor, or None for the predicted classes."""
         return format_target(target, batch_size, device, self.adapter.num_outputs)
+
+
+def check_output_options(
+    internal_batch_size: Optional[int],
+    input_shaped: bool,
+    interpolate_mode: str,
+    return_flow: bool = False,
+) -> None:
+    """The options shared by every attribute(), checked before any work."""
+    if internal_batch_size is not None and (
+        not isinstance(internal_batch_size, int)
+        or isinstance(internal_batch_size, bool)
+        or internal_batch_size < 1
+    ):
+        raise ValueError(
+            f"Expected internal_batch_size to be None or a positive int, got "
+            f"{internal_batch_size!r}."
+        )
+    if input_shaped and return_flow:
+        raise ValueError(
+            "Expected either input_shaped=True (the final map at the input's size) or "
+            "return_flow=True (every block's map on the patch grid), got both. Upsample a "
+            "flow with LayerAttribution.interpolate(flow, (H, W))."
+        )
+    if interpolate_mode not in _INTERPOLATE_MODES:
+        raise ValueError(
+            f"Expected interpolate_mode to be one of {', '.join(_INTERPOLATE_MODES)}, got "
+            f"{interpolate_mode!r}."
+        )
+
+
+def chunks(batch_size: int, internal_batch_size: Optional[int]) -> List[slice]:
+    """The slices of a batch taken ``internal_batch_size`` examples at a time (all at once
+    for None)."""
+    size = batch_size if internal_batch_size is None else internal_batch_size
+    return [slice(start, min(start + size, batch_size)) for start in range(0, batch_size, size)]
+
+
+def split_forward_args(additional_forward_args: Any, examples: slice, batch_size: int) -> Any:
+    """The additional forward arguments of a chunk of the batch: tensors whose first dimension
+    is the batch size are split with the inputs (as Captum splits them); everything else, an
+    attention mask shared by all examples say, is passed whole."""
+    if additional_forward_args is None or examples == slice(0, batch_size):
+        return additional_forward_args
+    formatted = _format_additional_forward_args(additional_forward_args)
+    return tuple(
+        argument[examples]
+        if isinstance(argument, Tensor) and argument.dim() > 0 and len(argument) == batch_size
+        else argument
+        for argument in formatted
+    )
+
+
+def format_attributions(
+    maps: Tensor,
+    images: Tensor,
+    is_tuple: bool,
+    input_shaped: bool = False,
+    interpolate_mode: str = "bilinear",
+) -> Union[Tensor, Tuple[Tensor]]:
+    """Raw maps (B, L, gh, gw) as attribute() returns them: detached on the input's device and
+    dtype; with ``input_shaped``, (B, 1, gh, gw) brought to the input's (B, C, H, W), each
+    channel the same map; a 1-tuple when the inputs came as a tuple."""
+    maps = maps.detach().to(device=images.device, dtype=images.dtype)
+    if input_shaped:
+        maps = LayerAttribution.interpolate(maps, tuple(images.shape[-2:]), interpolate_mode)
+        maps = maps.expand(-1, images.shape[1], -1, -1).contiguous()
+    return _format_output(is_tuple, (maps,))
 
 
 def _select_attention_modules(

@@ -13,7 +13,14 @@ from ..adapters import BlockRecord, ViTAdapter
 from ..decompose import accumulate as accumulate_maps
 from ..decompose import block_map, tokens_to_grid
 from ..ssl import MemoryBank
-from .base import ViTLayerAttribution, backward_to_records
+from .base import (
+    ViTLayerAttribution,
+    backward_to_records,
+    check_output_options,
+    chunks,
+    format_attributions,
+    split_forward_args,
+)
 
 __all__ = ["DAAM"]
 
@@ -59,9 +66,15 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
     ) -> None:
         r"""
         Args:
-            model (torch.nn.Module or Callable): The Vision Transformer, or any callable whose
-                        forward pass runs it (e.g. normalisation followed by the model), in
-                        which case ``adapter`` must be given for the model inside.
+            model (torch.nn.Module or Callable): The Vision Transformer; or a module holding
+                        exactly one Vision Transformer of a known family, such as
+                        ``nn.DataParallel``, ``DistributedDataParallel``,
+                        ``torch.compile(model)`` or ``nn.Sequential(normalize, model)``, whose
+                        forward pass is explained (a wrapper that only distributes or
+                        compiles the model is explained by running the model inside it:
+                        the same result, on one device per process); or any callable whose
+                        forward pass runs the model, with ``adapter`` given for the model
+                        inside. TorchScript models are not supported.
             layer (torch.nn.Module or list[torch.nn.Module], optional): Attention modules
                         of the blocks the flow runs over. They are taken in the model's block
                         order, whatever the order given. The flow has one map per module.
@@ -74,7 +87,7 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
                         code), give ``captum_daam.adapters.GenericAdapter(attention_modules)``.
         """
         ViTLayerAttribution.__init__(self, model, layer, adapter)
-        GradientAttribution.__init__(self, model)
+        GradientAttribution.__init__(self, self.forward_func)
 
     @log_usage()
     def attribute(
@@ -86,11 +99,15 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
         accumulate: bool = True,
         importance: Optional[Union[Tensor, MemoryBank, Callable[[Tensor], Tensor]]] = None,
         relu_gradients: Optional[bool] = None,
-    ) -> Tensor:
+        internal_batch_size: Optional[int] = None,
+        input_shaped: bool = False,
+        interpolate_mode: str = "bilinear",
+    ) -> Union[Tensor, Tuple[Tensor]]:
         r"""
         Args:
             inputs (Tensor or tuple[Tensor]): Images, (B, C, H, W), as the model takes them.
-                        A tuple must hold exactly this one tensor.
+                        A tuple must hold exactly this one tensor; the attributions then come
+                        back as a 1-tuple, as in Captum.
             target (int, list[int] or Tensor, optional): The output class whose decision is
                         explained:
 
@@ -128,15 +145,36 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
                         gradients) in each block map. Default: None, which means True for
                         class targets (supervised DAAM) and False with ``importance``
                         (self-supervised DAAM), as in the paper.
+            internal_batch_size (int, optional): Explain the batch this many examples at
+                        a time (one forward and one backward pass each), to bound memory.
+                        Per-example targets, (B, D) importance weights and the tensors in
+                        ``additional_forward_args`` whose first dimension is B are split
+                        with the inputs, as in Captum; other arguments (a mask shared by all
+                        examples) are passed whole. The result does not depend on it.
+                        Default: None, the whole batch in one pass.
+            input_shaped (bool, optional): Return the final map at the input's shape,
+                        (B, C, H, W): interpolated from the patch grid to (H, W) with
+                        ``LayerAttribution.interpolate`` and the same map in every channel,
+                        as ``captum.metrics.infidelity`` and ``sensitivity_max`` expect.
+                        Cannot be combined with ``return_flow``. Default: False
+            interpolate_mode (str, optional): The interpolation of ``input_shaped``:
+                        "bilinear", "bicubic", "nearest", "nearest-exact" or "area".
+                        Default: "bilinear"
 
         Returns:
-            *Tensor* of **attributions**:
+            *Tensor* or *tuple[Tensor]* of **attributions**:
             - **attributions** (*Tensor*): Non-negative, unnormalised, detached, on the
                         input's device and dtype. (B, 1, gh, gw) by default, the final DAAM
                         map D_L over the patch grid; (B, L, gh, gw) with ``return_flow``,
-                        one map per block of the flow. An example whose maps are zero
-                        everywhere (nothing contributes positively to the target score)
-                        gets a warning.
+                        one map per block of the flow; (B, C, H, W) with ``input_shaped``.
+                        A 1-tuple holding that tensor when ``inputs`` is a tuple, as in
+                        Captum. An example whose maps are zero everywhere (nothing
+                        contributes positively to the target score) gets a warning.
+
+        Targets follow Captum's conventions except for None, which here means each example's
+        predicted class (in Captum, None is for models with a scalar output). Negative class
+        indices are refused rather than counted from the end: a negative label is usually a
+        data set's mark for "no label" (e.g. -1 or an ``ignore_index`` of -100).
 
         Examples::
 
@@ -153,8 +191,11 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
             >>> flow.shape
             torch.Size([2, 12, 14, 14])
             >>> upsampled = LayerAttribution.interpolate(final_map, (224, 224), "bilinear")
+            >>> daam.attribute(images, target=3, input_shaped=True).shape  # for captum.metrics
+            torch.Size([2, 3, 224, 224])
         """
-        images = self._check_inputs(inputs)
+        images, is_tuple = self._check_inputs(inputs)
+        check_output_options(internal_batch_size, input_shaped, interpolate_mode, return_flow)
         grid = self.adapter.grid_size(tuple(images.shape[-2:]))
         if importance is not None:
             if target is not None:
@@ -170,6 +211,36 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
         if importance is None:
             self._warn_if_explaining_a_feature(target)
 
+        maps = torch.cat(
+            [
+                self._block_maps(
+                    images[examples],
+                    None if target_indices is None else target_indices[examples],
+                    split_forward_args(additional_forward_args, examples, images.shape[0]),
+                    _importance_of(importance, examples, images.shape[0]),
+                    relu_gradients,
+                    grid,
+                )
+                for examples in chunks(images.shape[0], internal_batch_size)
+            ]
+        )
+        self._warn_if_all_zero(maps)
+        if accumulate:
+            maps = accumulate_maps(maps, dim=1)
+        if not return_flow:
+            maps = maps[:, -1:]
+        return format_attributions(maps, images, is_tuple, input_shaped, interpolate_mode)
+
+    def _block_maps(
+        self,
+        images: Tensor,
+        target_indices: Optional[Tensor],
+        additional_forward_args: Optional[object],
+        importance: Optional[Union[Tensor, MemoryBank, Callable[[Tensor], Tensor]]],
+        relu_gradients: bool,
+        grid: Optional[Tuple[int, int]],
+    ) -> Tensor:
+        """One forward and one backward pass: the block maps cam_l (B, L, gh, gw)."""
         token_maps = {}
 
         def reduce_record(record: BlockRecord) -> None:
@@ -191,13 +262,7 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
 
         block_maps = torch.stack([token_maps[id(record)] for record in records], dim=1)
         grid = self._patch_grid(grid, block_maps.shape[-1])
-        maps = tokens_to_grid(block_maps, self.adapter.num_prefix_tokens, grid)
-        self._warn_if_all_zero(maps)
-        if accumulate:
-            maps = accumulate_maps(maps, dim=1)
-        if not return_flow:
-            maps = maps[:, -1:]
-        return maps.detach().to(device=images.device, dtype=images.dtype)
+        return tokens_to_grid(block_maps, self.adapter.num_prefix_tokens, grid)
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -251,9 +316,35 @@ def _importance_weights(
         weights = importance(output.detach())
         if isinstance(weights, tuple):
             weights = weights[0]
+    if not isinstance(weights, Tensor):
+        raise TypeError(
+            f"Expected the importance callable to return a Tensor of weights, got "
+            f"{type(weights).__name__}."
+        )
     if weights.shape[-1] != output.shape[1] or weights.dim() not in (1, 2):
         raise ValueError(
             f"Expected importance weights of the model's output width {output.shape[1]}, got "
             f"shape {tuple(weights.shape)}."
         )
+    if weights.dim() == 2 and weights.shape[0] != output.shape[0]:
+        raise ValueError(
+            f"Expected importance weights shaped (D,) or (B={output.shape[0]}, D), got "
+            f"{tuple(weights.shape)}."
+        )
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError(
+            "Expected finite importance weights, got NaN or infinite values from the "
+            "importance callable; nothing was attributed."
+        )
     return weights.detach().to(device=output.device, dtype=output.dtype)
+
+
+def _importance_of(
+    importance: Optional[Union[Tensor, MemoryBank, Callable[[Tensor], Tensor]]],
+    examples: slice,
+    batch_size: int,
+) -> Optional[Union[Tensor, MemoryBank, Callable[[Tensor], Tensor]]]:
+    """The importance of a chunk of the batch: the chunk's rows of per-example weights."""
+    if isinstance(importance, Tensor) and importance.dim() == 2:
+        return importance[examples]
+    return importance

@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from ..adapters import BlockRecord, ViTAdapter
 from ..decompose import tokens_to_grid
-from .base import ViTLayerAttribution, backward_to_records
+from .base import (
+    ViTLayerAttribution,
+    backward_to_records,
+    check_output_options,
+    chunks,
+    format_attributions,
+    split_forward_args,
+)
 
 __all__ = ["AttentionRollout", "GradientRollout"]
 
@@ -88,7 +95,10 @@ class AttentionRollout(_RolloutBase):
         inputs: Union[Tensor, Tuple[Tensor]],
         target: TargetType = None,
         additional_forward_args: Optional[object] = None,
-    ) -> Tensor:
+        internal_batch_size: Optional[int] = None,
+        input_shaped: bool = False,
+        interpolate_mode: str = "bilinear",
+    ) -> Union[Tensor, Tuple[Tensor]]:
         r"""
         Args:
             inputs (Tensor or tuple[Tensor]): Images, (B, C, H, W), as the model takes them.
@@ -99,11 +109,18 @@ class AttentionRollout(_RolloutBase):
             additional_forward_args (Any, optional): Further arguments of the forward
                         function, passed after ``inputs`` in order, as in Captum.
                         Default: None
+            internal_batch_size (int, optional): Attribute this many examples at a time,
+                        as :meth:`DAAM.attribute`. Default: None, all at once.
+            input_shaped (bool, optional): Return the map at the input's shape,
+                        (B, C, H, W), as :meth:`DAAM.attribute`. Default: False
+            interpolate_mode (str, optional): The interpolation of ``input_shaped``.
+                        Default: "bilinear"
 
         Returns:
-            *Tensor* of **attributions**:
+            *Tensor* or *tuple[Tensor]* of **attributions**:
             - **attributions** (*Tensor*): (B, 1, gh, gw), the [class] row of the rollout
-                        over the patch grid.
+                        over the patch grid; (B, C, H, W) with ``input_shaped``; a 1-tuple
+                        when ``inputs`` is a tuple.
 
         Examples::
 
@@ -112,10 +129,28 @@ class AttentionRollout(_RolloutBase):
             >>> rollout.shape
             torch.Size([2, 1, 14, 14])
         """
-        images = self._check_inputs(inputs)
+        images, is_tuple = self._check_inputs(inputs)
+        check_output_options(internal_batch_size, input_shaped, interpolate_mode)
         grid = self.adapter.grid_size(tuple(images.shape[-2:]))
         self._check_target(target, images.shape[0], images.device)
         self._warn_if_training()
+        maps = torch.cat(
+            [
+                self._rollout(
+                    images[examples],
+                    split_forward_args(additional_forward_args, examples, images.shape[0]),
+                    grid,
+                )
+                for examples in chunks(images.shape[0], internal_batch_size)
+            ]
+        )
+        return format_attributions(maps, images, is_tuple, input_shaped, interpolate_mode)
+
+    def _rollout(
+        self, images: Tensor, additional_forward_args: Optional[object],
+        grid: Optional[Tuple[int, int]],
+    ) -> Tensor:
+        """One forward pass without gradients: the rollout maps (B, 1, gh, gw)."""
         rollout = {}
 
         def fold(record: BlockRecord) -> None:
@@ -160,7 +195,7 @@ class GradientRollout(_RolloutBase, GradientAttribution):
     ) -> None:
         """The arguments are :class:`AttentionRollout`'s."""
         _RolloutBase.__init__(self, model, layer, adapter)
-        GradientAttribution.__init__(self, model)
+        GradientAttribution.__init__(self, self.forward_func)
 
     @log_usage()
     def attribute(
@@ -168,7 +203,10 @@ class GradientRollout(_RolloutBase, GradientAttribution):
         inputs: Union[Tensor, Tuple[Tensor]],
         target: TargetType = None,
         additional_forward_args: Optional[object] = None,
-    ) -> Tensor:
+        internal_batch_size: Optional[int] = None,
+        input_shaped: bool = False,
+        interpolate_mode: str = "bilinear",
+    ) -> Union[Tensor, Tuple[Tensor]]:
         r"""
         Args:
             inputs (Tensor or tuple[Tensor]): Images, (B, C, H, W), as the model takes them.
@@ -179,11 +217,18 @@ class GradientRollout(_RolloutBase, GradientAttribution):
             additional_forward_args (Any, optional): Further arguments of the forward
                         function, passed after ``inputs`` in order, as in Captum.
                         Default: None
+            internal_batch_size (int, optional): Attribute this many examples at a time,
+                        as :meth:`DAAM.attribute`. Default: None, all at once.
+            input_shaped (bool, optional): Return the map at the input's shape,
+                        (B, C, H, W), as :meth:`DAAM.attribute`. Default: False
+            interpolate_mode (str, optional): The interpolation of ``input_shaped``.
+                        Default: "bilinear"
 
         Returns:
-            *Tensor* of **attributions**:
+            *Tensor* or *tuple[Tensor]* of **attributions**:
             - **attributions** (*Tensor*): (B, 1, gh, gw), the [class] row of R over the
-                        patch grid.
+                        patch grid; (B, C, H, W) with ``input_shaped``; a 1-tuple when
+                        ``inputs`` is a tuple.
 
         Examples::
 
@@ -192,11 +237,34 @@ class GradientRollout(_RolloutBase, GradientAttribution):
             >>> maps.shape
             torch.Size([2, 1, 14, 14])
         """
-        images = self._check_inputs(inputs)
+        images, is_tuple = self._check_inputs(inputs)
+        check_output_options(internal_batch_size, input_shaped, interpolate_mode)
         grid = self.adapter.grid_size(tuple(images.shape[-2:]))
         target_indices = self._check_target(target, images.shape[0], images.device)
         self._warn_if_training()
         self._warn_if_explaining_a_feature(target)
+        maps = torch.cat(
+            [
+                self._rollout(
+                    images[examples],
+                    None if target_indices is None else target_indices[examples],
+                    split_forward_args(additional_forward_args, examples, images.shape[0]),
+                    grid,
+                )
+                for examples in chunks(images.shape[0], internal_batch_size)
+            ]
+        )
+        self._warn_if_all_zero(maps)
+        return format_attributions(maps, images, is_tuple, input_shaped, interpolate_mode)
+
+    def _rollout(
+        self,
+        images: Tensor,
+        target_indices: Optional[Tensor],
+        additional_forward_args: Optional[object],
+        grid: Optional[Tuple[int, int]],
+    ) -> Tensor:
+        """One forward and one backward pass: the rollout maps (B, 1, gh, gw)."""
         state = {"next": len(self.layer) - 1}
 
         def fold(record: BlockRecord) -> None:
@@ -227,9 +295,7 @@ class GradientRollout(_RolloutBase, GradientAttribution):
                 _run_forward(self.forward_func, images, None, additional_forward_args)
             )
             backward_to_records(self._target_score(scores, target_indices), records)
-        maps = self._to_grid(state["row"], grid, images)
-        self._warn_if_all_zero(maps)
-        return maps
+        return self._to_grid(state["row"], grid, images)
 
     @property
     def multiplies_by_inputs(self) -> bool:
