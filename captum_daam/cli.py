@@ -1,46 +1,143 @@
-"""The ``captum-daam`` command: ``demo``, ``explain`` and ``check``."""
+"""The ``captum-daam`` command: ``demo``, ``explain`` and ``check``.
+
+torch, timm and matplotlib are imported inside the commands, so that ``--help`` and
+``--version`` answer without loading them.
+"""
+
+from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
+import unicodedata
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple
 
-import torch
-from torch import Tensor, nn
+from . import __version__
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
 
 SHADES = " .:-=+*#%@"
 BUNDLED_MODEL = "tiny-vit"
+PARTIAL_PREFIX = ".partial-"  # temporary files in the output folder, never left behind
+BUNDLED_MODEL_NOTE = (
+    "captum-daam: note: the bundled tiny-vit model only knows the five synthetic shapes of "
+    "captum_daam.data ({classes}), so its explanation of a photograph or any other image is "
+    "not meaningful; for real images use a timm model, e.g. --model deit_small_patch16_224"
+)
 
 
 class UsageError(ValueError):
     """Bad input from the command line: reported in one line, exit status 2."""
 
 
+class Terminated(BaseException):
+    """SIGTERM as an exception, as KeyboardInterrupt is SIGINT's, so that clean-ups run."""
+
+
+# ----------------------------------------------------------------- signals
+
+
+class _Signals:
+    """SIGINT and SIGTERM raised as exceptions while a command runs, and held back while the
+    files of one image are put in place (:meth:`held`), so they appear all or none."""
+
+    def __init__(self) -> None:
+        self.holding = 0
+        self.pending: Optional[int] = None
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.holding:
+            self.pending = self.pending or signum
+            return
+        raise _signal_exception(signum)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
+            if not self.holding and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise _signal_exception(signum)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Our handlers for the duration of the block; the previous ones afterwards."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # only the main thread may set handlers; it also gets the signals
+            return
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # whoever started us asked for it to be ignored (nohup, a shell's &)
+            previous[signum] = signal.signal(signum, self.handle)
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+            self.pending = None
+
+
+def _signal_exception(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+_SIGNALS = _Signals()
+
+
 # ----------------------------------------------------------------- writing files
 
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file in the same folder, so no half-written file is left."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=path.suffix)
-    os.close(handle)
+def _write_together(outputs: Sequence[Tuple[Path, Callable[[Path], object]]]) -> None:
+    """Write each ``(path, write)`` to a temporary file in its folder, then move them all into
+    place in the order given, with SIGINT and SIGTERM held back. An error or a signal leaves
+    no temporary file, and a file never appears without those listed before it."""
+    temporaries: List[Path] = []
     try:
-        write(Path(temporary))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes files private; give usual rights
-        os.replace(temporary, path)
+        for path, write in outputs:
+            with _SIGNALS.held():  # a temporary file is listed as soon as it exists
+                handle, name = tempfile.mkstemp(
+                    dir=path.parent, prefix=PARTIAL_PREFIX, suffix=path.suffix
+                )
+                os.close(handle)
+                temporaries.append(Path(name))
+            write(temporaries[-1])
+            os.chmod(temporaries[-1], 0o666 & ~_umask())  # mkstemp makes files private
+        with _SIGNALS.held():
+            for (path, _), temporary in zip(outputs, temporaries):
+                os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        with _SIGNALS.held():
+            for temporary in temporaries:
+                temporary.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _write_outputs(
     out: Path, stem: str, image: Tensor, flow: Tensor, block_numbers: List[int],
     scaling: str, raw: Optional[dict] = None,
 ) -> List[Path]:
+    """One image's flow PNG and GIF (and raw ``.npz``), all or none; the PNG is put in place
+    last, so a PNG is never without its GIF."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,26 +145,110 @@ def _write_outputs(
 
     from .visualization import flow_figure, save_flow_animation
 
-    written = []
-    figure_path = out / f"{stem}_flow.png"
+    figure_path, gif_path, raw_path = (
+        out / f"{stem}_flow.png", out / f"{stem}_flow.gif", out / f"{stem}_daam.npz"
+    )
     figure = flow_figure(image, flow, scaling=scaling, block_numbers=block_numbers)
-    _write_atomically(figure_path, lambda p: figure.savefig(p, dpi=110, bbox_inches="tight",
-                                                            format="png"))
-    written.append(figure_path)
-    gif_path = out / f"{stem}_flow.gif"
-    _write_atomically(gif_path, lambda p: save_flow_animation(
-        image, flow, p, scaling=scaling, block_numbers=block_numbers))
-    written.append(gif_path)
-    if raw is not None:
-        raw_path = out / f"{stem}_daam.npz"
 
-        def save_raw(p: Path) -> None:
-            with open(p, "wb") as handle:
-                np.savez(handle, **raw)
+    def save_raw(path: Path) -> None:
+        with open(path, "wb") as handle:
+            np.savez(handle, **raw)
 
-        _write_atomically(raw_path, save_raw)
-        written.append(raw_path)
-    return written
+    outputs = [(raw_path, save_raw)] if raw is not None else []
+    outputs.append((gif_path, lambda path: save_flow_animation(
+        image, flow, path, scaling=scaling, block_numbers=block_numbers)))
+    outputs.append((figure_path, lambda path: figure.savefig(
+        path, dpi=110, bbox_inches="tight", format="png")))
+    try:
+        _write_together(outputs)
+    except OSError as error:
+        full = error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        remedy = "free some space" if full else "check the folder"
+        raise UsageError(
+            f"could not write {figure_path.name} and {gif_path.name} to --out {out}: "
+            f"{_os_reason(error)}; expected a folder that takes them: {remedy} or choose "
+            f"another --out"
+        ) from error
+    return [figure_path, gif_path] + ([raw_path] if raw is not None else [])
+
+
+def _os_reason(error: OSError) -> str:
+    if error.errno in errno.errorcode:
+        return f"{error.strerror or os.strerror(error.errno)} ({errno.errorcode[error.errno]})"
+    return _first_line(error)
+
+
+def _prepare_out(text: str) -> Tuple[Path, List[Path]]:
+    """The output folder, created if need be and checked writable; and the folders created,
+    outermost first, so that a run that fails before writing can remove them again."""
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {text} is a file; expected a folder (existing or to be created)")
+    created = [folder for folder in (out, *out.parents) if not folder.exists()][::-1]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _remove_if_empty(created)
+        raise UsageError(
+            f"--out {text}: cannot create the folder ({_os_reason(error)}); expected a folder "
+            f"that exists or can be created"
+        ) from error
+    try:
+        _check_writable(out)
+    except UsageError:
+        _remove_if_empty(created)
+        raise
+    return out, created
+
+
+def _check_writable(out: Path) -> None:
+    """Whether files can be written in ``out``: the permission bits, then (as they do not stop
+    root, nor say anything of a read-only or full file system) one temporary file."""
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"--out {out}: this user may not write in that folder; expected a folder you can "
+            f"write to"
+        )
+    try:
+        handle, probe = tempfile.mkstemp(dir=out, prefix=f"{PARTIAL_PREFIX}probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise UsageError(
+            f"--out {out}: cannot write in that folder ({_os_reason(error)}); expected a "
+            f"folder you can write to"
+        ) from error
+
+
+def _remove_if_empty(created: Sequence[Path]) -> None:
+    for folder in reversed(created):  # innermost first
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (outputs were written), or gone: keep the rest
+            return
+
+
+def _unique_stems(paths: Sequence[str]) -> List[str]:
+    """One output name stem per image: the file's stem, or, for a later image with the stem
+    of an earlier one, ``stem_1``, ``stem_2``, ... skipping every name another image has or
+    was given. Names are compared as a case-insensitive file system compares them
+    (case-folded, Unicode-normalised), so no output can overwrite another there either."""
+
+    def key(stem: str) -> str:
+        return unicodedata.normalize("NFC", stem).casefold()
+
+    stems = [Path(path).stem for path in paths]
+    unavailable = {key(stem) for stem in stems}  # a new name must not be any image's own
+    given, names = set(), []
+    for stem in stems:
+        name, number = stem, 0
+        while key(name) in given or (number and key(name) in unavailable):
+            number += 1
+            name = f"{stem}_{number}"
+        given.add(key(name))
+        unavailable.add(key(name))
+        names.append(name)
+    return names
 
 
 # ----------------------------------------------------------------- demo
@@ -75,27 +256,33 @@ def _write_outputs(
 
 def demo(args: argparse.Namespace) -> int:
     """Explain a few generated shape images with the bundled tiny ViT: flow PNGs and GIFs."""
+    import torch
+
     from . import DAAM
     from .data import CLASSES, make_shapes
     from .zoo import tiny_vit
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = tiny_vit()
-    images, labels, _ = make_shapes(args.images, seed=args.seed)
-    with torch.no_grad():
-        probabilities = model(images).softmax(1)
-    predicted = probabilities.argmax(1)
-    flow = DAAM(model).attribute(images, target=predicted, return_flow=True)
-    block_numbers = list(range(1, flow.shape[1] + 1))
-    print(f"captum-daam demo: the bundled tiny ViT ({len(block_numbers)} blocks) on "
-          f"{args.images} generated images (seed {args.seed}); writing to {out}/")
-    for index in range(args.images):
-        stem = f"shapes_{index}"
-        written = _write_outputs(out, stem, images[index], flow[index], block_numbers, args.scaling)
-        print(f"  image {index}: true {CLASSES[int(labels[index, 0])]}, predicted "
-              f"{CLASSES[int(predicted[index])]} (p = {float(probabilities[index].max()):.2f}); "
-              f"wrote {', '.join(str(path) for path in written)}")
+    out, created = _prepare_out(args.out)
+    try:
+        model = tiny_vit()
+        images, labels, _ = make_shapes(args.images, seed=args.seed)
+        with torch.no_grad():
+            probabilities = model(images).softmax(1)
+        predicted = probabilities.argmax(1)
+        flow = DAAM(model).attribute(images, target=predicted, return_flow=True)
+        block_numbers = list(range(1, flow.shape[1] + 1))
+        print(f"captum-daam demo: the bundled tiny ViT ({len(block_numbers)} blocks) on "
+              f"{args.images} generated images (seed {args.seed}); writing to {out}/")
+        for index in range(args.images):
+            written = _write_outputs(out, f"shapes_{index}", images[index], flow[index],
+                                     block_numbers, args.scaling)
+            print(f"  image {index}: true {CLASSES[int(labels[index, 0])]}, predicted "
+                  f"{CLASSES[int(predicted[index])]} "
+                  f"(p = {float(probabilities[index].max()):.2f}); "
+                  f"wrote {', '.join(str(path) for path in written)}", flush=True)
+    except BaseException:
+        _remove_if_empty(created)
+        raise
     return 0
 
 
@@ -122,33 +309,90 @@ def _parse_blocks(text: Optional[str], depth: int) -> List[int]:
     return sorted(numbers)
 
 
-def _load_model(name: str, architecture: Optional[str], device: str) -> Tuple[nn.Module, str]:
-    """The bundled model, a local checkpoint, or a timm model name; and a display name."""
+def _device(text: str) -> torch.device:
+    """``--device`` parsed by torch and checked available, before anything is loaded."""
+    import torch
+
+    expected = "expected cpu, cuda, cuda:N or mps"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise UsageError(f"--device {text!r} is not a device torch knows; {expected}") from error
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {text}: no CUDA device is available here (torch.cuda.is_available() "
+                f"is False); use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(
+                f"--device {text}: this machine has {count} CUDA device(s), cuda:0 to "
+                f"cuda:{count - 1}"
+            )
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {text}: no Apple MPS device is available here; use cpu")
+        return device
+    raise UsageError(f"--device {text}: captum-daam does not run on {device.type!r}; {expected}")
+
+
+def _check_image_file(path: str) -> None:
+    """Before any model is loaded: the image exists, is a file, and its header is readable."""
+    from ._images import check_image
+
+    if os.path.isdir(path):
+        raise UsageError(f"image {path} is a folder, expected an image file")
+    if not os.path.isfile(path):
+        raise UsageError(f"image {path} does not exist")
+    try:
+        check_image(path)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
+def _load_model(name: str, architecture: Optional[str], device: torch.device) -> nn.Module:
+    """The bundled model, a local checkpoint, or a timm model name with pretrained weights."""
     import timm
 
+    from ._weights import CHECKPOINT_SUFFIXES, fit_checkpoint, pretrained_model, read_checkpoint
     from .zoo import tiny_vit
 
     path = Path(name)
     if name == BUNDLED_MODEL:
         model = tiny_vit()
-    elif path.suffix in (".pth", ".pt", ".bin", ".safetensors") or path.exists():
+    elif path.suffix in CHECKPOINT_SUFFIXES or path.exists():
+        if path.is_dir():
+            raise UsageError(
+                f"checkpoint {name} is a folder; expected a checkpoint file "
+                f"({', '.join(CHECKPOINT_SUFFIXES)})"
+            )
         if not path.is_file():
             raise UsageError(f"checkpoint {name} does not exist")
-        if architecture in (None, BUNDLED_MODEL):
+        arch = architecture or BUNDLED_MODEL
+        if arch == BUNDLED_MODEL:
             model = tiny_vit(pretrained=False)
-        else:
-            try:
-                model = timm.create_model(architecture, pretrained=False)
-            except RuntimeError as error:
-                raise UsageError(f"unknown timm model {architecture!r} for --arch") from error
-        try:
-            timm.models.load_checkpoint(model, str(path), strict=True)
-        except Exception as error:  # any reason a file does not load into this architecture
+        elif not timm.is_model(arch):
             raise UsageError(
-                f"checkpoint {name} does not fit the {architecture or BUNDLED_MODEL} "
-                f"architecture: {_first_line(error)}"
+                f"unknown timm model {arch!r} for --arch; expected a timm architecture name "
+                f"such as deit_small_patch16_224 (see timm.list_models())"
+            )
+        else:
+            model = timm.create_model(arch, pretrained=False)
+        try:
+            if path.suffix == ".npz":  # JAX/Flax weights: timm's model-specific loader
+                timm.models.load_checkpoint(model, str(path), strict=True)
+            else:
+                fit_checkpoint(model, read_checkpoint(path), path, arch)
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+        except Exception as error:  # timm's .npz loader fails in many ways
+            raise UsageError(
+                f"checkpoint {name} does not fit the {arch} architecture: {_first_line(error)}"
             ) from error
-        model.eval()
     else:
         if name not in timm.list_models(pretrained=True) and name not in timm.list_models():
             raise UsageError(
@@ -156,18 +400,15 @@ def _load_model(name: str, architecture: Optional[str], device: str) -> Tuple[nn
                 f"a checkpoint file, or {BUNDLED_MODEL}"
             )
         try:
-            model = timm.create_model(name, pretrained=True).eval()
-        except Exception as error:  # downloads fail offline in many ways
-            raise UsageError(
-                f"could not get the pretrained weights of {name} (no network?): "
-                f"{_first_line(error)}. Offline, use a local checkpoint or {BUNDLED_MODEL}."
-            ) from error
-    return model.to(device), name
+            model = pretrained_model(name)
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+    return model.eval().to(device)
 
 
-def _first_line(error: BaseException, limit: int = 160) -> str:
+def _first_line(error: BaseException) -> str:
     text = str(error).strip()
-    return text.splitlines()[0][:limit] if text else type(error).__name__
+    return text.splitlines()[0].strip() if text else type(error).__name__
 
 
 def _class_names(shapes_model: bool, num_classes: int) -> Callable[[int], str]:
@@ -185,20 +426,29 @@ def _class_names(shapes_model: bool, num_classes: int) -> Callable[[int], str]:
 
 def explain(args: argparse.Namespace) -> int:
     """Explain image files with a timm model, a local checkpoint or the bundled model."""
-    from PIL import Image, UnidentifiedImageError
+    device = _device(args.device)
+    for image_path in args.images:
+        _check_image_file(image_path)
+    out, created = _prepare_out(args.out)
+    try:
+        return _explain(args, device, out)
+    except BaseException:
+        _remove_if_empty(created)
+        raise
+
+
+def _explain(args: argparse.Namespace, device: torch.device, out: Path) -> int:
+    import torch
     from timm.data import create_transform, resolve_data_config
-    from torchvision.transforms.functional import convert_image_dtype, normalize
+    from torchvision.transforms.functional import normalize
     from tqdm.auto import tqdm
 
     from . import DAAM
+    from ._images import load_rgb
     from .adapters import adapter_for
+    from .data import CLASSES
 
-    for image_path in args.images:
-        if not Path(image_path).is_file():
-            raise UsageError(f"image {image_path} does not exist")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: no CUDA device is available here")
-    model, model_name = _load_model(args.model, args.arch, args.device)
+    model = _load_model(args.model, args.arch, device)
     try:
         adapter = adapter_for(model)
     except TypeError as error:
@@ -210,30 +460,32 @@ def explain(args: argparse.Namespace) -> int:
         raise UsageError(f"--target {args.target}: this model has classes 0-{num_classes - 1}")
 
     config = resolve_data_config({}, model=model)
+    # timm's eval resize and crop, applied to the float image: its to-tensor step passes
+    # tensors through. Bicubic resizing overshoots a little: clamp back to [0, 1].
     display_transform = create_transform(**config, normalize=False)
     pictures = []
     for image_path in args.images:
         try:
-            with Image.open(image_path) as opened:
-                picture = display_transform(opened.convert("RGB"))
-            pictures.append(convert_image_dtype(picture, torch.float32))
-        except (UnidentifiedImageError, OSError) as error:
-            raise UsageError(f"cannot read image {image_path}: {error}") from error
+            rgb = load_rgb(image_path)
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+        pictures.append(display_transform(rgb).clamp(0, 1))
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     daam = DAAM(model, layer=[attention_modules[number - 1] for number in block_numbers])
     shapes_model = args.model == BUNDLED_MODEL or (
         Path(args.model).is_file() and args.arch in (None, BUNDLED_MODEL)
     )
     names = _class_names(shapes_model, num_classes)
-    print(f"captum-daam explain: {model_name}, blocks {block_numbers[0]}-{block_numbers[-1]} "
-          f"({len(block_numbers)} maps), writing to {out}/")
+    print(f"captum-daam explain: {args.model}, blocks {block_numbers[0]}-{block_numbers[-1]} "
+          f"({len(block_numbers)} maps), writing to {out}/", flush=True)
+    if args.model == BUNDLED_MODEL:
+        # On stdout, with the report: stderr carries only the one line of an error.
+        print(BUNDLED_MODEL_NOTE.format(classes=", ".join(CLASSES)), flush=True)
     stems = _unique_stems(args.images)
     for image_path, picture, stem in tqdm(
         list(zip(args.images, pictures, stems)), desc="images", disable=not args.progress
     ):
-        picture = picture.to(args.device)
+        picture = picture.to(device)
         model_input = normalize(picture, config["mean"], config["std"]).unsqueeze(0)
         with torch.no_grad():
             probabilities = model(model_input).softmax(1)[0]
@@ -247,17 +499,8 @@ def explain(args: argparse.Namespace) -> int:
         tqdm.write(f"  {image_path}: explained class {names(target)} (p = "
                    f"{float(probabilities[target]):.2f}); wrote "
                    f"{', '.join(str(path) for path in written)}")
+        sys.stdout.flush()
     return 0
-
-
-def _unique_stems(paths: Sequence[str]) -> List[str]:
-    stems, seen = [], {}
-    for path in paths:
-        stem = Path(path).stem
-        count = seen.get(stem, 0)
-        seen[stem] = count + 1
-        stems.append(stem if count == 0 else f"{stem}_{count}")
-    return stems
 
 
 # ----------------------------------------------------------------- check
@@ -271,38 +514,96 @@ def _ascii_map(grid: Tensor) -> str:
     return "\n".join("".join(SHADES[i] * 2 for i in row.tolist()) for row in indices)
 
 
+_CHECK_MODELS = (
+    "a timm model name of a family captum-daam supports (captum_daam.supported_families() "
+    "lists them), e.g. deit_tiny_patch16_224, cait_xxs24_224 or xcit_nano_12_p16_224"
+)
+
+
+def _random_timm_model(name: str) -> nn.Module:
+    """``timm.create_model(name, pretrained=False)``, or a message on how to find a name."""
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        suggestion = f" (close names: {', '.join(close)})" if close else ""
+        raise UsageError(
+            f"check --model {name!r}: timm has no model of that name{suggestion}. Expected "
+            f"{_CHECK_MODELS}; list timm's names with: python -c \"import timm; "
+            f"print(timm.list_models('*vit*'))\""
+        )
+    return timm.create_model(name, pretrained=False).eval()
+
+
+def _pre_projection_input(attention: nn.Module) -> nn.Module:
+    """The module that takes the attention output before the output projection, in timm's
+    attention layers: ``norm`` where there is one (ViT's ``Attention`` and EVA's run it
+    just before ``proj``; it is usually an identity), else ``proj`` itself (CaiT's and
+    XCiT's ``ClassAttn``, BEiT's ``Attention``)."""
+    from torch import nn
+
+    for name in ("norm", "proj"):
+        module = getattr(attention, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise UsageError(
+        f"check does not know where {type(attention).__name__} projects its output: expected "
+        f"timm's attention layout, a .proj layer (after an optional .norm)"
+    )
+
+
 def check(args: argparse.Namespace) -> int:
     """Explain a random image with a randomly initialised timm ViT and verify the result."""
-    import timm
+    import torch
+    from timm.data import resolve_data_config
 
     from . import DAAM, class_token_contributions
     from .adapters import adapter_for
 
     torch.manual_seed(args.seed)
-    model = timm.create_model(args.model, pretrained=False).eval()
-    height, width = model.patch_embed.img_size
+    model = _random_timm_model(args.model)
+    try:
+        adapter = adapter_for(model)
+    except TypeError as error:
+        raise UsageError(
+            f"check --model {args.model}: {str(error).split('. ')[0]}; expected {_CHECK_MODELS}"
+        ) from error
+    _, height, width = resolve_data_config({}, model=model)["input_size"]
     images = torch.rand(1, 3, height, width)
     print(f"captum-daam check: {args.model} with random weights (nothing is downloaded), "
           f"one random {height}x{width} image")
 
-    flow = DAAM(model).attribute(images, target=None, return_flow=True)
-    predicted = int(model(images).argmax(1))
+    try:
+        flow = DAAM(model).attribute(images, target=None, return_flow=True)
+    except (TypeError, ValueError) as error:
+        raise UsageError(
+            f"check --model {args.model}: DAAM cannot explain it: {_first_line(error)}"
+        ) from error
+    with torch.no_grad():
+        predicted = int(model(images).argmax(1))
     print(f"explained class {predicted}: flow of {flow.shape[1]} accumulated maps, "
           f"grid {flow.shape[2]}x{flow.shape[3]}")
     for block, accumulated in enumerate(flow[0], start=1):
         print(f"  D_{block:<2d} sum {float(accumulated.sum()):9.4f}   "
               f"max {float(accumulated.max()):8.4f}")
 
-    adapter = adapter_for(model)
+    # The decomposition, checked against the model's own output: a hook that is not the
+    # adapter's reads the [class] row of the last flow block's output before its projection.
+    last_attention = adapter.attention_modules()[-1]
     class_outputs = []
-    handle = model.blocks[-1].attn.norm.register_forward_pre_hook(
-        lambda module, args: class_outputs.append(args[0][:, 0].detach())
+    handle = _pre_projection_input(last_attention).register_forward_pre_hook(
+        lambda module, inputs: class_outputs.append(inputs[0][:, 0].detach())
     )
     try:
-        with adapter.record(adapter.attention_modules()[-1:]) as records, torch.no_grad():
+        with adapter.record([last_attention]) as records, torch.no_grad():
             model(images)
     finally:
         handle.remove()
+    if len(class_outputs) != 1:
+        raise UsageError(
+            f"check could not read the output of {type(last_attention).__name__} before its "
+            f"projection (seen {len(class_outputs)} times in one forward pass, expected once)"
+        )
     rebuilt = class_token_contributions(records[0].class_attention, records[0].values).sum(1)
     error = float((rebuilt - class_outputs[0]).abs().max() / class_outputs[0].abs().max())
     checks = {
@@ -321,12 +622,30 @@ def check(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the command's one-line form (and exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"captum-daam: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="captum-daam",
         description="Dynamic Accumulated Attention Maps (DAAM) for Vision Transformers: "
         "explain a ViT's decision block by block.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     scalings = ("paper", "shared", "per_map")
 
@@ -337,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument(
         "--out", default="daam-demo", help="output folder (default: %(default)s)"
     )
-    demo_parser.add_argument("--images", type=int, default=3, help="how many images (default: 3)")
+    demo_parser.add_argument("--images", type=_positive_int, default=3,
+                             help="how many images, at least 1 (default: 3)")
     demo_parser.add_argument("--seed", type=int, default=2024, help="generator seed")
     demo_parser.add_argument("--scaling", choices=scalings, default="paper",
                              help="colour scaling of the maps (default: the paper's mapping)")
@@ -350,8 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain_parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     explain_parser.add_argument(
         "--model", required=True,
-        help=f"a timm model name (pretrained weights are downloaded when online), a local "
-        f"checkpoint file, or {BUNDLED_MODEL} (the bundled model)",
+        help=f"a timm model name (pretrained weights are downloaded when online, and taken from "
+        f"the local cache when there), a local checkpoint file, or {BUNDLED_MODEL} (the bundled "
+        f"model, which knows only the synthetic shapes of captum_daam.data)",
     )
     explain_parser.add_argument(
         "--arch", default=None,
@@ -365,7 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain_parser.add_argument(
         "--out", default="daam-out", help="output folder (default: %(default)s)"
     )
-    explain_parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    explain_parser.add_argument("--device", default="cpu",
+                                help="cpu, cuda, cuda:N or mps (default: cpu)")
     explain_parser.add_argument("--save-raw", action="store_true",
                                 help="also write the raw flow of each image as .npz")
     explain_parser.add_argument("--scaling", choices=scalings, default="paper",
@@ -379,7 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=check.__doc__,
     )
     check_parser.add_argument("--model", default="deit_tiny_patch16_224",
-                              help="timm model name, built with pretrained=False")
+                              help="timm model name of a supported family (e.g. "
+                              "deit_tiny_patch16_224, cait_xxs24_224, xcit_nano_12_p16_224), "
+                              "built with pretrained=False")
     check_parser.add_argument("--seed", type=int, default=0)
     check_parser.set_defaults(run=check)
     return parser
@@ -387,11 +711,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except UsageError as error:
-        print(f"captum-daam: error: {error}", file=sys.stderr)
-        return 2
+    with _SIGNALS.installed():
+        try:
+            return args.run(args)
+        except UsageError as error:
+            print(f"captum-daam: error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("captum-daam: interrupted (SIGINT); the outputs already written are complete",
+                  file=sys.stderr)
+            return 128 + signal.SIGINT
+        except Terminated:
+            print("captum-daam: terminated (SIGTERM); the outputs already written are complete",
+                  file=sys.stderr)
+            return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -183,19 +183,27 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(case, tmp_path, shap
 
 
 def test_a_timm_name_offline_says_so(tmp_path, shape_files, capsys, monkeypatch):
+    """The test session sets HF_HUB_OFFLINE; with the weights in no cache, the message says
+    what is missing and what to do offline, and no download is tried."""
+    from huggingface_hub import constants
+
     def offline(name, pretrained=False, **kwargs):
         if pretrained:
-            raise OSError("We couldn't connect to the Hub to download the weights.")
+            raise AssertionError("tried to download the pretrained weights")
         return create(name, pretrained=False, **kwargs)
 
     create = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch-cache"))
     out = tmp_path / "out"
     code = main(
         ["explain", shape_files[0][0], "--model", "deit_tiny_patch16_224", "--out", str(out)]
     )
     assert code == 2
-    assert "no network?" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "could not download the pretrained weights of deit_tiny_patch16_224" in error
+    assert "not in the local cache" in error and "--model tiny-vit" in error
     assert _files(out) == []
 
 
