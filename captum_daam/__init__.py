@@ -14,6 +14,7 @@ from .adapters import (
 from .attr import DAAM, AttentionRollout, GradientRollout
 from . import metrics
 from .ssl import MemoryBank
+from .dataset import explain_dataset
 from .token_grid import TokenGrid
 from .decompose import (
     accumulate,
@@ -32,6 +33,7 @@ __all__ = [
     "AttentionRollout",
     "GradientRollout",
     "MemoryBank",
+    "explain_dataset",
     "TokenGrid",
     "metrics",
     "GenericAdapter",
