@@ -570,6 +570,7 @@ def _explain_chunks(
     arrays.update({f"metrics/{name}": group[f"metrics/{name}"] for name in metrics})
     bar = tqdm(total=sum(map(len, batches)), desc="explain_dataset", unit="image",
                disable=not progress)
+    writer = _ChunkWriter(arrays)
     try:
         for chunk, (images, labels, masks) in zip(chunks, loader):
             start, stop = chunk * size, chunk * size + len(images)
@@ -593,12 +594,60 @@ def _explain_chunks(
             for name in metrics:
                 values[f"metrics/{name}"] = _metric(name, daam, images, final, targets, masks)
             values["maps"] = values["maps"].to(dtype)
-            for name, value in values.items():
-                arrays[name][start:stop] = value.detach().cpu().numpy()
-            arrays["complete"][chunk] = True  # last: the chunk's values are all in place
+            writer.put(chunk, slice(start, stop),
+                       {name: value.detach().cpu().numpy() for name, value in values.items()})
             bar.update(len(images))
+        writer.close()
     finally:
+        writer.close(raise_error=False)
         bar.close()
+
+
+class _ChunkWriter:
+    """Writes chunks to the store in a background thread, so that writing overlaps the next
+    batch's DAAM pass (torch releases the GIL). Chunks are written one after the other, each
+    one's completion bit after its arrays; the first error stops the writing (nothing is
+    written after it, as after a kill) and is raised in the caller's thread."""
+
+    def __init__(self, arrays: Dict[str, Any]) -> None:
+        import queue
+        import threading
+
+        self.arrays, self.error = arrays, None
+        self.queue: Any = queue.Queue(maxsize=2)
+        self.thread = threading.Thread(target=self._run, name="explain_dataset-writer",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after an error, write nothing more
+            chunk, rows, values = item
+            try:
+                for name, value in values.items():
+                    self.arrays[name][rows] = value
+                self.arrays["complete"][chunk] = True  # last: the chunk's values are in place
+            except BaseException as error:  # raised again in the caller's thread
+                self.error = error
+
+    def put(self, chunk: int, rows: slice, values: Dict[str, np.ndarray]) -> None:
+        self._raise_error()
+        self.queue.put((chunk, rows, values))
+
+    def close(self, raise_error: bool = True) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if raise_error:
+            self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 def _attribute_with_scores(

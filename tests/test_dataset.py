@@ -228,48 +228,49 @@ class InjectedCrash(Exception):
 def test_crash_at_every_store_write_then_resume_equals_uninterrupted_run(
     model, tmp_path, monkeypatch
 ):
-    """Stop the run at its k-th write to the store, for every k, leaving a half-written
-    temporary as a killed zarr write would; the resumed store equals an uninterrupted one."""
+    """Stop the run at its k-th write to the store (``LocalStore.set`` and
+    ``set_if_not_exists``: every chunk and metadata document), for every k, leaving a
+    half-written temporary as a killed zarr write would; the resumed store equals an
+    uninterrupted one."""
     from zarr.storage import LocalStore
 
     data = ShapesDataset(4, seed=9)
     settings = dict(batch_size=2, return_flow=True, metrics=("pointing_game",),
                     progress=False)
     reference = tmp_path / "reference.zarr"
-    original_set = LocalStore.set
+    originals = {name: getattr(LocalStore, name) for name in ("set", "set_if_not_exists")}
+
+    def patch(crash_at, calls):
+        for name, original in originals.items():
+            async def write(self, key, value, _original=original):
+                calls.append(key)
+                if crash_at is not None and len(calls) > crash_at:
+                    partial = Path(self.root) / f"{key}.0123abcd.partial"
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                    partial.write_bytes(b"half")
+                    raise InjectedCrash(key)
+                return await _original(self, key, value)
+
+            monkeypatch.setattr(LocalStore, name, write)
+
     writes = []
-
-    async def counting_set(self, key, value):
-        writes.append(key)
-        await original_set(self, key, value)
-
-    monkeypatch.setattr(LocalStore, "set", counting_set)
+    patch(None, writes)
     explain_dataset(DAAM(model), data, reference, **settings)
-    total = len(writes)
-    assert total >= 2 * 7, writes  # 2 chunks of 6 arrays and a completion bit, metadata
+    assert len(writes) >= 2 * 7 + 3, writes  # 2 chunks of 6 arrays and a bit, metadata
+    assert writes.index("complete/c/0") > writes.index("maps/c/0/0/0/0")
 
-    for crash_at in range(total):
-        calls = []
-
-        async def crashing_set(self, key, value):
-            calls.append(key)
-            if len(calls) > crash_at:
-                partial = Path(self.root) / f"{key}.0123abcd.partial"
-                partial.parent.mkdir(parents=True, exist_ok=True)
-                partial.write_bytes(b"half")
-                raise InjectedCrash(key)
-            await original_set(self, key, value)
-
+    for crash_at in range(len(writes)):
         out = tmp_path / f"crash{crash_at}.zarr"
-        monkeypatch.setattr(LocalStore, "set", crashing_set)
+        patch(crash_at, [])
         with pytest.raises(InjectedCrash):
             explain_dataset(DAAM(model), data, out, **settings)
-        monkeypatch.setattr(LocalStore, "set", original_set)
+        patch(None, [])
         explain_dataset(DAAM(model), data, out, **settings)
         assert_same_store(out, reference, ARRAYS + ("metrics/pointing_game",))
         stored = zarr.open_group(str(out), mode="r").attrs
         assert stored["settings"] == zarr.open_group(str(reference), mode="r").attrs[
             "settings"]
+        assert stored["summary"] == zarr.open_group(str(reference), mode="r").attrs["summary"]
         assert not list(out.rglob("*.partial")), crash_at
 
 
