@@ -26,6 +26,9 @@ A chunk of examples is written by exactly one process (chunk c goes to rank c % 
 the chunks still to do), and its bit in ``complete`` is written only after all its arrays.
 A re-run computes again every chunk whose bit is not set; on the same device and software
 this gives the same values, so the store equals that of an uninterrupted run.
+
+Chunks are written by one background thread per process, in order, while the next batch is
+explained; an error while writing stops the writing and is raised in the caller's thread.
 """
 
 import hashlib
@@ -152,7 +155,7 @@ def explain_dataset(
         ...                         batch_size=32, return_flow=True,
         ...                         metrics=("pointing_game",))
         >>> store["maps"].shape, store["maps"].dtype
-        ((100, 6, 8, 8), dtype('float16'))
+        ((100, 6, 8, 8), dtype('<f2'))
         >>> store.attrs["summary"]["metrics"]["pointing_game"]  # doctest: +SKIP
         0.84
     """
