@@ -18,6 +18,7 @@ _PUBLIC: Dict[str, str] = {
     "AttentionRollout": ".attr",
     "GradientRollout": ".attr",
     "MemoryBank": ".ssl",
+    "explain_dataset": ".dataset",
     "TokenGrid": ".token_grid",
     "GenericAdapter": ".adapters",
     "ViTAdapter": ".adapters",
@@ -35,7 +36,7 @@ _PUBLIC: Dict[str, str] = {
 
 # Submodules reachable as attributes of the package, as when it imported them eagerly.
 _SUBMODULES = (
-    "adapters", "attr", "cli", "data", "decompose", "metrics", "ssl", "token_grid",
+    "adapters", "attr", "cli", "data", "dataset", "decompose", "metrics", "ssl", "token_grid",
     "visualization", "zoo",
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "AttentionRollout",
     "GradientRollout",
     "MemoryBank",
+    "explain_dataset",
     "TokenGrid",
     "metrics",
     "GenericAdapter",
@@ -70,6 +72,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
         supported_families,
     )
     from .attr import DAAM, AttentionRollout, GradientRollout
+    from .dataset import explain_dataset
     from .decompose import (
         accumulate,
         block_map,

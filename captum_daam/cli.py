@@ -1,4 +1,5 @@
-"""The ``captum-daam`` command: ``demo``, ``explain`` and ``check``.
+"""The ``captum-daam`` command: ``demo``, ``explain``, ``check`` and ``explain-dataset``
+(in ``_dataset_cli``).
 
 torch, timm and matplotlib are imported inside the commands, so that ``--help`` and
 ``--version`` answer without loading them.
@@ -706,6 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "built with pretrained=False")
     check_parser.add_argument("--seed", type=int, default=0)
     check_parser.set_defaults(run=check)
+
+    from ._dataset_cli import add_explain_dataset_parser
+
+    add_explain_dataset_parser(commands)
     return parser
 
 

@@ -6,14 +6,16 @@ background with small distractors (short strokes and dots) that carry no class i
 Colours, sizes and positions are random; the object masks are exact.
 """
 
+import hashlib
 import math
-from typing import Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import Dataset
 
-__all__ = ["CLASSES", "IMAGE_SIZE", "make_shapes"]
+__all__ = ["CLASSES", "IMAGE_SIZE", "HuggingFaceImages", "ShapesDataset", "make_shapes"]
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
 IMAGE_SIZE = 64
@@ -171,3 +173,101 @@ def _shape_masks(labels: Tensor, centres: Tensor, radii: Tensor, size: int) -> T
     ring = (distance <= r) & (distance >= 0.55 * r)
     shapes = torch.stack([circle, square, triangle, cross, ring], dim=1)
     return shapes.gather(1, labels.reshape(-1, 1, 1, 1).expand(-1, 1, size, size)).squeeze(1)
+
+
+class ShapesDataset(Dataset):
+    """:func:`make_shapes` as a map-style dataset of ``(image, label, mask)``: the image
+    (3, size, size) float32 in [0, 1], the label an int, the mask (1, size, size) bool.
+
+    The images are generated once, in the constructor (about 50 kB each at size 64).
+
+    Args:
+        n: number of images.
+        seed: random seed of :func:`make_shapes`.
+        size: image height and width in pixels.
+
+    Example::
+
+        >>> dataset = ShapesDataset(8, seed=1)
+        >>> image, label, mask = dataset[0]
+        >>> image.shape, mask.shape
+        (torch.Size([3, 64, 64]), torch.Size([1, 64, 64]))
+    """
+
+    def __init__(self, n: int, seed: int = 0, size: int = IMAGE_SIZE) -> None:
+        self.n, self.seed, self.size = n, seed, size
+        self.images, labels, self.masks = make_shapes(n, seed=seed, size=size)
+        self.labels = labels[:, 0]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, int, Tensor]:
+        return self.images[index], int(self.labels[index]), self.masks[index]
+
+    def __repr__(self) -> str:
+        return f"ShapesDataset(n={self.n}, seed={self.seed}, size={self.size})"
+
+
+class HuggingFaceImages(Dataset):
+    """A Hugging Face ``datasets.Dataset`` of images and labels as a map-style dataset of
+    ``(image, label)``: each PIL image converted to RGB and passed through ``transform``
+    (for a timm model, ``timm.data.create_transform(**resolve_data_config({}, model=model))``).
+
+    Args:
+        dataset: a ``datasets.Dataset`` (one split), e.g. ``load_dataset(name, split="test")``.
+        transform: from a PIL image to a (C, H, W) float tensor.
+        image_column: the column of images. Default: None, the column whose feature is
+            ``datasets.Image``.
+        label_column: the column of labels. Default: None, the ``datasets.ClassLabel``
+            column, else a column named ``label`` or ``labels``.
+
+    Raises:
+        ValueError: when no such column is found, naming the dataset's columns.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        transform: Callable[[Any], Tensor],
+        image_column: Optional[str] = None,
+        label_column: Optional[str] = None,
+    ) -> None:
+        import datasets
+
+        features = dataset.features
+        if image_column is None:
+            image_column = next(
+                (name for name, feature in features.items()
+                 if isinstance(feature, datasets.Image)), None)
+        if label_column is None:
+            label_column = next(
+                (name for name, feature in features.items()
+                 if isinstance(feature, datasets.ClassLabel)), None)
+            if label_column is None:
+                label_column = next(
+                    (name for name in ("label", "labels") if name in features), None)
+        for role, column in (("image", image_column), ("label", label_column)):
+            if column is None or column not in features:
+                raise ValueError(
+                    f"Expected an {role} column in the Hugging Face dataset, got "
+                    f"{column!r}; its columns are {list(features)}. Name it with "
+                    f"HuggingFaceImages(dataset, transform, {role}_column=...)."
+                )
+        self.dataset, self.transform = dataset, transform
+        self.image_column, self.label_column = image_column, label_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, int]:
+        row = self.dataset[int(index)]
+        return self.transform(row[self.image_column].convert("RGB")), int(row[self.label_column])
+
+    def __repr__(self) -> str:
+        # the dataset's content fingerprint (datasets changes it with every transformation)
+        fingerprint = getattr(self.dataset, "_fingerprint", None)
+        transform = hashlib.sha256(repr(self.transform).encode()).hexdigest()[:16]
+        return (f"HuggingFaceImages(fingerprint={fingerprint}, rows={len(self.dataset)}, "
+                f"image_column={self.image_column!r}, label_column={self.label_column!r}, "
+                f"transform_sha256={transform})")

@@ -11,11 +11,13 @@ contribution to the similarity, min-max scaled to [0, 1] per example.
 import math
 import numbers
 import os
-from typing import Callable, Iterable, Optional, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 __all__ = ["MemoryBank"]
 
@@ -80,7 +82,7 @@ class MemoryBank:
             raise ValueError(
                 f"Expected real features (floating point or integer), got dtype {features.dtype}."
             )
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        if not _is_integer(labels):
             raise ValueError(f"Expected integer labels, got dtype {labels.dtype}.")
         if not features.is_floating_point():
             features = features.float()
@@ -295,32 +297,88 @@ class MemoryBank:
         device: Optional[Union[str, torch.device]] = None,
         progress: bool = True,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        distributed: Optional[bool] = None,
     ) -> "MemoryBank":
-        """Run ``backbone`` over ``loader`` and keep its features with their labels.
+        r"""Run ``backbone`` over ``loader`` and keep its features with their labels.
 
         The backbone runs in eval mode without gradients; every module's train/eval mode is
         restored afterwards, also when a batch fails.
 
+        Distributed (e.g. under ``torchrun``): each process runs the backbone over its own
+        share of the loader's batches only, and every process ends with the whole bank, in the
+        loader's order, equal to the bank one process builds from the same loader. The
+        loader's batches are dealt out in contiguous blocks, as even as whole batches allow
+        (no batch is repeated to even them out, unlike ``DistributedSampler``): each example
+        goes through the backbone in the same batch as in one process, so on CPU the
+        features are equal value for value. The shares' features and labels are gathered
+        with ``all_gather`` (padded to the largest share, then trimmed), so every process
+        holds the whole bank; a share may be empty (fewer batches than processes). If a
+        process fails, the others raise too instead of waiting for it.
+
+        ``build`` never initialises a process group: the calling script does, with
+        ``torch.distributed.init_process_group`` (``gloo`` on CPU, ``nccl`` on GPUs, where
+        each process must also call ``torch.cuda.set_device(local_rank)`` first, since the
+        gathered tensors go through its current CUDA device under ``nccl``; the test suite
+        runs on CPU and covers ``gloo`` only). Every process of the default group must call
+        ``build``, with the same loader.
+
         Args:
-            backbone: maps images (B, C, H, W) to features (B, D).
-            loader: yields (images, labels) batches, e.g. a torch DataLoader.
-            device: where the backbone runs; default: where its parameters are.
-            progress: show a tqdm progress bar.
-            memory_budget: as for :class:`MemoryBank`.
+            backbone (nn.Module or callable): Maps images (B, C, H, W) to features (B, D).
+            loader (iterable): Yields (images, labels) batches, e.g. a torch DataLoader.
+                        Distributed, it must be a :class:`~torch.utils.data.DataLoader`
+                        over a map-style dataset in its own order (``shuffle=False``, the
+                        default, and no custom sampler), so that each process loads only
+                        its own batches; its workers, collate function, pinning and
+                        ``drop_last`` are kept.
+            device (str or torch.device, optional): Where the backbone runs.
+                        Default: where its parameters are.
+            progress (bool, optional): Show a tqdm progress bar (distributed: on rank 0
+                        only, for its share). Default: True.
+            memory_budget (int, optional): As for :class:`MemoryBank`.
+                        Default: 256 MiB.
+            distributed (bool, optional): Share the work among the processes of the
+                        default process group. None (the default) does so when a group
+                        is initialised and has more than one process; True requires an
+                        initialised group; False builds from this process's loader
+                        alone, as each process did before (e.g. a loader that is already
+                        sharded, with ``DistributedSampler``). Default: None.
+
+        Returns:
+            MemoryBank: the features (normalised) and labels of every example the loader
+            yields, in its order, on the device of the backbone's features.
+
+        Example, a script ``build_bank.py`` run as ``torchrun --nproc_per_node=2
+        build_bank.py`` (``train_set`` and ``backbone`` being the user's)::
+
+            import torch.distributed as dist
+            from torch.utils.data import DataLoader
+
+            dist.init_process_group("gloo")
+            loader = DataLoader(train_set, batch_size=64, num_workers=4)
+            bank = MemoryBank.build(backbone, loader, progress=False)
+            if dist.get_rank() == 0:
+                bank.save("bank.safetensors")
+            dist.destroy_process_group()
         """
         from tqdm.auto import tqdm
 
+        shared = _use_distributed(distributed)
+        rank = dist.get_rank() if shared else 0
+        if shared:
+            loader = _share_of_loader(loader, rank, dist.get_world_size())
         modules = list(backbone.modules()) if isinstance(backbone, nn.Module) else []
         modes = [module.training for module in modules]
         if device is None:
             parameter = next(iter(backbone.parameters()), None) if modules else None
             device = parameter.device if parameter is not None else torch.device("cpu")
         features, labels = [], []
+        failure = None
         try:
             if modules:
                 backbone.eval()
             with torch.no_grad():
-                for images, batch_labels in tqdm(loader, desc="memory bank", disable=not progress):
+                batches = tqdm(loader, desc="memory bank", disable=not progress or rank != 0)
+                for images, batch_labels in batches:
                     output = backbone(images.to(device))
                     if not isinstance(output, Tensor) or output.dim() != 2:
                         raise ValueError(
@@ -329,12 +387,167 @@ class MemoryBank:
                         )
                     features.append(output.float())
                     labels.append(torch.as_tensor(batch_labels).to(output.device))
+        except Exception as error:
+            if not shared:
+                raise
+            failure = error  # raised after telling the other processes, which would wait
         finally:
             for module, mode in zip(modules, modes):
                 module.training = mode
-        if not features:
+        if shared:
+            features, labels = _gather_shares(features, labels, failure, torch.device(device))
+        elif not features:
             raise ValueError("Expected the loader to yield at least one batch, got none.")
-        return cls(torch.cat(features), torch.cat(labels), memory_budget)
+        else:
+            features, labels = torch.cat(features), torch.cat(labels)
+        return cls(features, labels, memory_budget)
+
+
+def _use_distributed(distributed: Optional[bool]) -> bool:
+    """Whether :meth:`MemoryBank.build` shares the work among the default group's processes."""
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"Expected distributed to be None, True or False, got {distributed!r}.")
+    initialised = dist.is_available() and dist.is_initialized()
+    if distributed and not initialised:
+        raise ValueError(
+            "Expected an initialised default process group for distributed=True, got none: "
+            "call torch.distributed.init_process_group() first (e.g. under torchrun), or "
+            "pass distributed=False."
+        )
+    if distributed is None:
+        return initialised and dist.get_world_size() > 1
+    return distributed
+
+
+def _share_of_loader(loader: Iterable, rank: int, world_size: int) -> DataLoader:
+    """A DataLoader over this rank's contiguous block of ``loader``'s batches, the same
+    batches (indices) as ``loader`` yields them, with its workers and collate function."""
+    given = _unshareable(loader)
+    if given is not None:
+        raise ValueError(
+            f"Expected a torch DataLoader over a map-style dataset in its own order "
+            f"(shuffle=False, no custom sampler) to share among processes, got {given}. "
+            f"Pass such a loader, or distributed=False for each process to build a bank from "
+            f"its own loader."
+        )
+    # automatic batching off (batch_size=None): each index of the sampler is a batch already
+    batched = loader.batch_sampler is not None
+    units = list(loader.batch_sampler if batched else loader.sampler)
+    start, stop = _block_bounds(len(units), rank, world_size)
+    options = dict(
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor,
+        persistent_workers=loader.persistent_workers,
+        pin_memory_device=loader.pin_memory_device,
+    )
+    if batched:
+        return DataLoader(loader.dataset, batch_sampler=units[start:stop], **options)
+    return DataLoader(loader.dataset, batch_size=None, sampler=units[start:stop], **options)
+
+
+def _unshareable(loader: Iterable) -> Optional[str]:
+    """What keeps ``loader`` from being shared among processes in its own order, or None."""
+    if not isinstance(loader, DataLoader):
+        return _describe(loader)
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+        return f"a DataLoader with a custom batch sampler ({type(batch_sampler).__name__})"
+    order = loader.sampler if batch_sampler is None else batch_sampler.sampler
+    if not isinstance(order, SequentialSampler):
+        return f"a DataLoader with a {type(order).__name__} (e.g. shuffle=True)"
+    return None
+
+
+def _block_bounds(count: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """[start, stop) of rank's block when ``count`` items are dealt out in contiguous blocks,
+    rank 0's first, the first ``count % world_size`` blocks one item longer."""
+    base, longer = divmod(count, world_size)
+    start = rank * base + min(rank, longer)
+    return start, start + base + (1 if rank < longer else 0)
+
+
+def _gather_shares(
+    features: List[Tensor],
+    labels: List[Tensor],
+    failure: Optional[Exception],
+    bank_device: torch.device,
+) -> Tuple[Tensor, Tensor]:
+    """Every rank's features and labels, rank 0's first, on every rank.
+
+    Sizes go first (rows, width, whether the rank failed), so that a failure is raised on
+    every rank rather than leaving the others waiting in the next collective, and so that
+    each share can be padded to the largest for ``all_gather`` and trimmed afterwards.
+    """
+    local_features, local_labels = torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    if failure is None and features:
+        try:
+            local_features, local_labels = torch.cat(features), torch.cat(labels)
+            if not _is_integer(local_labels) or local_labels.shape != local_features.shape[:1]:
+                # refused here, not by the constructor: the gather makes them int64
+                raise ValueError(
+                    f"Expected labels as one integer per example, got "
+                    f"{_describe(local_labels)} for features shaped "
+                    f"{tuple(local_features.shape)}."
+                )
+        except Exception as error:
+            failure = error
+    # nccl moves only tensors on the rank's current CUDA device; other backends take CPU ones
+    collective_device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+    size = torch.tensor(
+        [local_features.shape[0], local_features.shape[1], int(failure is not None)],
+        dtype=torch.long,
+        device=collective_device,
+    )
+    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    counts, widths, failed = torch.stack(sizes).T.cpu().tolist()
+    if failure is not None:
+        raise failure
+    if any(failed):
+        raise RuntimeError(
+            f"Expected every process to build its share of the memory bank, but rank(s) "
+            f"{[rank for rank, flag in enumerate(failed) if flag]} failed (their error is "
+            f"raised there)."
+        )
+    if sum(counts) == 0:
+        raise ValueError("Expected the loader to yield at least one batch, got none.")
+    shared_widths = sorted({width for width, count in zip(widths, counts) if count})
+    if len(shared_widths) != 1:
+        raise ValueError(
+            f"Expected the backbone to give features of one width on every process, got "
+            f"widths {shared_widths}."
+        )
+    if local_features.shape[0] == 0:
+        local_features = torch.empty(0, shared_widths[0])
+    else:
+        bank_device = local_features.device  # where one process would keep the bank
+    gathered_features = _gather_rows(local_features.to(collective_device), counts)
+    gathered_labels = _gather_rows(local_labels.to(collective_device, torch.long), counts)
+    return gathered_features.to(bank_device), gathered_labels.to(bank_device)
+
+
+def _gather_rows(local: Tensor, counts: List[int]) -> Tensor:
+    """All ranks' rows, rank 0's first: each share padded to the largest for ``all_gather``,
+    which takes equal shapes, and trimmed back to its own count."""
+    padded = local.new_zeros((max(counts),) + tuple(local.shape[1:]))
+    padded[: local.shape[0]] = local
+    shares = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(shares, padded)
+    return torch.cat([share[:count] for share, count in zip(shares, counts)])
+
+
+def _is_integer(labels: Tensor) -> bool:
+    return not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
 
 
 def _check_bank_shapes(

@@ -20,7 +20,6 @@ from collections import OrderedDict
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from captum.metrics import infidelity, sensitivity_max
 from torch import nn
@@ -448,18 +447,6 @@ class _Normalize(nn.Module):
 
     def forward(self, images):
         return (images - self.mean) / self.std
-
-
-@pytest.fixture()
-def process_group(tmp_path):
-    """A single-process gloo group (world size 1), destroyed whatever the test does."""
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'process_group'}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _compiled(model):

@@ -1,0 +1,739 @@
+"""Explain and evaluate a whole dataset into one Zarr v3 store: on one process or many
+(``torch.distributed``, e.g. under ``torchrun``), resumable after a crash.
+
+Store layout (a Zarr v3 group; N examples, chunks of ``batch_size`` examples along axis 0):
+
+=========================  ====================  ==============================================
+array                      shape, dtype          content
+=========================  ====================  ==============================================
+``maps``                   (N, L, gh, gw), dtype  the flow D_1..D_L (``return_flow``) or the
+                                                  final map D_L alone (L = 1)
+``targets``                (N,) int64            the explained class
+``predictions``            (N,) int64            the model's argmax class
+``scores``                 (N,) float32          softmax probability of the explained class
+``labels``                 (N,) int64            the dataset's label
+``metrics/<name>``         (N,) float32          one array per metric, per example
+``complete``               (C,) bool             chunk c done; written after the chunk's
+                                                  other arrays
+=========================  ====================  ==============================================
+
+The group's attributes hold ``settings`` (everything the values depend on, compared on a
+re-run) and ``summary`` (the aggregated metrics and accuracy, rewritten by each run).
+
+Why it is safe to kill: zarr's ``LocalStore`` writes every chunk to a temporary ``*.partial``
+file and renames it into place, so a chunk file is either absent, the old one or the new one.
+A chunk of examples is written by exactly one process (chunk c goes to rank c % world among
+the chunks still to do), and its bit in ``complete`` is written only after all its arrays.
+A re-run computes again every chunk whose bit is not set; on the same device and software
+this gives the same values, so the store equals that of an uninterrupted run.
+
+Chunks are written by one background thread per process, in order, while the next batch is
+explained; an error while writing stops the writing and is raised in the caller's thread.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .attr import DAAM
+
+__all__ = ["explain_dataset", "METRICS"]
+
+FORMAT_VERSION = 1
+#: Per-example metrics, from :mod:`captum_daam.metrics`, all computed on the final map D_L.
+METRICS = ("pointing_game", "energy_pointing_game", "deletion", "insertion")
+_MASK_METRICS = ("pointing_game", "energy_pointing_game")
+_DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
+_INSTALL_HINT = 'pip install "captum-daam[dataset]"'
+
+
+def explain_dataset(
+    daam: DAAM,
+    dataset: Any,
+    out: Union[str, os.PathLike],
+    batch_size: int = 64,
+    target: Union[None, str, int, Sequence[int], Tensor] = None,
+    return_flow: bool = False,
+    dtype: torch.dtype = torch.float16,
+    metrics: Sequence[str] = (),
+    internal_batch_size: Optional[int] = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Any:
+    r"""
+    Explain every example of a dataset with DAAM and write the maps, the predictions and
+    per-example metrics into one Zarr v3 store, resumably, on one process or on every
+    process of a ``torch.distributed`` job.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group is
+    initialised here when it is not already (gloo for a model on the CPU, nccl for one on
+    CUDA, which should then be on ``cuda:LOCAL_RANK``) and destroyed again at the end. Each
+    rank explains a disjoint share of the chunks (no example is padded or written twice),
+    rank 0 creates the store, shows the progress bar and stores the aggregated metrics.
+
+    A run that stopped for any reason (even SIGKILL) is resumed by calling again with the
+    same arguments: complete chunks are kept, the others computed again; the result equals
+    an uninterrupted run's value for value (on the same device and software). A store
+    written with a different model or settings is refused with a ValueError naming the
+    differences; nothing is mixed.
+
+    Args:
+        daam (DAAM): The attribution, ``DAAM(model)`` (with ``layer=`` for a part of the
+                    flow). Its model must classify (class scores), in eval mode, on the
+                    device the images should go to.
+        dataset (Dataset, str, Path or datasets.Dataset): What to explain:
+
+                    - a map-style torch ``Dataset`` yielding ``(image, label)`` or
+                      ``(image, label, mask)``: image (C, H, W) float as the model takes it,
+                      label an int, mask (H, W) or (1, H, W) bool, True on the object;
+                    - a folder of class folders (torchvision ``ImageFolder``), read with the
+                      model's timm data config (``resolve_data_config``,
+                      ``create_transform``);
+                    - a Hugging Face ``datasets.Dataset`` (one split) with an image and a
+                      label column, read with the same transform (see
+                      :class:`captum_daam.data.HuggingFaceImages` to name the columns).
+        out (str or Path): The store, a folder (conventionally ``*.zarr``). Created when
+                    absent; resumed when it holds a store of this function with the same
+                    settings; any other existing folder with content is refused.
+        batch_size (int, optional): Examples per DAAM pass, and per chunk of the store (so
+                    each chunk is written once, by one process: 50,000 examples in batches
+                    of 64 make 782 files per array). Part of the settings: the values of a
+                    batch can differ in the last bits with its composition.
+                    Default: 64
+        target (None, str, int, list[int] or Tensor, optional): The class explained:
+
+                    - None: each example's predicted class;
+                    - ``"label"``: the dataset's label of each example;
+                    - an int: this class for every example;
+                    - a list or 1-D tensor of N classes, one per example of the dataset.
+
+                    Default: None
+        return_flow (bool, optional): Store the whole flow D_1..D_L, (N, L, gh, gw), not
+                    only the final map, (N, 1, gh, gw). Default: False
+        dtype (torch.dtype, optional): The dtype the maps are stored in:
+                    ``torch.float16``, ``torch.float32`` or ``torch.float64`` (the maps are
+                    computed in the model's dtype and cast; metrics use them uncast).
+                    Default: torch.float16
+        metrics (sequence of str, optional): Per-example metrics of the final map, from
+                    :mod:`captum_daam.metrics` with their defaults, against the explained
+                    class: ``"pointing_game"`` (1.0 for a hit, else 0.0) and
+                    ``"energy_pointing_game"`` need masks from the dataset;
+                    ``"deletion"`` and ``"insertion"`` store the AUC of the curve (32 steps,
+                    33 more forward passes per example). Default: () (none)
+        internal_batch_size (int, optional): Passed to :meth:`DAAM.attribute`, to bound
+                    memory. Default: None (the whole batch in one pass)
+        num_workers (int, optional): ``DataLoader`` worker processes. Default: 0
+        progress (bool, optional): A tqdm bar (rank 0 only, over rank 0's examples) and
+                    the aggregated metrics printed at the end. Default: True
+
+    Returns:
+        *zarr.Group*: the store, opened read-only; ``group["maps"][i]`` reads example i
+        lazily as a numpy array, ``group.attrs["summary"]`` holds ``examples``, the
+        ``accuracy`` of the predictions against the labels and the mean of each metric
+        over all N examples (read back from the store, so a resumed run counts every
+        example, not only those it computed).
+
+    Raises:
+        ImportError: when zarr (>= 3) is not installed.
+        TypeError, ValueError: for wrong arguments or dataset items, before any work; and
+                    for an existing store of other settings.
+
+    Example::
+
+        >>> import torch
+        >>> from captum_daam import DAAM, explain_dataset
+        >>> from captum_daam.data import ShapesDataset
+        >>> from captum_daam.zoo import tiny_vit
+        >>> store = explain_dataset(DAAM(tiny_vit()), ShapesDataset(100), "maps.zarr",
+        ...                         batch_size=32, return_flow=True,
+        ...                         metrics=("pointing_game",))
+        >>> store["maps"].shape, store["maps"].dtype
+        ((100, 6, 8, 8), dtype('<f2'))
+        >>> store.attrs["summary"]["metrics"]["pointing_game"]  # doctest: +SKIP
+        0.84
+    """
+    zarr = _import_zarr()
+    if not isinstance(daam, DAAM):
+        raise TypeError(f"Expected a captum_daam.DAAM attribution, got {type(daam).__name__}.")
+    _check_positive_int("batch_size", batch_size)
+    if internal_batch_size is not None:
+        _check_positive_int("internal_batch_size", internal_batch_size)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"Expected num_workers to be a non-negative int, got {num_workers!r}.")
+    if dtype not in _DTYPES:
+        raise ValueError(
+            f"Expected dtype to be one of {', '.join(map(str, _DTYPES))} (zarr has no "
+            f"bfloat16), got {dtype!r}."
+        )
+    metrics = _check_metrics(metrics)
+    dataset = _as_dataset(dataset, daam)
+    num_examples = len(dataset)
+    if num_examples == 0:
+        raise ValueError("Expected a dataset with at least one example, got an empty one.")
+    first = _check_item(dataset[0], 0)
+    if first[2] is None and any(name in _MASK_METRICS for name in metrics):
+        raise ValueError(
+            f"Expected the dataset to yield (image, label, mask) for the metrics "
+            f"{[name for name in metrics if name in _MASK_METRICS]}, got items without masks."
+        )
+    target_spec, target_table = _check_target_spec(target, num_examples)
+    device = _model_device(daam)
+
+    # One example through DAAM: the flow's length and grid (and any error about the model).
+    first_target = first[1] if target_spec == "label" else (
+        None if target_table is None else int(target_table[0]))
+    probe = daam.attribute(first[0].unsqueeze(0).to(device), target=first_target,
+                           return_flow=True)
+    settings = {
+        "format": FORMAT_VERSION,
+        "package_version": _package_version(),
+        "model": _model_identity(daam),
+        "flow_blocks": _flow_blocks(daam),
+        "dataset": _dataset_identity(dataset),
+        "examples": num_examples,
+        "image_shape": list(first[0].shape),
+        "batch_size": batch_size,
+        "internal_batch_size": internal_batch_size,
+        "target": target_spec,
+        "return_flow": bool(return_flow),
+        "dtype": _DTYPES[dtype],
+        "metrics": list(metrics),
+        "grid": list(probe.shape[-2:]),
+        "blocks": probe.shape[1],
+    }
+    map_shape = (probe.shape[1] if return_flow else 1, *probe.shape[-2:])
+    num_chunks = -(-num_examples // batch_size)
+
+    created_group = _init_distributed(device)
+    try:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        message: List[Any] = [None, None]
+        if rank == 0:
+            try:
+                todo = _open_or_create(zarr, Path(out), settings, num_chunks, map_shape, metrics)
+                message = [None, todo]
+            except (ValueError, TypeError) as error:
+                message = [error, None]
+        if world > 1:
+            dist.broadcast_object_list(message, src=0)
+        if message[0] is not None:
+            raise message[0]
+        todo = message[1]
+        group = zarr.open_group(str(out), mode="r+")
+        mine = todo[rank::world]
+        computed = _explain_chunks(daam, dataset, group, mine, settings, target_table,
+                                   metrics, device, num_workers, progress and rank == 0, dtype)
+        if world > 1:
+            dist.barrier()
+        # Chunks complete before this run are read back, each by one rank (c % world).
+        pending = set(todo)
+        stored = [c for c in range(rank, num_chunks, world) if c not in pending]
+        summary = _aggregate(group, metrics, computed, stored, batch_size, world, device)
+        if rank == 0:
+            group.attrs["summary"] = summary
+            if progress:
+                print(_describe_summary(summary, out))
+        if world > 1:
+            dist.barrier()
+    finally:
+        if created_group and dist.is_initialized():
+            dist.destroy_process_group()
+    return zarr.open_group(str(out), mode="r")
+
+
+# ---- checks made before any work ---------------------------------------------------------
+
+
+def _import_zarr() -> Any:
+    try:
+        import zarr
+    except ImportError as error:
+        raise ImportError(
+            f"explain_dataset writes a Zarr v3 store and needs zarr>=3: {_INSTALL_HINT}"
+        ) from error
+    if int(zarr.__version__.split(".")[0]) < 3:
+        raise ImportError(
+            f"explain_dataset needs zarr>=3 (Zarr v3 stores), found zarr {zarr.__version__}: "
+            f"{_INSTALL_HINT}"
+        )
+    return zarr
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected {name} to be a positive int, got {value!r}.")
+
+
+def _check_metrics(metrics: Sequence[str]) -> Tuple[str, ...]:
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    metrics = tuple(metrics)
+    unknown = [name for name in metrics if name not in METRICS]
+    if unknown:
+        raise ValueError(f"Expected metrics among {', '.join(METRICS)}, got {unknown}.")
+    if len(set(metrics)) != len(metrics):
+        raise ValueError(f"Expected each metric once, got {list(metrics)}.")
+    return metrics
+
+
+def _check_target_spec(
+    target: Any, num_examples: int
+) -> Tuple[Union[str, int, Dict[str, Any]], Optional[Tensor]]:
+    """The target as stored in the settings, and the (N,) table of classes when fixed."""
+    if target is None:
+        return "predicted", None
+    if isinstance(target, str):
+        if target != "label":
+            raise ValueError(f'Expected target None, "label", an int or N classes, got '
+                             f'{target!r}.')
+        return "label", None
+    if isinstance(target, int) and not isinstance(target, bool):
+        if target < 0:
+            raise ValueError(f"Expected a non-negative target class, got {target}.")
+        return target, torch.full((num_examples,), target, dtype=torch.long)
+    if isinstance(target, Tensor) or (
+        isinstance(target, (list, tuple)) and all(
+            isinstance(item, int) and not isinstance(item, bool) for item in target)
+    ):
+        table = torch.as_tensor(target)
+        if table.is_floating_point() or table.dtype == torch.bool or table.dim() != 1:
+            raise TypeError(
+                f"Expected per-example targets as a 1-D integer tensor or list, got "
+                f"{table.dtype} of shape {tuple(table.shape)}."
+            )
+        if table.numel() != num_examples:
+            raise ValueError(
+                f"Expected one target per example of the dataset ({num_examples}), got "
+                f"{table.numel()}."
+            )
+        if table.numel() and int(table.min()) < 0:
+            raise ValueError(f"Expected non-negative target classes, got {int(table.min())}.")
+        table = table.to(torch.long).cpu()
+        digest = hashlib.sha256(table.numpy().tobytes()).hexdigest()
+        return {"per_example_sha256": digest}, table
+    raise TypeError(
+        f'Expected target None, "label", an int, or a list / 1-D tensor of one class per '
+        f"example, got {type(target).__name__}."
+    )
+
+
+def _check_item(item: Any, index: int) -> Tuple[Tensor, int, Optional[Tensor]]:
+    """A dataset item as (image, label, mask or None), checked."""
+    if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+        raise TypeError(
+            f"Expected dataset items (image, label) or (image, label, mask), got "
+            f"{type(item).__name__} at index {index}."
+        )
+    image, label = item[0], item[1]
+    mask = item[2] if len(item) == 3 else None
+    if not isinstance(image, Tensor) or image.dim() != 3 or not image.is_floating_point():
+        raise TypeError(
+            f"Expected each image as a (C, H, W) float tensor, got "
+            f"{_describe(image)} at index {index}; give the dataset a transform (e.g. timm's "
+            f"create_transform(**resolve_data_config({{}}, model=model)))."
+        )
+    if isinstance(label, Tensor) and label.numel() == 1 and not label.is_floating_point():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise TypeError(f"Expected an int label, got {_describe(label)} at index {index}.")
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"Expected a bool mask, got {_describe(mask)} at index {index}.")
+        if mask.dim() == 3 and mask.shape[0] == 1:
+            mask = mask[0]
+        if tuple(mask.shape) != tuple(image.shape[-2:]):
+            raise ValueError(
+                f"Expected a mask (H, W) or (1, H, W) of the image's size "
+                f"{tuple(image.shape[-2:])}, got {tuple(mask.shape)} at index {index}."
+            )
+    return image, label, mask
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _as_dataset(dataset: Any, daam: DAAM) -> Any:
+    """A map-style dataset of tuples: folders become an ImageFolder, a Hugging Face Dataset
+    is wrapped, both with the model's timm transform."""
+    if isinstance(dataset, (str, os.PathLike)):
+        root = Path(dataset)
+        if not root.is_dir():
+            raise ValueError(f"Expected an image folder of class folders, got {str(root)!r}, "
+                             f"which is not a folder.")
+        from torchvision.datasets import ImageFolder
+
+        return ImageFolder(str(root), transform=_timm_transform(daam))
+    if type(dataset).__module__.split(".")[0] == "datasets" and hasattr(dataset, "features"):
+        from .data import HuggingFaceImages
+
+        return HuggingFaceImages(dataset, _timm_transform(daam))
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise TypeError(
+            f"Expected a map-style dataset (with __getitem__ and __len__), an image folder or "
+            f"a datasets.Dataset, got {type(dataset).__name__}."
+        )
+    return dataset
+
+
+def _timm_transform(daam: DAAM) -> Any:
+    from timm.data import create_transform, resolve_data_config
+
+    return create_transform(**resolve_data_config({}, model=daam.adapter.model))
+
+
+def _model_device(daam: DAAM) -> torch.device:
+    parameter = next(iter(daam.adapter.model.parameters()), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+# ---- the settings the values depend on ---------------------------------------------------
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _explained_module(daam: DAAM) -> nn.Module:
+    forward = daam.forward_func
+    return forward if isinstance(forward, nn.Module) else daam.adapter.model
+
+
+def _model_identity(daam: DAAM) -> Dict[str, str]:
+    """The explained module's class and a SHA-256 of its state dict (names, dtypes, shapes
+    and values, in name order)."""
+    module = _explained_module(daam)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    kind = type(module)
+    return {"class": f"{kind.__module__}.{kind.__qualname__}", "state_dict_sha256":
+            digest.hexdigest()}
+
+
+def _flow_blocks(daam: DAAM) -> List[int]:
+    """Positions of the flow's attention modules among the model's."""
+    modules = daam.adapter.attention_modules()
+    return [next(i for i, module in enumerate(modules) if module is layer)
+            for layer in daam.layer]
+
+
+def _dataset_identity(dataset: Any) -> Dict[str, Any]:
+    """Type, length and, where the class describes itself (``__repr__``), that description;
+    for an image folder also a SHA-256 of its file list."""
+    kind = type(dataset)
+    identity: Dict[str, Any] = {"class": f"{kind.__module__}.{kind.__qualname__}",
+                                "length": len(dataset)}
+    if kind.__repr__ is not object.__repr__:
+        identity["description"] = repr(dataset)
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, list):
+        identity["samples_sha256"] = hashlib.sha256(
+            json.dumps([[str(path), int(label)] for path, label in samples]).encode()
+        ).hexdigest()
+    return identity
+
+
+# ---- the store ---------------------------------------------------------------------------
+
+
+def _open_or_create(
+    zarr: Any, path: Path, settings: Dict[str, Any], num_chunks: int,
+    map_shape: Tuple[int, ...], metrics: Sequence[str],
+) -> List[int]:
+    """Rank 0: open the store at ``path`` (checking its settings; removing temporaries left by
+    a killed run) or create it. Returns the indices of the chunks still to do."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Expected out to be a folder for a Zarr store, got a file: {path}.")
+    if path.is_dir() and _holds_files(path):
+        try:
+            group = zarr.open_group(str(path), mode="r")
+            attributes = dict(group.attrs)
+        except Exception:  # any reason the folder is not a zarr group
+            attributes = {}
+        if attributes.get("captum_daam_format") is None:
+            raise ValueError(
+                f"Expected out to be absent, empty or a store of explain_dataset, got {path}, "
+                f"which holds other files. Choose another out."
+            )
+        stored = attributes.get("settings")
+        if stored is not None:
+            differences = _differences(stored, settings)
+            if differences:
+                raise ValueError(
+                    f"The store {path} was written with other settings; refusing to mix them. "
+                    f"Differences (stored vs given): {'; '.join(differences)}. Use another "
+                    f"out, or delete the store to start again."
+                )
+            for temporary in path.rglob("*.partial"):
+                temporary.unlink(missing_ok=True)
+            return np.flatnonzero(~group["complete"][:]).tolist()
+        # else: a run was killed while creating the store, before any example: start again
+    _create(zarr, path, settings, num_chunks, map_shape, metrics)
+    return list(range(num_chunks))
+
+
+def _holds_files(path: Path) -> bool:
+    """Whether the folder holds files other than zarr's temporaries (``*.partial``, left when
+    a run is killed while writing: the first write of a store leaves only those)."""
+    return any(item.is_file() and not item.name.endswith(".partial")
+               for item in path.rglob("*"))
+
+
+def _differences(stored: Dict[str, Any], given: Dict[str, Any], prefix: str = "") -> List[str]:
+    differences = []
+    for key in sorted(set(stored) | set(given)):
+        old, new = stored.get(key), given.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += _differences(old, new, f"{prefix}{key}.")
+        elif json.dumps(old) != json.dumps(new):
+            differences.append(f"{prefix}{key} {old!r} vs {new!r}")
+    return differences
+
+
+def _create(
+    zarr: Any, path: Path, settings: Dict[str, Any], num_chunks: int,
+    map_shape: Tuple[int, ...], metrics: Sequence[str],
+) -> None:
+    """The group and its arrays; the settings are written last, so a store without them is
+    known to be a creation that was interrupted."""
+    group = zarr.open_group(str(path), mode="w",
+                            attributes={"captum_daam_format": FORMAT_VERSION})
+    n, chunk = settings["examples"], settings["batch_size"]
+    example = ("example",)
+
+    def per_example(name: str, dtype: str, fill: Any) -> None:
+        group.create_array(name, shape=(n,), chunks=(chunk,), dtype=dtype, fill_value=fill,
+                           dimension_names=example)
+
+    group.create_array("maps", shape=(n, *map_shape), chunks=(chunk, *map_shape),
+                       dtype=settings["dtype"], fill_value=0,
+                       dimension_names=("example", "block", "row", "column"))
+    per_example("targets", "int64", -1)
+    per_example("predictions", "int64", -1)
+    per_example("scores", "float32", float("nan"))
+    per_example("labels", "int64", -1)
+    for name in metrics:
+        per_example(f"metrics/{name}", "float32", float("nan"))
+    group.create_array("complete", shape=(num_chunks,), chunks=(1,), dtype="bool",
+                       fill_value=False, dimension_names=("chunk",))
+    group.attrs["settings"] = settings
+
+
+# ---- the work ----------------------------------------------------------------------------
+
+
+def _init_distributed(device: torch.device) -> bool:
+    """Initialise torch.distributed from torchrun's environment when it is not yet; True
+    when this call initialised it (and the caller destroys it)."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed.")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def _collate(items: List[Any]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    checked = [_check_item(item, -1) for item in items]
+    images = torch.stack([image for image, _, _ in checked])
+    labels = torch.tensor([label for _, label, _ in checked], dtype=torch.long)
+    masks = None if checked[0][2] is None else torch.stack([mask for _, _, mask in checked])
+    return images, labels, masks
+
+
+def _explain_chunks(
+    daam: DAAM, dataset: Any, group: Any, chunks: List[int], settings: Dict[str, Any],
+    target_table: Optional[Tensor], metrics: Sequence[str], device: torch.device,
+    num_workers: int, progress: bool, dtype: torch.dtype,
+) -> Tensor:
+    """Explain and write ``chunks``; returns their summary totals (:func:`_totals`)."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    n, size = settings["examples"], settings["batch_size"]
+    batches = [list(range(c * size, min(n, (c + 1) * size))) for c in chunks]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    arrays = {name: group[name] for name in ("maps", "targets", "predictions", "scores",
+                                             "labels", "complete")}
+    arrays.update({f"metrics/{name}": group[f"metrics/{name}"] for name in metrics})
+    bar = tqdm(total=sum(map(len, batches)), desc="explain_dataset", unit="image",
+               disable=not progress)
+    writer = _ChunkWriter(arrays)
+    totals = torch.zeros(len(metrics) + 3, dtype=torch.float64)
+    try:
+        for chunk, (images, labels, masks) in zip(chunks, loader):
+            start, stop = chunk * size, chunk * size + len(images)
+            images = images.to(device, non_blocking=True)
+            if settings["target"] == "label":
+                targets = labels.to(device)
+            elif target_table is not None:
+                targets = target_table[start:stop].to(device)
+            else:
+                targets = None
+            flow, logits = _attribute_with_scores(daam, images, targets, settings)
+            targets = logits.argmax(1) if targets is None else targets
+            final = flow[:, -1:]
+            values = {
+                "maps": flow if settings["return_flow"] else final,
+                "targets": targets,
+                "predictions": logits.argmax(1),
+                "scores": logits.float().softmax(1).gather(1, targets[:, None])[:, 0],
+                "labels": labels,
+            }
+            for name in metrics:
+                values[f"metrics/{name}"] = _metric(name, daam, images, final, targets, masks)
+            values["maps"] = values["maps"].to(dtype)
+            stored = {name: value.detach().cpu().numpy() for name, value in values.items()}
+            writer.put(chunk, slice(start, stop), stored)
+            totals += _totals(stored, metrics)
+            bar.update(len(images))
+        writer.close()
+    finally:
+        writer.close(raise_error=False)
+        bar.close()
+    return totals
+
+
+class _ChunkWriter:
+    """Writes chunks to the store in a background thread, so that writing overlaps the next
+    batch's DAAM pass (torch releases the GIL). Chunks are written one after the other, each
+    one's completion bit after its arrays; the first error stops the writing (nothing is
+    written after it, as after a kill) and is raised in the caller's thread."""
+
+    def __init__(self, arrays: Dict[str, Any]) -> None:
+        import queue
+        import threading
+
+        self.arrays, self.error = arrays, None
+        self.queue: Any = queue.Queue(maxsize=2)
+        self.thread = threading.Thread(target=self._run, name="explain_dataset-writer",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after an error, write nothing more
+            chunk, rows, values = item
+            try:
+                for name, value in values.items():
+                    self.arrays[name][rows] = value
+                self.arrays["complete"][chunk] = True  # last: the chunk's values are in place
+            except BaseException as error:  # raised again in the caller's thread
+                self.error = error
+
+    def put(self, chunk: int, rows: slice, values: Dict[str, np.ndarray]) -> None:
+        self._raise_error()
+        self.queue.put((chunk, rows, values))
+
+    def close(self, raise_error: bool = True) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if raise_error:
+            self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _attribute_with_scores(
+    daam: DAAM, images: Tensor, targets: Optional[Tensor], settings: Dict[str, Any]
+) -> Tuple[Tensor, Tensor]:
+    """DAAM's flow and the class scores of the same forward pass (read by a forward hook,
+    removed afterwards; a forward function that is not a module is run once more)."""
+    outputs: List[Tensor] = []
+    module = daam.forward_func
+    handle = None
+    if isinstance(module, nn.Module):
+        handle = module.register_forward_hook(
+            lambda _module, _args, output: outputs.append(daam._scores(output).detach()))
+    try:
+        flow = daam.attribute(images, target=targets, return_flow=True,
+                              internal_batch_size=settings["internal_batch_size"])
+    finally:
+        if handle is not None:
+            handle.remove()
+    if handle is None:
+        with torch.no_grad():
+            outputs.append(daam._scores(module(images)))
+    return flow, torch.cat(outputs)
+
+
+def _metric(name: str, daam: DAAM, images: Tensor, final: Tensor, targets: Tensor,
+            masks: Optional[Tensor]) -> Tensor:
+    from . import metrics
+
+    if name == "pointing_game":
+        return metrics.pointing_game(final, masks).float()
+    if name == "energy_pointing_game":
+        return metrics.energy_pointing_game(final, masks).float()
+    curve = getattr(metrics, name)(daam.forward_func, images, final, target=targets)
+    return curve.auc.float()
+
+
+def _totals(values: Dict[str, Any], metrics: Sequence[str]) -> Tensor:
+    """Sums over some examples, as stored (dtypes of the store): each metric, then the
+    correct predictions, the examples with a label (>= 0), and the examples."""
+    totals = torch.zeros(len(metrics) + 3, dtype=torch.float64)
+    for index, name in enumerate(metrics):
+        totals[index] = float(np.asarray(values[f"metrics/{name}"], np.float32)
+                              .astype(np.float64).sum())
+    labels, predictions = np.asarray(values["labels"]), np.asarray(values["predictions"])
+    totals[-3] = float(((labels == predictions) & (labels >= 0)).sum())
+    totals[-2] = float((labels >= 0).sum())
+    totals[-1] = len(labels)
+    return totals
+
+
+def _aggregate(group: Any, metrics: Sequence[str], computed: Tensor, stored_chunks: List[int],
+               batch_size: int, world: int, device: torch.device) -> Dict[str, Any]:
+    """The accuracy and the mean of each metric over all examples: this rank's totals of the
+    chunks it computed plus those of ``stored_chunks`` (complete before this run, read back),
+    summed over the ranks (all_reduce)."""
+    totals = computed.clone()
+    for chunk in stored_chunks:
+        rows = slice(chunk * batch_size, (chunk + 1) * batch_size)
+        names = [f"metrics/{name}" for name in metrics] + ["labels", "predictions"]
+        totals += _totals({name: group[name][rows] for name in names}, metrics)
+    if world > 1:
+        carrier = totals.to(device) if dist.get_backend() == "nccl" else totals
+        dist.all_reduce(carrier)
+        totals = carrier.cpu()
+    count = int(totals[-1])
+    return {
+        "examples": count,
+        "accuracy": float(totals[-3] / totals[-2]) if totals[-2] > 0 else None,
+        "metrics": {name: float(totals[i] / count) for i, name in enumerate(metrics)},
+    }
+
+
+def _describe_summary(summary: Dict[str, Any], out: Any) -> str:
+    parts = [f"{summary['examples']} examples in {out}"]
+    if summary["accuracy"] is not None:
+        parts.append(f"accuracy {summary['accuracy']:.4f}")
+    parts += [f"{name} {value:.4f}" for name, value in summary["metrics"].items()]
+    return "explain_dataset: " + ", ".join(parts)
