@@ -229,7 +229,9 @@ def explain_dataset(
         group = zarr.open_group(str(out), mode="r+")
         mine = todo[rank::world]
         computed = _explain_chunks(daam, dataset, group, mine, settings, target_table,
-                                   metrics, device, num_workers, progress and rank == 0, dtype)
+                                   metrics, device, num_workers, progress and rank == 0, dtype,
+                                   "explain_dataset" if world == 1 else
+                                   f"explain_dataset, rank 0's share of {world} processes")
         if world > 1:
             dist.barrier()
         # Chunks complete before this run are read back, each by one rank (c % world).
@@ -562,7 +564,7 @@ def _collate(items: List[Any]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
 def _explain_chunks(
     daam: DAAM, dataset: Any, group: Any, chunks: List[int], settings: Dict[str, Any],
     target_table: Optional[Tensor], metrics: Sequence[str], device: torch.device,
-    num_workers: int, progress: bool, dtype: torch.dtype,
+    num_workers: int, progress: bool, dtype: torch.dtype, description: str = "explain_dataset",
 ) -> Tensor:
     """Explain and write ``chunks``; returns their summary totals (:func:`_totals`)."""
     from torch.utils.data import DataLoader
@@ -575,7 +577,7 @@ def _explain_chunks(
     arrays = {name: group[name] for name in ("maps", "targets", "predictions", "scores",
                                              "labels", "complete")}
     arrays.update({f"metrics/{name}": group[f"metrics/{name}"] for name in metrics})
-    bar = tqdm(total=sum(map(len, batches)), desc="explain_dataset", unit="image",
+    bar = tqdm(total=sum(map(len, batches)), desc=description, unit="image",
                disable=not progress)
     writer = _ChunkWriter(arrays)
     totals = torch.zeros(len(metrics) + 3, dtype=torch.float64)
