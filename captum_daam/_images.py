@@ -35,7 +35,8 @@ from typing import Iterator, Optional, Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["BACKGROUND", "SUPPORTED_MODES", "check_image", "load_rgb"]
+__all__ = ["BACKGROUND", "SUPPORTED_MODES", "check_image", "load_rgb", "pil_to_rgb",
+           "timm_preprocessing"]
 
 #: Grey level of the background that transparent pixels are composited over: white.
 BACKGROUND = 1.0
@@ -80,12 +81,37 @@ def load_rgb(path: PathLike):
         >>> load_rgb("photo.png").shape  # doctest: +SKIP
         torch.Size([3, 480, 640])
     """
+    with _opened(path) as image:
+        return pil_to_rgb(image, path)
+
+
+def pil_to_rgb(image: Image.Image, name: PathLike = "image"):
+    """An opened Pillow image (of a file, or a Hugging Face ``datasets.Image`` cell) as a
+    float32 tensor (3, H, W) in [0, 1], converted as :func:`load_rgb` converts files; ``name``
+    is used in messages."""
     import torch
 
-    with _opened(path) as image:
-        _check_mode(path, image.mode)
-        rgb = _to_rgb(path, _upright(image))
+    _check_mode(name, image.mode)
+    rgb = _to_rgb(name, _upright(image))
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))
+
+
+def timm_preprocessing(model, normalize: bool = True):
+    """From a float RGB image (3, H, W) in [0, 1] (:func:`load_rgb`) to the model's input:
+    timm's evaluation resize and crop of the model's data config (its to-tensor step passes
+    tensors through), clamped to [0, 1] (bicubic resizing overshoots a little), then, with
+    ``normalize``, the config's mean and std."""
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.transforms.functional import normalize as normalise
+
+    config = resolve_data_config({}, model=model)
+    resize_and_crop = create_transform(**config, normalize=False)
+
+    def preprocess(rgb):
+        picture = resize_and_crop(rgb).clamp(0, 1)
+        return normalise(picture, config["mean"], config["std"]) if normalize else picture
+
+    return preprocess
 
 
 @contextmanager

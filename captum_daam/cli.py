@@ -440,12 +440,12 @@ def explain(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace, device: torch.device, out: Path) -> int:
     import torch
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import resolve_data_config
     from torchvision.transforms.functional import normalize
     from tqdm.auto import tqdm
 
     from . import DAAM
-    from ._images import load_rgb
+    from ._images import load_rgb, timm_preprocessing
     from .adapters import adapter_for
     from .data import CLASSES
 
@@ -461,16 +461,14 @@ def _explain(args: argparse.Namespace, device: torch.device, out: Path) -> int:
         raise UsageError(f"--target {args.target}: this model has classes 0-{num_classes - 1}")
 
     config = resolve_data_config({}, model=model)
-    # timm's eval resize and crop, applied to the float image: its to-tensor step passes
-    # tensors through. Bicubic resizing overshoots a little: clamp back to [0, 1].
-    display_transform = create_transform(**config, normalize=False)
+    display_transform = timm_preprocessing(model, normalize=False)
     pictures = []
     for image_path in args.images:
         try:
             rgb = load_rgb(image_path)
         except ValueError as error:
             raise UsageError(str(error)) from error
-        pictures.append(display_transform(rgb).clamp(0, 1))
+        pictures.append(display_transform(rgb))
 
     daam = DAAM(model, layer=[attention_modules[number - 1] for number in block_numbers])
     shapes_model = args.model == BUNDLED_MODEL or (

@@ -211,12 +211,16 @@ class ShapesDataset(Dataset):
 
 class HuggingFaceImages(Dataset):
     """A Hugging Face ``datasets.Dataset`` of images and labels as a map-style dataset of
-    ``(image, label)``: each PIL image converted to RGB and passed through ``transform``
-    (for a timm model, ``timm.data.create_transform(**resolve_data_config({}, model=model))``).
+    ``(image, label)``: each PIL image converted to a float RGB tensor (3, H, W) in [0, 1]
+    from its raw values, as ``captum-daam explain`` reads image files (16-bit greyscale
+    divided by 65535, transparency over white; Pillow's ``convert("RGB")`` would clip 16-bit
+    images to white), then passed through ``transform``.
 
     Args:
         dataset: a ``datasets.Dataset`` (one split), e.g. ``load_dataset(name, split="test")``.
-        transform: from a PIL image to a (C, H, W) float tensor.
+        transform: from a float RGB tensor (3, H, W) in [0, 1] to the model's input (for a
+            timm model, its data config's resize, crop and normalisation, as
+            :func:`captum_daam.explain_dataset` applies).
         image_column: the column of images. Default: None, the column whose feature is
             ``datasets.Image``.
         label_column: the column of labels. Default: None, the ``datasets.ClassLabel``
@@ -261,8 +265,11 @@ class HuggingFaceImages(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Tuple[Tensor, int]:
+        from ._images import pil_to_rgb
+
         row = self.dataset[int(index)]
-        return self.transform(row[self.image_column].convert("RGB")), int(row[self.label_column])
+        rgb = pil_to_rgb(row[self.image_column], f"row {index} of the Hugging Face dataset")
+        return self.transform(rgb), int(row[self.label_column])
 
     def __repr__(self) -> str:
         # the dataset's content fingerprint (datasets changes it with every transformation)

@@ -374,7 +374,10 @@ def _as_dataset(dataset: Any, daam: DAAM) -> Any:
                              f"which is not a folder.")
         from torchvision.datasets import ImageFolder
 
-        return ImageFolder(str(root), transform=_timm_transform(daam))
+        from ._images import load_rgb
+
+        # load_rgb, not torchvision's loader: convert("RGB") clips 16-bit images to white
+        return ImageFolder(str(root), transform=_timm_transform(daam), loader=load_rgb)
     if type(dataset).__module__.split(".")[0] == "datasets" and hasattr(dataset, "features"):
         from .data import HuggingFaceImages
 
@@ -388,9 +391,10 @@ def _as_dataset(dataset: Any, daam: DAAM) -> Any:
 
 
 def _timm_transform(daam: DAAM) -> Any:
-    from timm.data import create_transform, resolve_data_config
+    """Float RGB images in [0, 1] to the model's input, by its timm data config."""
+    from ._images import timm_preprocessing
 
-    return create_transform(**resolve_data_config({}, model=daam.adapter.model))
+    return timm_preprocessing(daam.adapter.model)
 
 
 def _model_device(daam: DAAM) -> torch.device:

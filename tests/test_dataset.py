@@ -411,3 +411,36 @@ def test_command_line_writes_the_store_and_reports_errors_in_one_line(
         error = capsys.readouterr().err.strip()
         assert error.count("\n") == 0 and error.startswith("captum-daam: error:"), error
         assert message in error, error
+
+
+def test_sixteen_bit_images_are_read_from_their_raw_values(model, shapes, tmp_path):
+    """An image folder and a Hugging Face dataset of 16-bit greyscale PNGs are explained from
+    value / 65535 (Pillow's convert("RGB"), torchvision's default loader, clips them to
+    white)."""
+    from PIL import Image
+
+    datasets = pytest.importorskip("datasets")
+    grey = (shapes.images[:4].mean(1) * 65535).round().to(torch.int32).numpy().astype(np.uint16)
+    pictures = [Image.fromarray(pixels) for pixels in grey]
+    assert {picture.mode for picture in pictures} == {"I;16"}
+    root = tmp_path / "images" / "shape"
+    root.mkdir(parents=True)
+    for index, picture in enumerate(pictures):
+        picture.save(root / f"{index}.png")
+    # independently: the raw 16-bit values over 65535, the same in the three channels
+    images = torch.from_numpy(grey.astype(np.float32) / 65535).unsqueeze(1).expand(-1, 3, -1, -1)
+    expected = batched_attribute(model, images.contiguous(), 4, target=1).numpy()
+
+    folder = explain_dataset(DAAM(model), str(tmp_path / "images"), tmp_path / "folder.zarr",
+                             batch_size=4, target=1, dtype=torch.float32, progress=False)
+    np.testing.assert_allclose(folder["maps"][:], expected, rtol=1e-6, atol=1e-7)
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(
+        num_classes=5)})
+    table = datasets.Dataset.from_dict(
+        {"image": [str(root / f"{index}.png") for index in range(4)], "label": [0] * 4},
+        features=features)
+    assert table[0]["image"].mode == "I;16"
+    hugging_face = explain_dataset(DAAM(model), table, tmp_path / "hf.zarr", batch_size=4,
+                                   target=1, dtype=torch.float32, progress=False)
+    np.testing.assert_allclose(hugging_face["maps"][:], expected, rtol=1e-6, atol=1e-7)
