@@ -86,3 +86,19 @@ def record_with_module_outputs(
         for handle in handles:
             handle.remove()
     return records, outputs
+
+
+def save_shape_pngs(folder, count: int, seed: int):
+    """``count`` generated shape images saved as 8-bit PNGs in ``folder`` (shape.png for one,
+    shape0.png, shape1.png, ... for more); returns their paths and labels."""
+    from PIL import Image
+
+    from captum_daam.data import make_shapes
+
+    images, labels, _ = make_shapes(count, seed=seed)
+    paths = []
+    for index, image in enumerate(images):
+        path = folder / (f"shape{index}.png" if count > 1 else "shape.png")
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+        paths.append(path)
+    return paths, labels[:, 0]

@@ -9,20 +9,14 @@ import torch
 from PIL import Image
 
 from captum_daam.cli import main
-from captum_daam.data import make_shapes
 from captum_daam.zoo import tiny_vit
+from helpers import save_shape_pngs
 
 
 @pytest.fixture(scope="module")
 def shape_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    images, labels, _ = make_shapes(2, seed=4)
-    paths = []
-    for index, image in enumerate(images):
-        path = folder / f"shape{index}.png"
-        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
-        paths.append(str(path))
-    return paths, labels[:, 0]
+    paths, labels = save_shape_pngs(tmp_path_factory.mktemp("images"), 2, seed=4)
+    return [str(path) for path in paths], labels
 
 
 def _files(folder: Path):

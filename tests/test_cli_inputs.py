@@ -7,20 +7,17 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from PIL import Image
 
 import captum_daam._images
 import captum_daam.zoo
 from captum_daam.cli import main
-from captum_daam.data import CLASSES, make_shapes
+from captum_daam.data import CLASSES
+from helpers import save_shape_pngs
 
 
 @pytest.fixture(scope="module")
 def shape_png(tmp_path_factory):
-    images, _, _ = make_shapes(1, seed=5)
-    path = tmp_path_factory.mktemp("shapes") / "shape.png"
-    Image.fromarray((images[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
-    return str(path)
+    return str(save_shape_pngs(tmp_path_factory.mktemp("shapes"), 1, seed=5)[0][0])
 
 
 def _files(folder: Path):

@@ -15,23 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import captum_daam.visualization
 from captum_daam.cli import _unique_stems, main
-from captum_daam.data import make_shapes
+from helpers import save_shape_pngs
 
 
 @pytest.fixture(scope="module")
 def shape_png(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shapes")
-    images, _, _ = make_shapes(2, seed=11)
-    paths = []
-    for index, image in enumerate(images):
-        path = folder / f"shape{index}.png"
-        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
-        paths.append(path)
-    return paths
+    return save_shape_pngs(tmp_path_factory.mktemp("shapes"), 2, seed=11)[0]
 
 
 def _files(folder: Path):
