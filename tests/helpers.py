@@ -55,13 +55,21 @@ def module_hook_count(model: nn.Module) -> int:
 
 
 def assert_attributions_match(
-    daam, images: torch.Tensor, target, expected: Dict[str, torch.Tensor], rel: float = 1e-4
+    daam,
+    images: torch.Tensor,
+    target,
+    expected: Dict[str, torch.Tensor],
+    rel: float = 1e-4,
+    **options,
 ) -> torch.Tensor:
-    """DAAM's block maps, flow and final map for ``target`` equal the reference's
-    ``block_maps`` and ``flow`` (B, L, gh, gw). Returns the flow."""
-    flow = daam.attribute(images, target=target, return_flow=True)
-    block_maps = daam.attribute(images, target=target, return_flow=True, accumulate=False)
-    final = daam.attribute(images, target=target)
+    """DAAM's block maps, flow and final map for ``target`` (and further attribute()
+    ``options``) equal the reference's ``block_maps`` and ``flow`` (B, L, gh, gw). Returns
+    the flow."""
+    flow = daam.attribute(images, target=target, return_flow=True, **options)
+    block_maps = daam.attribute(
+        images, target=target, return_flow=True, accumulate=False, **options
+    )
+    final = daam.attribute(images, target=target, **options)
     assert_close_relative(block_maps, expected["block_maps"], rel)
     assert_close_relative(flow, expected["flow"], rel)
     assert_close_relative(final, expected["flow"][:, -1:], rel)

@@ -42,6 +42,7 @@ __all__ = [
     "explicit_forward",
     "explicit_daam",
     "maps_from_explicit_blocks",
+    "maps_from_every_query_row",
     "resolve_targets",
     "patch_grid_size",
 ]
@@ -290,8 +291,13 @@ def explicit_daam(
     dtype: Optional[torch.dtype] = torch.float64,
     attn_mask: Optional[torch.Tensor] = None,
     importance: Optional[torch.Tensor] = None,
+    queries: str = "class",
 ) -> Dict[str, object]:
     """Reference DAAM block maps and flow for a timm ViT, computed explicitly.
+
+    With ``queries="all"`` the maps split every query row of the attention output, each
+    weighted by its own gradient (:func:`maps_from_every_query_row`), instead of the [class]
+    row alone.
 
     With ``importance`` (D,) or (B, D), the objective is the self-supervised one,
     ``sum_b sum_d importance[b, d] * output[b, d]``, instead of the target scores.
@@ -360,7 +366,8 @@ def explicit_daam(
         pre_projections = [record["pre_projection"] for record in result["blocks"]]
         gradients = torch.autograd.grad(score, pre_projections)
 
-    maps = maps_from_explicit_blocks(
+    reduce = maps_from_explicit_blocks if queries == "class" else maps_from_every_query_row
+    maps = reduce(
         result["blocks"],
         gradients,
         result["num_prefix_tokens"],
@@ -432,4 +439,51 @@ def maps_from_explicit_blocks(
         "class_outputs": class_outputs,
         "class_gradients": class_gradients,
         "class_attention": class_attention,
+    }
+
+
+def maps_from_every_query_row(
+    blocks: Sequence[Dict[str, torch.Tensor]],
+    gradients: Sequence[torch.Tensor],
+    num_prefix_tokens: int,
+    grid_size: Tuple[int, int],
+    relu_gradients: bool = True,
+) -> Dict[str, object]:
+    """Block maps from every query row, for heads that pool the tokens (not the [class] one).
+
+    Every row i of the attention output is a sum over the tokens it reads,
+    O[b, i, (h, e)] = sum_n A[b, h, i, n] v[b, h, n, e]; the summands are kept apart as
+    F[b, i, n, (h, e)] = A[b, h, i, n] * v[b, h, n, e], (B, Q, N, C), weighted by the gradient
+    at their own row and summed over rows and channels:
+
+        cam[b, n] = relu( sum_i sum_c w[b, i, c] * F[b, i, n, c] ),  w = relu(g) or g
+
+    Args: as :func:`maps_from_explicit_blocks`, with ``attn`` (B, H, Q, N) every query row.
+
+    Returns:
+        dict with ``block_maps`` and ``flow`` (B, L, gh, gw) and, per block, ``contributions``
+        F (B, Q, N, C).
+    """
+    gh, gw = grid_size
+    contributions, maps = [], []
+    for record, grad in zip(blocks, gradients):
+        attn = record["attn"].detach()  # (B, H, Q, N)
+        v = record["v"].detach()  # (B, H, N, d)
+        batch, heads, tokens, head_dim = v.shape
+        queries = attn.shape[2]
+        # F[b, i, n, h, e] = A[b, h, i, n] * v[b, h, n, e], written out by broadcasting.
+        contribution = attn.unsqueeze(-1) * v.unsqueeze(2)  # (B, H, Q, N, d)
+        contribution = contribution.permute(0, 2, 3, 1, 4).reshape(
+            batch, queries, tokens, heads * head_dim
+        )
+        g = grad.detach()  # (B, Q, C), every row's own gradient
+        weights = g.clamp(min=0) if relu_gradients else g
+        cam = (contribution * weights.unsqueeze(2)).sum(dim=(1, 3)).clamp(min=0)  # (B, N)
+        maps.append(cam[:, num_prefix_tokens:].reshape(batch, gh, gw))
+        contributions.append(contribution)
+    block_maps = torch.stack(maps, dim=1)
+    return {
+        "block_maps": block_maps,
+        "flow": torch.cumsum(block_maps, dim=1),
+        "contributions": contributions,
     }

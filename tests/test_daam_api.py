@@ -207,10 +207,10 @@ def test_training_mode_warns_and_is_kept(used_model):
     assert caught[0].filename == __file__  # attributed to the caller's line
 
 
-def test_a_pooled_model_warns_at_the_callers_line():
-    model = make_model("deit_tiny_patch16_224", global_pool="avg")
+def test_class_rows_of_a_pooled_model_warn_at_the_callers_line():
+    model = make_model("deit_tiny_patch16_224", global_pool="avg", depth=2)
     with pytest.warns(UserWarning, match="global_pool='avg'") as caught:
-        DAAM(model)
+        DAAM(model).attribute(make_images(1), target=0, queries="class")
     assert caught[0].filename == __file__
 
 

@@ -5,6 +5,7 @@ Hugging Face adapter recognises its models only once the user has loaded transfo
 """
 
 from .base import (
+    BlockLayout,
     BlockRecord,
     Hook,
     ViTAdapter,
@@ -24,6 +25,7 @@ from .timm_xcit import TimmXcitAdapter
 from .torchvision_vit import TorchvisionVisionTransformerAdapter
 
 __all__ = [
+    "BlockLayout",
     "BlockRecord",
     "Hook",
     "ViTAdapter",

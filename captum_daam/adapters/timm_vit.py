@@ -13,7 +13,6 @@ from timm.layers.attention import resolve_self_attn_mask
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from .._warnings import warn_user
 from ..decompose import attention_probabilities, class_attention_row
 from .base import BlockRecord, Hook, ViTAdapter, register_adapter
 
@@ -79,20 +78,6 @@ def _class_row(bias: Optional[Tensor]) -> Optional[Tensor]:
     return None if bias is None else bias[..., 0, :]
 
 
-def check_class_token_pooling(model: nn.Module) -> None:
-    """Warn when the model's head does not read the [class] token (``global_pool`` other
-    than ``'token'``): DAAM then shows only what reaches the output through the [class]
-    token of the earlier blocks, and the last block's map is zero."""
-    pooling = getattr(model, "global_pool", "token")
-    if pooling != "token":
-        warn_user(
-            f"This {type(model).__name__} pools its output with global_pool={pooling!r}, not "
-            f"from the [class] token that DAAM explains: the maps show only what reaches the "
-            f"output through the [class] token of earlier blocks, and the last block's map is "
-            f"zero. Models with global_pool='token' are explained in full."
-        )
-
-
 class TimmAdapter(ViTAdapter):
     """What timm's ViT-like models share, for the timm family adapters to build on.
 
@@ -135,8 +120,13 @@ class TimmAdapter(ViTAdapter):
         self.check_pooling()
 
     def check_pooling(self) -> None:
-        """Called by the constructor: warns when the output is not read from the [class] token."""
-        check_class_token_pooling(self.model)
+        """Called by the constructor: refuses a pooling the adapter cannot explain. Every
+        pooling is explained here ([class] rows for ``global_pool='token'``, every query row
+        otherwise, see :attr:`reads_class_token`)."""
+
+    @property
+    def reads_class_token(self) -> bool:
+        return getattr(self.model, "global_pool", "token") == "token"
 
     def attention_modules(self) -> List[nn.Module]:
         return [block.attn for block in getattr(self.model, self.blocks_name)]
