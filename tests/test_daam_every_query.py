@@ -123,3 +123,27 @@ def test_every_row_is_refused_for_class_attention_blocks_before_any_work():
 def test_an_unknown_queries_value_is_refused():
     with pytest.raises(ValueError, match="Expected queries to be 'class' or 'all', got 'cls'"):
         DAAM(small_vit()).attribute(make_images(1, 64, 64), target=0, queries="cls")
+
+
+def test_block_grids_gives_the_block_maps_each_on_its_grid():
+    """One grid: the list holds the block maps of return_flow=True, accumulate=False."""
+    model = small_vit("token")
+    images = make_images(2, 64, 64)
+    daam = DAAM(model)
+    blocks = daam.attribute(images, target=[1, 2], block_grids=True, accumulate=False)
+    maps = daam.attribute(images, target=[1, 2], return_flow=True, accumulate=False)
+    assert isinstance(blocks, list) and len(blocks) == 3
+    for index, block in enumerate(blocks):
+        assert block.shape == (2, 1, 4, 4)
+        torch.testing.assert_close(block[:, 0], maps[:, index])
+    as_tuples = daam.attribute((images,), target=[1, 2], block_grids=True, accumulate=False)
+    assert all(isinstance(block, tuple) and len(block) == 1 for block in as_tuples)
+
+
+@pytest.mark.parametrize(
+    "options", [dict(), dict(accumulate=False, return_flow=True),
+                dict(accumulate=False, input_shaped=True)], ids=["accumulate", "flow", "shaped"]
+)
+def test_block_grids_with_options_it_rules_out_is_refused(options):
+    with pytest.raises(ValueError, match="block_grids=True"):
+        DAAM(small_vit()).attribute(make_images(1, 64, 64), target=0, block_grids=True, **options)

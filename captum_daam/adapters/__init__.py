@@ -19,8 +19,11 @@ from .generic import GenericAdapter
 from .hf_vit import HFViTAdapter
 from .timm_beit import TimmBeitAdapter
 from .timm_cait import TimmCaitAdapter
+from .timm_convit import TimmConvitAdapter
 from .timm_eva import TimmEvaAdapter
+from .timm_tnt import TimmTntAdapter
 from .timm_vit import TimmAdapter, TimmVisionTransformerAdapter
+from .timm_volo import TimmVoloAdapter
 from .timm_xcit import TimmXcitAdapter
 from .torchvision_vit import TorchvisionVisionTransformerAdapter
 
@@ -39,8 +42,11 @@ __all__ = [
     "TimmAdapter",
     "TimmBeitAdapter",
     "TimmCaitAdapter",
+    "TimmConvitAdapter",
     "TimmEvaAdapter",
+    "TimmTntAdapter",
     "TimmVisionTransformerAdapter",
+    "TimmVoloAdapter",
     "TimmXcitAdapter",
     "TorchvisionVisionTransformerAdapter",
 ]

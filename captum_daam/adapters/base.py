@@ -208,8 +208,9 @@ class ViTAdapter(ABC):
     family: ClassVar[str] = ""
     examples: ClassVar[str] = ""
     layer_example: ClassVar[str] = "model.blocks[i].attn"
-    #: Whether every token is a query in the flow's blocks, so that full attention matrices
-    #: exist (attention rollouts); False for class-attention blocks (CaiT, XCiT).
+    #: Whether the flow's blocks have full attention matrices, every token a query with
+    #: softmax weights over the tokens (attention rollouts, ``queries='all'``); False for
+    #: class-attention blocks (CaiT, XCiT, VOLO) and factorised attention (CoaT).
     self_attention: ClassVar[bool] = True
 
     def __init__(self, model: Optional[nn.Module]) -> None:

@@ -87,12 +87,15 @@ class ViTLayerAttribution(LayerAttribution):
         if not self.adapter.reads_class_token:
             pooling = getattr(self.adapter.model, "global_pool", None)
             how = f"global_pool={pooling!r}" if isinstance(pooling, str) else "its head"
+            remedy = (
+                " DAAM explains the pooled output in full with queries='all', its default for "
+                "this model." if self.adapter.self_attention else ""
+            )
             warn_user(
                 f"This {type(self.adapter.model).__name__} pools its output with {how}, not "
                 f"from the [class] token whose attention rows {type(self).__name__} follows: "
                 f"the maps show only what reaches the output through the [class] token of "
-                f"earlier blocks, and the last block's map is zero. DAAM explains the pooled "
-                f"output in full with queries='all', its default for this model."
+                f"earlier blocks, and the last block's map is zero.{remedy}"
             )
 
     def _scores(self, output: object) -> Tensor:

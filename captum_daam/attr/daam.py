@@ -183,7 +183,8 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
                         whose head pools the tokens (``global_pool='avg'``); it forms one
                         block's full (B, H, N, N) attention at a time, in the backward pass.
                         Default: None, "class" where the head reads the [class] token and
-                        "all" where it pools (``adapter.reads_class_token``).
+                        "all" where it pools (``adapter.reads_class_token``) and the blocks
+                        have full attention matrices (``adapter.self_attention``).
             block_grids (bool, optional): Return the block maps cam_l each on its own
                         patch grid, unresampled: a list of L tensors (B, 1, gh_l, gw_l), one
                         per block of the flow, as Captum returns one attribution per layer
@@ -275,14 +276,15 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
     def _check_queries(self, queries: Optional[str]) -> str:
         """``queries`` checked against the model, or its default for the model."""
         if queries is None:
-            return "class" if self.adapter.reads_class_token else "all"
+            pooled = not self.adapter.reads_class_token and self.adapter.self_attention
+            return "all" if pooled else "class"
         if queries not in _QUERIES:
             raise ValueError(f"Expected queries to be 'class' or 'all', got {queries!r}.")
         if queries == "all" and not self.adapter.self_attention:
             raise ValueError(
-                f"Expected queries='class' for this model ({self.adapter.family}): its flow "
-                f"runs over class-attention blocks, where the [class] token is the only query, "
-                f"got queries='all'."
+                f"Expected queries='class' for this model ({self.adapter.family}): its blocks "
+                f"give attention weights for the [class] query only (class-attention blocks, "
+                f"or factorised attention), not full attention matrices, got queries='all'."
             )
         return queries
 

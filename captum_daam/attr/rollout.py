@@ -53,9 +53,10 @@ class _RolloutBase(ViTLayerAttribution):
         ViTLayerAttribution.__init__(self, model, layer, adapter)
         if not self.adapter.self_attention:
             raise TypeError(
-                f"{type(self).__name__} needs full self-attention matrices, but this model "
-                f"({self.adapter.family}) explains its decision in class-attention blocks, where "
-                f"only the [class] token is a query. Use DAAM for this model."
+                f"{type(self).__name__} needs full self-attention matrices, but the blocks of "
+                f"this model ({self.adapter.family}) give attention weights for the [class] "
+                f"query only (class-attention blocks, or factorised attention). Use DAAM for "
+                f"this model."
             )
 
     def _one_grid(self, image_size: Tuple[int, int]) -> Optional[Tuple[int, int]]:
