@@ -534,12 +534,6 @@ def test_eva_without_class_token_is_refused():
         DAAM(model)
 
 
-def test_eva_with_rope_attention_type_is_refused():
-    model = Eva(**SMALL, num_classes=NUM_CLASSES, attn_type="rope", use_rot_pos_emb=True)
-    with pytest.raises(TypeError, match="Block 0 of Eva.blocks uses AttentionRope"):
-        DAAM(model)
-
-
 def test_beit_with_a_foreign_attention_module_is_refused():
     model = MODELS["beit_rel_pos"][0]()
     model.blocks[1].attn = TimmAttention(64, num_heads=4)

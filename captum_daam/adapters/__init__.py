@@ -21,6 +21,8 @@ from .timm_beit import TimmBeitAdapter
 from .timm_cait import TimmCaitAdapter
 from .timm_convit import TimmConvitAdapter
 from .timm_eva import TimmEvaAdapter
+from .timm_naflexvit import TimmNaFlexVitAdapter
+from .timm_relpos import TimmRelPosAdapter
 from .timm_tnt import TimmTntAdapter
 from .timm_vit import TimmAdapter, TimmVisionTransformerAdapter
 from .timm_volo import TimmVoloAdapter
@@ -44,6 +46,8 @@ __all__ = [
     "TimmCaitAdapter",
     "TimmConvitAdapter",
     "TimmEvaAdapter",
+    "TimmNaFlexVitAdapter",
+    "TimmRelPosAdapter",
     "TimmTntAdapter",
     "TimmVisionTransformerAdapter",
     "TimmVoloAdapter",

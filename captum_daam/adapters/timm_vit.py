@@ -6,7 +6,7 @@ The hooks here also serve :class:`~captum_daam.adapters.GenericAdapter`, for any
 from timm-style attention (older timm and research code without q_norm / k_norm / norm).
 """
 
-from typing import ClassVar, List, Optional, Tuple
+from typing import Callable, ClassVar, List, Optional, Tuple
 
 from timm.layers import Attention
 from timm.layers.attention import resolve_self_attn_mask
@@ -17,7 +17,11 @@ from ..decompose import attention_probabilities, class_attention_row
 from .base import BlockRecord, Hook, ViTAdapter, register_adapter
 
 
-def timm_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook]:
+def timm_attention_hooks(
+    attention: nn.Module,
+    record: BlockRecord,
+    call_bias: Optional[Callable[[tuple, dict], Optional[Tensor]]] = None,
+) -> List[Hook]:
     """Hooks that fill ``record`` from one call of a timm-style attention module.
 
     The module has ``qkv`` (a linear layer giving [q, k, v] per token, heads inside each),
@@ -27,6 +31,9 @@ def timm_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook
     the mask from the call's ``attn_mask`` / ``is_causal`` arguments, and watch the
     head-concatenated output where it enters ``norm`` (identity unless scale_norm; before any
     gate) or, without ``norm``, ``proj``.
+
+    ``call_bias``, when given, replaces the mask: it maps the call's (args, kwargs) to the
+    additive logit bias (..., N, N) the module adds (e.g. a relative position bias), or None.
     """
     heads = attention.num_heads
     width = attention.qkv.out_features // (3 * heads)
@@ -36,10 +43,13 @@ def timm_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook
     call: dict = {}
 
     def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        tokens = args[0]
-        attn_mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
-        is_causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
-        bias = resolve_self_attn_mask(tokens.shape[1], tokens, attn_mask, is_causal)
+        if call_bias is not None:
+            bias = call_bias(args, kwargs)
+        else:
+            tokens = args[0]
+            attn_mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
+            is_causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
+            bias = resolve_self_attn_mask(tokens.shape[1], tokens, attn_mask, is_causal)
         call["bias"] = None if bias is None else bias.detach()
 
     def on_qkv(module: nn.Module, args: tuple, qkv: Tensor) -> None:
@@ -93,7 +103,7 @@ class TimmAdapter(ViTAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         name = type(model).__name__
-        if getattr(model, "cls_token", None) is None:
+        if self.class_token() is None:
             raise TypeError(
                 f"DAAM explains the [class] token, but this {name} has none (built with "
                 f"class_token=False, or without a head). Use a model with a [class] token."
@@ -118,6 +128,10 @@ class TimmAdapter(ViTAdapter):
                     f"attention type."
                 )
         self.check_pooling()
+
+    def class_token(self) -> Optional[Tensor]:
+        """The model's learned [class] token, or None when it has none."""
+        return getattr(self.model, "cls_token", None)
 
     def check_pooling(self) -> None:
         """Called by the constructor: refuses a pooling the adapter cannot explain. Every
