@@ -120,6 +120,14 @@ class TimmAdapter(ViTAdapter):
         )
         for index, block in enumerate(blocks):
             attention = getattr(block, "attn", None)
+            if attention is None:
+                raise TypeError(
+                    f"Block {index} of {name}.{self.blocks_name} (block type "
+                    f"{type(block).__name__}) has no attn module: its attention runs in "
+                    f"parallel branches or inside the block's own forward (timm's "
+                    f"ParallelThingsBlock, ParallelScalingBlock), which the {self.family} "
+                    f"adapter does not hook; it supports blocks with one {allowed} as .attn."
+                )
             if not isinstance(attention, self.attention_types):
                 raise TypeError(
                     f"Block {index} of {name}.{self.blocks_name} uses "
