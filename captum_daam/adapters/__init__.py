@@ -19,7 +19,9 @@ from .generic import GenericAdapter
 from .hf_vit import HFViTAdapter
 from .timm_beit import TimmBeitAdapter
 from .timm_cait import TimmCaitAdapter
+from .timm_coat import TimmCoatAdapter
 from .timm_convit import TimmConvitAdapter
+from .timm_crossvit import TimmCrossVitAdapter
 from .timm_eva import TimmEvaAdapter
 from .timm_naflexvit import TimmNaFlexVitAdapter
 from .timm_relpos import TimmRelPosAdapter
@@ -44,7 +46,9 @@ __all__ = [
     "TimmAdapter",
     "TimmBeitAdapter",
     "TimmCaitAdapter",
+    "TimmCoatAdapter",
     "TimmConvitAdapter",
+    "TimmCrossVitAdapter",
     "TimmEvaAdapter",
     "TimmNaFlexVitAdapter",
     "TimmRelPosAdapter",
