@@ -11,6 +11,7 @@ from torch import Tensor
 
 __all__ = [
     "class_attention_row",
+    "factorized_class_coefficients",
     "attention_probabilities",
     "class_token_contributions",
     "block_map",
@@ -47,6 +48,23 @@ def class_attention_row(
     if bias_row is not None:
         logits = logits + bias_row.to(compute_dtype)
     return logits.softmax(dim=-1)
+
+
+def factorized_class_coefficients(class_query: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """The coefficients of the [class] row of factorised attention over the tokens.
+
+    Args:
+        class_query: (B, H, d) the [class] token's query.
+        keys: (B, H, N, d) all keys.
+        scale: the factor of the factorised attention (head width ** -0.5).
+
+    Returns:
+        (B, H, N) a[b, h, n] = scale * <q_cls[b, h], softmax_n(k)[b, h, n]>, the softmax taken
+        over the tokens for each channel, in float32 at least.
+    """
+    compute_dtype = torch.promote_types(keys.dtype, torch.float32)
+    token_softmax = keys.to(compute_dtype).softmax(dim=2)
+    return (token_softmax * class_query.to(compute_dtype).unsqueeze(2)).sum(-1) * scale
 
 
 def attention_probabilities(

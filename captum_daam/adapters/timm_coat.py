@@ -30,33 +30,16 @@ does not depend on its [class] row: its block map is zero, exactly.
 
 from typing import List, Optional, Sequence, Tuple
 
-import torch
 from timm.models.coat import CoaT, FactorAttnConvRelPosEnc
 from torch import Tensor, nn
 
+from ..decompose import factorized_class_coefficients
 from .base import BlockLayout, BlockRecord, Hook, ViTAdapter, register_adapter
 
 
-def factorized_class_coefficients(class_query: Tensor, keys: Tensor, scale: float) -> Tensor:
-    """The coefficients of the [class] row of factorised attention over the tokens.
-
-    Args:
-        class_query: (B, H, d) the [class] token's query.
-        keys: (B, H, N, d) all keys.
-        scale: the factor of the factorised attention (head width ** -0.5).
-
-    Returns:
-        (B, H, N) a[b, h, n] = scale * <q_cls[b, h], softmax_n(k)[b, h, n]>, the softmax taken
-        over the tokens for each channel, in float32 at least.
-    """
-    compute_dtype = torch.promote_types(keys.dtype, torch.float32)
-    token_softmax = keys.to(compute_dtype).softmax(dim=2)
-    return (token_softmax * class_query.to(compute_dtype).unsqueeze(2)).sum(-1) * scale
-
-
-def factorized_attention_hooks(attention: FactorAttnConvRelPosEnc, record: BlockRecord) -> List[
-    Hook
-]:
+def factorized_attention_hooks(
+    attention: FactorAttnConvRelPosEnc, record: BlockRecord
+) -> List[Hook]:
     """Hooks that fill ``record`` from one call of timm's ``FactorAttnConvRelPosEnc``: the
     [class] coefficients and the values from ``qkv``, and the head-concatenated output
     (B, N, C) watched where it enters ``proj``. There are no attention probabilities for

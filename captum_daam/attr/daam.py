@@ -95,7 +95,8 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
             adapter (ViTAdapter, optional): The adapter that knows where the model keeps
                         its attention. Default: None, the registered adapter of ``model``'s
                         family (``captum_daam.adapters.adapter_for``): timm ViT / DeiT /
-                        DINO, CaiT, XCiT, BEiT, EVA, torchvision and Hugging Face ViTs. For
+                        DINO, CaiT, XCiT, BEiT, EVA, RelPos, NaFlexViT, VOLO, ConViT, TNT,
+                        PiT, MViTv2, CrossViT, CoaT, torchvision and Hugging Face ViTs. For
                         other models built from timm-style attention (T2T-ViT, research
                         code), give ``captum_daam.adapters.GenericAdapter(attention_modules)``.
         """
