@@ -23,7 +23,9 @@ from .timm_coat import TimmCoatAdapter
 from .timm_convit import TimmConvitAdapter
 from .timm_crossvit import TimmCrossVitAdapter
 from .timm_eva import TimmEvaAdapter
+from .timm_mvitv2 import TimmMvitv2Adapter
 from .timm_naflexvit import TimmNaFlexVitAdapter
+from .timm_pit import TimmPitAdapter
 from .timm_relpos import TimmRelPosAdapter
 from .timm_tnt import TimmTntAdapter
 from .timm_vit import TimmAdapter, TimmVisionTransformerAdapter
@@ -50,7 +52,9 @@ __all__ = [
     "TimmConvitAdapter",
     "TimmCrossVitAdapter",
     "TimmEvaAdapter",
+    "TimmMvitv2Adapter",
     "TimmNaFlexVitAdapter",
+    "TimmPitAdapter",
     "TimmRelPosAdapter",
     "TimmTntAdapter",
     "TimmVisionTransformerAdapter",

@@ -61,8 +61,10 @@ class _RolloutBase(ViTLayerAttribution):
 
     def _one_grid(self, image_size: Tuple[int, int]) -> Optional[Tuple[int, int]]:
         """The grid every block reads, or a ValueError for a model whose tokens change
-        between blocks (the rollout multiplies the blocks' attention matrices)."""
-        layouts = self.adapter.block_layouts(self.layer, image_size)
+        between blocks (the rollout multiplies the blocks' attention matrices, which must be
+        square and of one size: a model that pools tokens anywhere is refused, whichever
+        blocks ``layer`` picks)."""
+        layouts = self.adapter.block_layouts(self.adapter.attention_modules(), image_size)
         grids = {layout.grid for layout in layouts}
         if len(grids) > 1 or len({layout.branch for layout in layouts}) > 1:
             listed = ", ".join(
