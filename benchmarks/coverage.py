@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from captum_daam import DAAM
 from captum_daam.adapters import adapter_for
+from captum_daam.attr.base import on_one_grid
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -82,32 +83,29 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
     """DAAM on ``images`` with its defaults, and the two checks of the module docstring."""
     daam = DAAM(model)
     adapter = daam.adapter
-    queries = "class" if adapter.reads_class_token else "all"
+    queries = "class" if adapter.reads_class_token or not adapter.self_attention else "all"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         block_maps = daam.attribute(images, block_grids=True, accumulate=False)
-        flow = daam.attribute(images, return_flow=True)
-    with torch.no_grad():
-        logits = adapter.output_scores(model(images))
-    target = int(logits.argmax(1))
+    flow = on_one_grid([block[:, 0] for block in block_maps])
 
-    # The module's own attention output (before its projection) and autograd's gradient there.
+    # One forward pass with the adapter's records and, on the input of each module's output
+    # projection, hooks that are not the adapter's; autograd's gradient at what they read.
     own: List[Tensor] = []
-    handles = [
-        output_projection_input(attention).register_forward_pre_hook(
-            lambda module, args: own.append(args[0])
-        )
-        for attention in daam.layer
-    ]
-    try:
-        with torch.enable_grad():
-            score = adapter.output_scores(model(images))[0, target]
+    with torch.enable_grad(), adapter.record(daam.layer, full=queries == "all") as records:
+        handles = [
+            output_projection_input(attention).register_forward_pre_hook(
+                lambda module, args: own.append(args[0])
+            )
+            for attention in daam.layer
+        ]
+        try:
+            scores = adapter.output_scores(model(images))
+            score = scores[0, int(scores.argmax(1))]
             gradients = torch.autograd.grad(score, own, allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    with torch.no_grad(), adapter.record(daam.layer, full=queries == "all") as records:
-        model(images)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     decomposition_error, map_error = 0.0, 0.0
     for record, output, gradient, daam_map in zip(records, own, gradients, block_maps):
