@@ -14,7 +14,6 @@ random weights make the attention almost uniform: the models here get seeded noi
 biases and larger query / key weights, so that a missing bias or rotation shows in the maps.
 """
 
-import contextlib
 import copy
 import warnings
 from typing import Callable, Dict, Optional, Tuple
@@ -32,6 +31,7 @@ from captum_daam.adapters import adapter_for
 from captum_daam.adapters.timm_beit import TimmBeitAdapter
 from captum_daam.adapters.timm_eva import TimmEvaAdapter
 from helpers import (
+    ClassRows,
     assert_attributions_match,
     assert_close_relative,
     make_images,
@@ -311,26 +311,6 @@ MODELS: Dict[str, Tuple[Callable[[], torch.nn.Module], Tuple[int, int]]] = {
 }
 SLOW = {"beit_base_patch16_224"}
 CASES = [pytest.param(case, marks=pytest.mark.slow) if case in SLOW else case for case in MODELS]
-
-
-def pooling_warning(model):
-    """Expect the warning of models that do not pool the [class] token, and only then."""
-    if model.global_pool == "token":
-        return contextlib.nullcontext()
-    return pytest.warns(UserWarning, match=f"global_pool={model.global_pool!r}")
-
-
-class ClassRows:
-    """DAAM on the [class] rows, which the explicit reference here forms, also for models that
-    pool (queries='class'; their default is every row), with the warning they get then."""
-
-    def __init__(self, model, **kwargs) -> None:
-        self.model = model
-        self.daam = DAAM(model, **kwargs)
-
-    def attribute(self, *args, **kwargs):
-        with pooling_warning(self.model):
-            return self.daam.attribute(*args, queries="class", **kwargs)
 
 
 def make_daam(model, **kwargs) -> ClassRows:

@@ -15,7 +15,6 @@ attention almost uniform: the models here get seeded noise on zero biases and la
 key weights, so that a missing rotation or a wrong head grouping shows in the maps.
 """
 
-import contextlib
 import copy
 from typing import Callable, Dict, Optional, Tuple
 
@@ -32,6 +31,7 @@ from captum_daam import DAAM, class_token_contributions
 from captum_daam.adapters import adapter_for
 from captum_daam.adapters.timm_eva import TimmEvaAdapter
 from helpers import (
+    ClassRows,
     assert_attributions_match,
     assert_close_relative,
     make_images,
@@ -261,26 +261,6 @@ MODELS: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, int]]] = {
 SLOW = {"vit_small_patch16_rope_224"}
 CASES = [pytest.param(case, marks=pytest.mark.slow) if case in SLOW else case for case in MODELS]
 BATCH = {"vit_small_patch16_rope_224": 2}
-
-
-def pooling_warning(model):
-    """Expect the warning of models that do not pool the [class] token, and only then."""
-    if model.global_pool == "token":
-        return contextlib.nullcontext()
-    return pytest.warns(UserWarning, match=f"global_pool={model.global_pool!r}")
-
-
-class ClassRows:
-    """DAAM on the [class] rows, which the explicit reference here forms, also for models that
-    pool (queries='class'; their default is every row), with the warning they get then."""
-
-    def __init__(self, model, **kwargs) -> None:
-        self.model = model
-        self.daam = DAAM(model, **kwargs)
-
-    def attribute(self, *args, **kwargs):
-        with pooling_warning(self.model):
-            return self.daam.attribute(*args, queries="class", **kwargs)
 
 
 def make_daam(model, **kwargs) -> ClassRows:

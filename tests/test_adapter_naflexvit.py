@@ -16,7 +16,6 @@ almost uniform: the models here get seeded noise on zero biases and larger query
 weights, so that a wrong token layout or a missing rotation shows in the maps.
 """
 
-import contextlib
 import copy
 import math
 from typing import Callable, Dict, Optional, Tuple
@@ -33,6 +32,7 @@ from captum_daam import DAAM, class_token_contributions
 from captum_daam.adapters import adapter_for
 from captum_daam.adapters.timm_naflexvit import TimmNaFlexVitAdapter
 from helpers import (
+    ClassRows,
     assert_attributions_match,
     assert_close_relative,
     make_images,
@@ -270,26 +270,6 @@ CASES = [pytest.param(case, marks=pytest.mark.slow) if case in SLOW else case fo
 BATCH = {"vit_tiny_patch16_224_use_naflex": 2}
 # Models whose rotary embedding the "plain" attention leaves out.
 ROTARY = {"eva_axial_rope_swiglu", "rope_mixed_gated", "rope_dinov3_gqa_dynamic_pad_map_pool"}
-
-
-def pooling_warning(model):
-    """Expect the warning of models that do not pool the [class] token, and only then."""
-    if model.global_pool == "token":
-        return contextlib.nullcontext()
-    return pytest.warns(UserWarning, match=f"global_pool={model.global_pool!r}")
-
-
-class ClassRows:
-    """DAAM on the [class] rows, which the explicit reference here forms, also for models that
-    pool (queries='class'; their default is every row), with the warning they get then."""
-
-    def __init__(self, model, **kwargs) -> None:
-        self.model = model
-        self.daam = DAAM(model, **kwargs)
-
-    def attribute(self, *args, **kwargs):
-        with pooling_warning(self.model):
-            return self.daam.attribute(*args, queries="class", **kwargs)
 
 
 def make_daam(model, **kwargs) -> ClassRows:

@@ -17,7 +17,6 @@ small random weights make the attention almost uniform: the models here get seed
 those, and larger query / key weights, so that a missing bias shows in the maps.
 """
 
-import contextlib
 import copy
 import math
 from typing import Callable, Dict, Optional, Tuple
@@ -34,6 +33,7 @@ from captum_daam import DAAM, class_token_contributions
 from captum_daam.adapters import adapter_for
 from captum_daam.adapters.timm_relpos import TimmRelPosAdapter
 from helpers import (
+    ClassRows,
     assert_attributions_match,
     assert_close_relative,
     make_images,
@@ -233,26 +233,6 @@ MODELS: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, int]]] = {
 SLOW = {"vit_relpos_medium_patch16_cls_224"}
 CASES = [pytest.param(case, marks=pytest.mark.slow) if case in SLOW else case for case in MODELS]
 BATCH = {"vit_relpos_medium_patch16_cls_224": 2}
-
-
-def pooling_warning(model):
-    """Expect the warning of models that do not pool the [class] token, and only then."""
-    if model.global_pool == "token":
-        return contextlib.nullcontext()
-    return pytest.warns(UserWarning, match=f"global_pool={model.global_pool!r}")
-
-
-class ClassRows:
-    """DAAM on the [class] rows, which the explicit reference here forms, also for models that
-    pool (queries='class'; their default is every row), with the warning they get then."""
-
-    def __init__(self, model, **kwargs) -> None:
-        self.model = model
-        self.daam = DAAM(model, **kwargs)
-
-    def attribute(self, *args, **kwargs):
-        with pooling_warning(self.model):
-            return self.daam.attribute(*args, queries="class", **kwargs)
 
 
 def make_daam(model, **kwargs) -> ClassRows:

@@ -14,7 +14,6 @@ timm's small random weights make the attention almost uniform, where a wrong que
 layout would not show: the models here get their outer query / key weights scaled up.
 """
 
-import contextlib
 import copy
 import warnings
 from typing import Callable, Dict, Tuple
@@ -29,6 +28,7 @@ from captum_daam import DAAM, class_token_contributions
 from captum_daam.adapters import adapter_for
 from captum_daam.adapters.timm_tnt import TimmTntAdapter
 from helpers import (
+    ClassRows,
     assert_attributions_match,
     assert_close_relative,
     make_images,
@@ -160,25 +160,6 @@ MODELS: Dict[str, Tuple[Callable[[], TNT], Tuple[int, int]]] = {
     # Average pooling of the patch tokens: DAAM warns; the last block's map is zero.
     "tnt_avg": (lambda: small_tnt(global_pool="avg"), (32, 32)),
 }
-
-
-def pooling_warning(model):
-    if model.global_pool == "token":
-        return contextlib.nullcontext()
-    return pytest.warns(UserWarning, match="global_pool='avg'")
-
-
-class ClassRows:
-    """DAAM on the [class] rows, which the explicit reference here forms, also for models that
-    pool (queries='class'; their default is every row), with the warning they get then."""
-
-    def __init__(self, model, **kwargs) -> None:
-        self.model = model
-        self.daam = DAAM(model, **kwargs)
-
-    def attribute(self, *args, **kwargs):
-        with pooling_warning(self.model):
-            return self.daam.attribute(*args, queries="class", **kwargs)
 
 
 def make_daam(model, **kwargs) -> ClassRows:
