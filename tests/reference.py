@@ -31,6 +31,7 @@ computed explicitly). A [class] token is required.
 """
 
 import copy
+import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -43,6 +44,8 @@ __all__ = [
     "explicit_daam",
     "maps_from_explicit_blocks",
     "maps_from_every_query_row",
+    "area_resample",
+    "flow_on_the_finest_grid",
     "resolve_targets",
     "patch_grid_size",
 ]
@@ -487,3 +490,21 @@ def maps_from_every_query_row(
         "flow": torch.cumsum(block_maps, dim=1),
         "contributions": contributions,
     }
+
+
+def area_resample(maps: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) -> (B, gh, gw), area-weighted: every cell split evenly over the cells of the
+    common multiple grid, whose cells are then summed into the cells of ``grid``."""
+    batch, height, width = maps.shape
+    rows, columns = math.lcm(height, grid[0]), math.lcm(width, grid[1])
+    share = (rows // height) * (columns // width)
+    fine = maps.repeat_interleave(rows // height, 1).repeat_interleave(columns // width, 2) / share
+    return fine.reshape(batch, grid[0], rows // grid[0], grid[1], columns // grid[1]).sum((2, 4))
+
+
+def flow_on_the_finest_grid(block_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The flow (B, L, gh, gw) of block maps (B, h_l, w_l) on their own grids: each brought to
+    the finest of the grids (the most cells; the first of equals) by :func:`area_resample`,
+    then accumulated."""
+    grid = max((tuple(block.shape[-2:]) for block in block_maps), key=lambda g: g[0] * g[1])
+    return torch.stack([area_resample(block, grid) for block in block_maps], dim=1).cumsum(1)

@@ -20,7 +20,6 @@ seeded query and key weights, so that the coefficients vary over the tokens.
 """
 
 import copy
-import math
 from typing import Dict, List, Tuple
 
 import pytest
@@ -33,7 +32,11 @@ from captum_daam import DAAM, AttentionRollout, GradientRollout
 from captum_daam.adapters import adapter_for
 from captum_daam.adapters.timm_coat import TimmCoatAdapter
 from helpers import assert_close_relative, make_images, make_model
-from reference import maps_from_explicit_blocks, resolve_targets
+from reference import (
+    flow_on_the_finest_grid,
+    maps_from_explicit_blocks,
+    resolve_targets,
+)
 
 NUM_CLASSES = 11
 TARGETS = [3, 10]
@@ -124,22 +127,6 @@ def explicit_forward(model: CoaT, images: Tensor) -> Dict[str, object]:
         class_tokens = [model.norm2(x2)[:, 0], model.norm3(x3)[:, 0], model.norm4(x4)[:, 0]]
         pooled = model.aggregate(torch.stack(class_tokens, dim=1)).squeeze(1)
     return {"logits": model.head(pooled), "blocks": records}
-
-
-def area_resample(maps: Tensor, grid: Tuple[int, int]) -> Tensor:
-    """(B, h, w) -> (B, gh, gw), area-weighted: every cell split evenly over the cells of the
-    common multiple grid, whose cells are then summed into the cells of ``grid``."""
-    batch, height, width = maps.shape
-    rows, columns = math.lcm(height, grid[0]), math.lcm(width, grid[1])
-    share = (rows // height) * (columns // width)
-    fine = maps.repeat_interleave(rows // height, 1).repeat_interleave(columns // width, 2) / share
-    return fine.reshape(batch, grid[0], rows // grid[0], grid[1], columns // grid[1]).sum((2, 4))
-
-
-def explicit_flow(block_maps: List[Tensor]) -> Tensor:
-    """The flow (B, L, gh, gw) on the finest of the blocks' grids."""
-    grid = max((tuple(block.shape[-2:]) for block in block_maps), key=lambda g: g[0] * g[1])
-    return torch.stack([area_resample(block, grid) for block in block_maps], dim=1).cumsum(1)
 
 
 def explicit_coat_daam(model: CoaT, images: Tensor, target=None) -> Dict[str, object]:
@@ -290,7 +277,8 @@ def test_block_maps_on_their_own_grids_equal_explicit_reference(model_case):
 def test_flow_on_the_finest_grid_equals_explicit_resampled_accumulation(model_case):
     case, model = model_case
     images = make_images(2, 64, 64)
-    expected_flow = explicit_flow(cached_reference(case, model, images, TARGETS)["block_maps"])
+    expected = cached_reference(case, model, images, TARGETS)
+    expected_flow = flow_on_the_finest_grid(expected["block_maps"])
     flow = DAAM(model).attribute(images, target=TARGETS, return_flow=True)
     assert flow.shape == (2, len(expected_flow[0]), 16, 16)
     assert_close_relative(flow, expected_flow)
@@ -302,7 +290,7 @@ def test_predicted_classes_are_explained_by_default():
     images = make_images(2, 64, 64)
     expected = cached_reference("coat_small", model, images, None)
     assert expected["targets"].tolist() == model(images).argmax(1).tolist()
-    final = explicit_flow(expected["block_maps"])[:, -1:]
+    final = flow_on_the_finest_grid(expected["block_maps"])[:, -1:]
     assert_close_relative(DAAM(model).attribute(images), final)
 
 
@@ -374,7 +362,7 @@ def test_registered_model_at_its_default_size_equals_explicit_reference(name):
         assert_close_relative(block_map[:, 0], reference_map)
     flow = daam.attribute(images, target=7, return_flow=True)
     assert flow.shape == (1, len(maps), 56, 56)
-    assert_close_relative(flow, explicit_flow(expected["block_maps"]))
+    assert_close_relative(flow, flow_on_the_finest_grid(expected["block_maps"]))
 
 
 # --------------------------------------------------------------------------- #
@@ -414,7 +402,8 @@ def test_layer_subsets_equal_the_reference_blocks(subset):
     for block_map, index in zip(maps, indices):
         assert_close_relative(block_map[:, 0], expected["block_maps"][index])
     flow = daam.attribute(images, target=TARGETS, return_flow=True)
-    assert_close_relative(flow, explicit_flow([expected["block_maps"][i] for i in indices]))
+    chosen_maps = [expected["block_maps"][i] for i in indices]
+    assert_close_relative(flow, flow_on_the_finest_grid(chosen_maps))
 
 
 # --------------------------------------------------------------------------- #

@@ -18,7 +18,6 @@ query and key weights, so that a wrong token order or grid shows in the maps.
 """
 
 import copy
-import math
 from typing import Dict, List, Tuple
 
 import pytest
@@ -33,7 +32,11 @@ from captum_daam import DAAM, AttentionRollout, GradientRollout
 from captum_daam.adapters import adapter_for
 from captum_daam.adapters.timm_crossvit import TimmCrossVitAdapter
 from helpers import assert_close_relative, make_images, make_model, set_fused_attention
-from reference import maps_from_explicit_blocks, resolve_targets
+from reference import (
+    flow_on_the_finest_grid,
+    maps_from_explicit_blocks,
+    resolve_targets,
+)
 
 NUM_CLASSES = 11
 TARGETS = [3, 10]
@@ -128,16 +131,6 @@ def explicit_forward(model: CrossVit, images: Tensor) -> Dict[str, object]:
     return {"logits": logits, "blocks": records}
 
 
-def area_resample(maps: Tensor, grid: Tuple[int, int]) -> Tensor:
-    """(B, h, w) -> (B, gh, gw), area-weighted: every cell split evenly over the cells of the
-    common multiple grid, whose cells are then summed into the cells of ``grid``."""
-    batch, height, width = maps.shape
-    rows, columns = math.lcm(height, grid[0]), math.lcm(width, grid[1])
-    share = (rows // height) * (columns // width)
-    fine = maps.repeat_interleave(rows // height, 1).repeat_interleave(columns // width, 2) / share
-    return fine.reshape(batch, grid[0], rows // grid[0], grid[1], columns // grid[1]).sum((2, 4))
-
-
 def explicit_crossvit_daam(model: CrossVit, images: Tensor, target=None) -> Dict[str, object]:
     """Reference block maps on their own grids, and the flow on the finest grid, in float64."""
     model = copy.deepcopy(model).double()
@@ -159,12 +152,6 @@ def explicit_crossvit_daam(model: CrossVit, images: Tensor, target=None) -> Dict
         "records": records,
         "gradients": gradients,
     }
-
-
-def explicit_flow(block_maps: List[Tensor]) -> Tensor:
-    """The flow (B, L, gh, gw) on the finest of the blocks' grids."""
-    grid = max((tuple(block.shape[-2:]) for block in block_maps), key=lambda g: g[0] * g[1])
-    return torch.stack([area_resample(block, grid) for block in block_maps], dim=1).cumsum(1)
 
 
 # --------------------------------------------------------------------------- #
@@ -297,7 +284,8 @@ def test_flow_on_the_finest_grid_equals_explicit_resampled_accumulation(model_ca
     case, model = model_case
     set_fused_attention(model, fused)
     images = make_images(2, *image_size(model))
-    expected_flow = explicit_flow(cached_reference(case, model, images, TARGETS)["block_maps"])
+    expected = cached_reference(case, model, images, TARGETS)
+    expected_flow = flow_on_the_finest_grid(expected["block_maps"])
     flow = DAAM(model).attribute(images, target=TARGETS, return_flow=True)
     assert flow.shape[-2:] == max(branch_grids(model), key=lambda grid: grid[0] * grid[1])
     assert_close_relative(flow, expected_flow)
@@ -309,7 +297,7 @@ def test_predicted_classes_are_explained_by_default():
     images = make_images(2, 48, 48)
     expected = cached_reference("small", model, images, None)
     assert expected["targets"].tolist() == model(images).argmax(1).tolist()
-    final = explicit_flow(expected["block_maps"])[:, -1:]
+    final = flow_on_the_finest_grid(expected["block_maps"])[:, -1:]
     assert_close_relative(DAAM(model).attribute(images), final)
 
 
@@ -367,7 +355,7 @@ def test_registered_model_at_its_default_size_equals_explicit_reference():
         assert_close_relative(block_map[:, 0], reference_map)
     flow = daam.attribute(images, target=7, return_flow=True)
     assert flow.shape == (1, 3 * (1 + 4 + 2), 20, 20)
-    assert_close_relative(flow, explicit_flow(expected["block_maps"]))
+    assert_close_relative(flow, flow_on_the_finest_grid(expected["block_maps"]))
 
 
 def test_any_image_size_is_rescaled_to_the_branch_grids():
@@ -378,7 +366,7 @@ def test_any_image_size_is_rescaled_to_the_branch_grids():
         assert_close_relative(expected["logits"], model(images), 1e-5)
     flow = DAAM(model).attribute(images, target=TARGETS, return_flow=True)
     assert flow.shape[-2:] == (6, 6)
-    assert_close_relative(flow, explicit_flow(expected["block_maps"]))
+    assert_close_relative(flow, flow_on_the_finest_grid(expected["block_maps"]))
 
 
 def test_later_fusion_blocks_read_no_patches_and_stay_out_of_the_flow():
@@ -391,7 +379,7 @@ def test_later_fusion_blocks_read_no_patches_and_stay_out_of_the_flow():
     expected = explicit_crossvit_daam(model, images, TARGETS)
     assert_close_relative(
         DAAM(model).attribute(images, target=TARGETS, return_flow=True),
-        explicit_flow(expected["block_maps"]),
+        flow_on_the_finest_grid(expected["block_maps"]),
     )
 
 
@@ -431,7 +419,8 @@ def test_layer_subsets_equal_the_reference_blocks(subset):
     for block_map, index in zip(maps, indices):
         assert_close_relative(block_map[:, 0], expected["block_maps"][index])
     flow = daam.attribute(images, target=TARGETS, return_flow=True)
-    assert_close_relative(flow, explicit_flow([expected["block_maps"][i] for i in indices]))
+    chosen_maps = [expected["block_maps"][i] for i in indices]
+    assert_close_relative(flow, flow_on_the_finest_grid(chosen_maps))
 
 
 # --------------------------------------------------------------------------- #

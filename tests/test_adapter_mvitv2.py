@@ -19,7 +19,6 @@ and seeded noise on the position tables, so that a missing bias or pooling shows
 """
 
 import copy
-import math
 from typing import Dict, Optional, Tuple
 
 import pytest
@@ -35,7 +34,12 @@ from captum_daam.adapters import adapter_for
 from captum_daam.adapters.timm_mvitv2 import TimmMvitv2Adapter
 from captum_daam.attr import AttentionRollout, GradientRollout
 from helpers import assert_close_relative, make_images, make_model
-from reference import maps_from_every_query_row, maps_from_explicit_blocks, resolve_targets
+from reference import (
+    area_resample,
+    maps_from_every_query_row,
+    maps_from_explicit_blocks,
+    resolve_targets,
+)
 
 NUM_CLASSES = 11
 
@@ -170,16 +174,6 @@ def explicit_forward(model: MultiScaleVit, images: Tensor) -> Dict[str, object]:
             grid = record["query_grid"]
             records.append(record)
     return {"logits": model.forward_head(model.norm(x)), "blocks": records}
-
-
-def area_resample(block_map: Tensor, grid: Tuple[int, int]) -> Tensor:
-    """(B, h, w) -> (B, gh, gw) by area: each cell's value split evenly over the cells of a
-    common multiple grid, then summed over the cells of the new grid they fall in."""
-    batch, height, width = block_map.shape
-    rows, columns = math.lcm(height, grid[0]), math.lcm(width, grid[1])
-    fine = block_map.repeat_interleave(rows // height, 1).repeat_interleave(columns // width, 2)
-    fine = fine / ((rows // height) * (columns // width))
-    return fine.reshape(batch, grid[0], rows // grid[0], grid[1], columns // grid[1]).sum((2, 4))
 
 
 def explicit_daam(model, images, target=None, queries="class") -> Dict[str, object]:
