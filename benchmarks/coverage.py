@@ -11,7 +11,8 @@ the [class] token, ``'all'`` where it pools). Each model ends in one of:
   the flow, to ``--tolerance`` (relative to the largest value): (1) the recorded decomposition
   adds up to the module's own attention output, read by a hook that is not the adapter's on
   the input of the module's output projection (``norm`` or ``proj``): the [class] row,
-  sum_n A[h, 0, n] v[h, n], or with queries='all' every row, A @ v; (2) the maps formed from
+  sum_n A[h, 0, n] v[h, n], or with queries='all' every row, A @ v (plus the term the record
+  names as no token's, MViTv2's pooled query); (2) the maps formed from
   that decomposition with the gradient autograd gives at the hooked tensor equal DAAM's.
   Each family's test file checks the same models' maps token by token against an explicit
   float64 reference; this census checks that every model name meets the decomposition.
@@ -112,8 +113,11 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
         values = record.values.double()  # (B, H, N, d)
         heads, width = values.shape[1], values.shape[3]
         gradient = torch.zeros_like(output) if gradient is None else gradient
+        residual = None if record.residual is None else record.residual.double()
         if queries == "class":
             rebuilt = (record.class_attention.double().unsqueeze(-1) * values).sum(2)
+            if residual is not None:  # a term the model adds that is no token's (MViTv2)
+                rebuilt = rebuilt + residual[:, :, 0]
             rebuilt = rebuilt.flatten(1)  # (B, C): heads concatenated
             decomposition_error = max(
                 decomposition_error, relative_error(rebuilt, output[:, 0].detach())
@@ -122,7 +126,8 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
             cam = (record.class_attention.double() * (values * weights[:, :, None]).sum(-1))
         else:
             attention = record.attention().double()  # (B, H, Nq, N)
-            rebuilt = (attention @ values).transpose(1, 2).flatten(2)
+            rebuilt = attention @ values if residual is None else attention @ values + residual
+            rebuilt = rebuilt.transpose(1, 2).flatten(2)
             decomposition_error = max(
                 decomposition_error, relative_error(rebuilt, output.detach())
             )

@@ -389,6 +389,15 @@ def test_residual_pooled_query_is_in_the_output_but_not_in_the_token_contributio
         summed = class_token_contributions(record.class_attention, record.values).sum(dim=1)
         class_query = block["q"][:, :, 0].flatten(1)
         assert_close_relative(summed + class_query, block["pre_projection"][:, 0], 1e-5)
+        assert_close_relative(record.residual, block["q"], 1e-5)  # the record names the term
+
+
+def test_without_residual_pooling_the_record_names_no_residual():
+    model = MODELS["no_residual_pooling_abs_pos_no_rel_pos"][0]()
+    adapter = adapter_for(model)
+    with adapter.record(adapter.attention_modules()) as records, torch.no_grad():
+        model(make_images(1, 64, 64))
+    assert all(record.residual is None for record in records)
 
 
 def test_layer_restricts_the_flow_to_those_blocks_on_their_finest_grid():

@@ -60,6 +60,10 @@ class BlockRecord:
         gradient: with ``full``, (B, N, C) the gradient at the pre-projection output.
         on_attention: called with the record as soon as the attention is set, during the
             forward pass.
+        residual: None, or (B, H, Nq, d) the part of the attention output before the output
+            projection that is no token's contribution, in the heads layout of ``values``
+            (MViTv2's residual pooling adds the pooled query): the output is then
+            ``attention @ values + residual``. Not split over the grid.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class BlockRecord:
         self.attention: Optional[Callable[[], Tensor]] = None
         self.gradient: Optional[Tensor] = None
         self.on_attention = on_attention
+        self.residual: Optional[Tensor] = None
 
     def close(self) -> None:
         """Record nothing more: a checkpointed backward pass re-runs the forward."""

@@ -109,6 +109,8 @@ def mvitv2_attention_hooks(attention: MultiScaleAttention, record: BlockRecord) 
                     )
                 return attention_probabilities(queries, keys, attention.scale, bias)
 
+        if attention.residual_pooling:
+            record.residual = queries  # the module adds the pooled query to its output
         record.set_attention(row, values, full_attention)
         return (record.watch(args[0]),) + tuple(args[1:])
 
