@@ -202,9 +202,10 @@ def summary(records: List[Dict[str, object]], settings: Dict[str, object]) -> st
     with_token = [record for record in records if record.get("class_token")]
     counts = Counter(record["status"] for record in with_token)
     lines = [
-        f"timm {timm.__version__}, torch {torch.__version__}, {settings['threads']} threads; "
-        f"random weights, batch 1, default input size; tolerance {settings['tolerance']:.0e}, "
-        f"models up to {settings['max_params'] / 1e6:.0f}M parameters built.",
+        f"timm {timm.__version__}, torch {torch.__version__}, CPU; random weights, batch 1, "
+        f"default input size; tolerance {settings['tolerance']:.0e}, models up to "
+        f"{settings['max_params'] / 1e6:.0f}M parameters built. The seconds are per model, as "
+        f"measured in the run (resumable, so possibly in several pieces) that checked it.",
         "",
         f"{len(records)} model names; {len(with_token)} with a [class] token: "
         + ", ".join(f"{counts[status]} {status}" for status in
