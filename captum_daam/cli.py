@@ -604,6 +604,8 @@ def check(args: argparse.Namespace) -> int:
             f"projection (seen {len(class_outputs)} times in one forward pass, expected once)"
         )
     rebuilt = class_token_contributions(records[0].class_attention, records[0].values).sum(1)
+    if records[0].residual is not None:  # a term the model adds that is no token's (MViTv2)
+        rebuilt = rebuilt + records[0].residual[:, :, 0].flatten(1)
     error = float((rebuilt - class_outputs[0]).abs().max() / class_outputs[0].abs().max())
     checks = {
         "maps are non-negative": bool((flow >= 0).all()),

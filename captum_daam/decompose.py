@@ -11,10 +11,13 @@ from torch import Tensor
 
 __all__ = [
     "class_attention_row",
+    "factorized_class_coefficients",
     "attention_probabilities",
     "class_token_contributions",
     "block_map",
+    "all_queries_block_map",
     "tokens_to_grid",
+    "resample_to_grid",
     "accumulate",
     "paper_display_mapping",
     "shared_linear_scaling",
@@ -45,6 +48,23 @@ def class_attention_row(
     if bias_row is not None:
         logits = logits + bias_row.to(compute_dtype)
     return logits.softmax(dim=-1)
+
+
+def factorized_class_coefficients(class_query: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """The coefficients of the [class] row of factorised attention over the tokens.
+
+    Args:
+        class_query: (B, H, d) the [class] token's query.
+        keys: (B, H, N, d) all keys.
+        scale: the factor of the factorised attention (head width ** -0.5).
+
+    Returns:
+        (B, H, N) a[b, h, n] = scale * <q_cls[b, h], softmax_n(k)[b, h, n]>, the softmax taken
+        over the tokens for each channel, in float32 at least.
+    """
+    compute_dtype = torch.promote_types(keys.dtype, torch.float32)
+    token_softmax = keys.to(compute_dtype).softmax(dim=2)
+    return (token_softmax * class_query.to(compute_dtype).unsqueeze(2)).sum(-1) * scale
 
 
 def attention_probabilities(
@@ -112,6 +132,37 @@ def block_map(
     return (class_attention.to(per_token.dtype) * per_token).sum(dim=1).relu()
 
 
+def all_queries_block_map(
+    attention: Tensor, values: Tensor, gradient: Tensor, relu_gradients: bool = True
+) -> Tensor:
+    """One block's map over all tokens from every query row, each weighted by its own gradient,
+    for models whose head pools the tokens rather than reading the [class] token.
+
+    cam[b, n] = relu( sum_h sum_i A[b, h, i, n] * <v[b, h, n, :], w[b, h, i, :]> ) with w the
+    gradient at query row i of the attention output before the output projection, relu'd for
+    supervised models (``relu_gradients=True``). Query i's output is sum_n A[h, i, n] v[h, n]:
+    the map splits every row of the attention output over the tokens it reads, as the [class]
+    row is split in :func:`block_map`, and sums the rows. Computed as A^T w per head, so the
+    (B, N, N, C) contributions are never formed.
+
+    Args:
+        attention: (B, H, Nq, N) the attention probabilities (Nq queries over N tokens).
+        values: (B, H, N, d) the values.
+        gradient: (B, Nq, C) gradient of the objective with respect to the attention output
+            before the output projection, every query row.
+        relu_gradients: keep only positive channel weights, as for supervised models.
+
+    Returns:
+        (B, N) non-negative map over all tokens (prefix tokens included).
+    """
+    batch, heads, tokens, width = values.shape
+    compute_dtype = torch.promote_types(attention.dtype, torch.float32)
+    weights = gradient.relu() if relu_gradients else gradient
+    weights = weights.unflatten(-1, (heads, width)).transpose(1, 2).to(compute_dtype)
+    reaching = attention.to(compute_dtype).transpose(-2, -1) @ weights  # (B, H, N, d)
+    return (values.to(compute_dtype) * reaching).sum(-1).sum(dim=1).relu()
+
+
 def tokens_to_grid(
     token_maps: Tensor, num_prefix_tokens: int, grid_size: Tuple[int, int]
 ) -> Tensor:
@@ -133,6 +184,41 @@ def tokens_to_grid(
             f"tokens, got {patches.shape[-1]}."
         )
     return patches.reshape(*patches.shape[:-1], gh, gw)
+
+
+def resample_to_grid(maps: Tensor, grid_size: Tuple[int, int]) -> Tensor:
+    """Bring maps to another grid covering the same image, keeping each map's sum.
+
+    Every cell's value is shared among the cells of the new grid it overlaps, in proportion to
+    the overlap (area-weighted resampling): a coarse cell over four fine cells gives each a
+    quarter of its value. Block maps are contributions of tokens, so a map keeps its total
+    contribution on any grid, and maps read from grids of different fineness (a model that
+    pools tokens between blocks) add up cell by cell.
+
+    Args:
+        maps: (..., h, w) maps on an h x w grid.
+        grid_size: (gh, gw) the grid to bring them to.
+
+    Returns:
+        (..., gh, gw), in the dtype of ``maps``; ``maps`` itself when the grids are equal.
+    """
+    rows, columns = grid_size
+    if tuple(maps.shape[-2:]) == (rows, columns):
+        return maps
+    row_shares = _overlap_shares(rows, maps.shape[-2], maps.dtype, maps.device)
+    column_shares = _overlap_shares(columns, maps.shape[-1], maps.dtype, maps.device)
+    return row_shares @ maps @ column_shares.transpose(0, 1)
+
+
+def _overlap_shares(new: int, old: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(new, old) share of each old cell that falls in each new cell, along one axis of unit
+    length (columns sum to one). Cell edges are counted in units of 1 / (new * old), so the
+    overlaps are exact integers."""
+    new_edges = torch.arange(new + 1, dtype=torch.float64, device=device) * old
+    old_edges = torch.arange(old + 1, dtype=torch.float64, device=device) * new
+    low = torch.maximum(new_edges[:-1, None], old_edges[None, :-1])
+    high = torch.minimum(new_edges[1:, None], old_edges[None, 1:])
+    return ((high - low).clamp(min=0) / new).to(dtype)
 
 
 def accumulate(block_maps: Tensor, dim: int = 1) -> Tensor:

@@ -1,8 +1,10 @@
 """Small utilities shared by the tests. Nothing here computes an expected value: the explicit
 references live in reference.py and in each family's test file."""
 
+import contextlib
 from typing import Callable, Dict, List, Sequence, Tuple
 
+import pytest
 import timm
 import torch
 from torch import nn
@@ -55,13 +57,21 @@ def module_hook_count(model: nn.Module) -> int:
 
 
 def assert_attributions_match(
-    daam, images: torch.Tensor, target, expected: Dict[str, torch.Tensor], rel: float = 1e-4
+    daam,
+    images: torch.Tensor,
+    target,
+    expected: Dict[str, torch.Tensor],
+    rel: float = 1e-4,
+    **options,
 ) -> torch.Tensor:
-    """DAAM's block maps, flow and final map for ``target`` equal the reference's
-    ``block_maps`` and ``flow`` (B, L, gh, gw). Returns the flow."""
-    flow = daam.attribute(images, target=target, return_flow=True)
-    block_maps = daam.attribute(images, target=target, return_flow=True, accumulate=False)
-    final = daam.attribute(images, target=target)
+    """DAAM's block maps, flow and final map for ``target`` (and further attribute()
+    ``options``) equal the reference's ``block_maps`` and ``flow`` (B, L, gh, gw). Returns
+    the flow."""
+    flow = daam.attribute(images, target=target, return_flow=True, **options)
+    block_maps = daam.attribute(
+        images, target=target, return_flow=True, accumulate=False, **options
+    )
+    final = daam.attribute(images, target=target, **options)
     assert_close_relative(block_maps, expected["block_maps"], rel)
     assert_close_relative(flow, expected["flow"], rel)
     assert_close_relative(final, expected["flow"][:, -1:], rel)
@@ -102,3 +112,26 @@ def save_shape_pngs(folder, count: int, seed: int):
         Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
         paths.append(path)
     return paths, labels[:, 0]
+
+
+def pooling_warning(model: nn.Module):
+    """Expect the warning that [class] rows get on a model whose head pools the tokens, and
+    only then."""
+    if model.global_pool == "token":
+        return contextlib.nullcontext()
+    return pytest.warns(UserWarning, match=f"global_pool={model.global_pool!r}")
+
+
+class ClassRows:
+    """DAAM on the [class] rows, which the explicit references form, also for models that pool
+    (queries='class'; their default is every row), with the warning they get then."""
+
+    def __init__(self, model: nn.Module, **kwargs) -> None:
+        from captum_daam import DAAM
+
+        self.model = model
+        self.daam = DAAM(model, **kwargs)
+
+    def attribute(self, *args, **kwargs):
+        with pooling_warning(self.model):
+            return self.daam.attribute(*args, queries="class", **kwargs)

@@ -31,6 +31,7 @@ computed explicitly). A [class] token is required.
 """
 
 import copy
+import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -42,6 +43,9 @@ __all__ = [
     "explicit_forward",
     "explicit_daam",
     "maps_from_explicit_blocks",
+    "maps_from_every_query_row",
+    "area_resample",
+    "flow_on_the_finest_grid",
     "resolve_targets",
     "patch_grid_size",
 ]
@@ -290,8 +294,13 @@ def explicit_daam(
     dtype: Optional[torch.dtype] = torch.float64,
     attn_mask: Optional[torch.Tensor] = None,
     importance: Optional[torch.Tensor] = None,
+    queries: str = "class",
 ) -> Dict[str, object]:
     """Reference DAAM block maps and flow for a timm ViT, computed explicitly.
+
+    With ``queries="all"`` the maps split every query row of the attention output, each
+    weighted by its own gradient (:func:`maps_from_every_query_row`), instead of the [class]
+    row alone.
 
     With ``importance`` (D,) or (B, D), the objective is the self-supervised one,
     ``sum_b sum_d importance[b, d] * output[b, d]``, instead of the target scores.
@@ -360,7 +369,8 @@ def explicit_daam(
         pre_projections = [record["pre_projection"] for record in result["blocks"]]
         gradients = torch.autograd.grad(score, pre_projections)
 
-    maps = maps_from_explicit_blocks(
+    reduce = maps_from_explicit_blocks if queries == "class" else maps_from_every_query_row
+    maps = reduce(
         result["blocks"],
         gradients,
         result["num_prefix_tokens"],
@@ -433,3 +443,68 @@ def maps_from_explicit_blocks(
         "class_gradients": class_gradients,
         "class_attention": class_attention,
     }
+
+
+def maps_from_every_query_row(
+    blocks: Sequence[Dict[str, torch.Tensor]],
+    gradients: Sequence[torch.Tensor],
+    num_prefix_tokens: int,
+    grid_size: Tuple[int, int],
+    relu_gradients: bool = True,
+) -> Dict[str, object]:
+    """Block maps from every query row, for heads that pool the tokens (not the [class] one).
+
+    Every row i of the attention output is a sum over the tokens it reads,
+    O[b, i, (h, e)] = sum_n A[b, h, i, n] v[b, h, n, e]; the summands are kept apart as
+    F[b, i, n, (h, e)] = A[b, h, i, n] * v[b, h, n, e], (B, Q, N, C), weighted by the gradient
+    at their own row and summed over rows and channels:
+
+        cam[b, n] = relu( sum_i sum_c w[b, i, c] * F[b, i, n, c] ),  w = relu(g) or g
+
+    Args: as :func:`maps_from_explicit_blocks`, with ``attn`` (B, H, Q, N) every query row.
+
+    Returns:
+        dict with ``block_maps`` and ``flow`` (B, L, gh, gw) and, per block, ``contributions``
+        F (B, Q, N, C).
+    """
+    gh, gw = grid_size
+    contributions, maps = [], []
+    for record, grad in zip(blocks, gradients):
+        attn = record["attn"].detach()  # (B, H, Q, N)
+        v = record["v"].detach()  # (B, H, N, d)
+        batch, heads, tokens, head_dim = v.shape
+        queries = attn.shape[2]
+        # F[b, i, n, h, e] = A[b, h, i, n] * v[b, h, n, e], written out by broadcasting.
+        contribution = attn.unsqueeze(-1) * v.unsqueeze(2)  # (B, H, Q, N, d)
+        contribution = contribution.permute(0, 2, 3, 1, 4).reshape(
+            batch, queries, tokens, heads * head_dim
+        )
+        g = grad.detach()  # (B, Q, C), every row's own gradient
+        weights = g.clamp(min=0) if relu_gradients else g
+        cam = (contribution * weights.unsqueeze(2)).sum(dim=(1, 3)).clamp(min=0)  # (B, N)
+        maps.append(cam[:, num_prefix_tokens:].reshape(batch, gh, gw))
+        contributions.append(contribution)
+    block_maps = torch.stack(maps, dim=1)
+    return {
+        "block_maps": block_maps,
+        "flow": torch.cumsum(block_maps, dim=1),
+        "contributions": contributions,
+    }
+
+
+def area_resample(maps: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) -> (B, gh, gw), area-weighted: every cell split evenly over the cells of the
+    common multiple grid, whose cells are then summed into the cells of ``grid``."""
+    batch, height, width = maps.shape
+    rows, columns = math.lcm(height, grid[0]), math.lcm(width, grid[1])
+    share = (rows // height) * (columns // width)
+    fine = maps.repeat_interleave(rows // height, 1).repeat_interleave(columns // width, 2) / share
+    return fine.reshape(batch, grid[0], rows // grid[0], grid[1], columns // grid[1]).sum((2, 4))
+
+
+def flow_on_the_finest_grid(block_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The flow (B, L, gh, gw) of block maps (B, h_l, w_l) on their own grids: each brought to
+    the finest of the grids (the most cells; the first of equals) by :func:`area_resample`,
+    then accumulated."""
+    grid = max((tuple(block.shape[-2:]) for block in block_maps), key=lambda g: g[0] * g[1])
+    return torch.stack([area_resample(block, grid) for block in block_maps], dim=1).cumsum(1)

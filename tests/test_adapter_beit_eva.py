@@ -14,8 +14,8 @@ random weights make the attention almost uniform: the models here get seeded noi
 biases and larger query / key weights, so that a missing bias or rotation shows in the maps.
 """
 
-import contextlib
 import copy
+import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import pytest
@@ -31,6 +31,7 @@ from captum_daam.adapters import adapter_for
 from captum_daam.adapters.timm_beit import TimmBeitAdapter
 from captum_daam.adapters.timm_eva import TimmEvaAdapter
 from helpers import (
+    ClassRows,
     assert_attributions_match,
     assert_close_relative,
     make_images,
@@ -38,7 +39,12 @@ from helpers import (
     record_with_module_outputs,
     set_fused_attention,
 )
-from reference import maps_from_explicit_blocks, patch_grid_size, resolve_targets
+from reference import (
+    maps_from_every_query_row,
+    maps_from_explicit_blocks,
+    patch_grid_size,
+    resolve_targets,
+)
 
 NUM_CLASSES = 11
 TARGETS = [3, 10, 0]
@@ -172,8 +178,9 @@ def explicit_forward(model, images, attn_mask=None) -> Dict[str, object]:
     return forward(model, images, attn_mask)
 
 
-def explicit_daam(model, images, target=None, attn_mask=None) -> Dict[str, object]:
-    """Reference block maps and flow in float64; ``plain_flow`` from ``attn_plain``."""
+def explicit_daam(model, images, target=None, attn_mask=None, queries="class") -> Dict[str, object]:
+    """Reference block maps and flow in float64; ``plain_flow`` from ``attn_plain``. With
+    ``queries="all"``, from every query row (reference.maps_from_every_query_row)."""
     model = copy.deepcopy(model).double()
     with torch.enable_grad():
         result = explicit_forward(model, images.double(), attn_mask)
@@ -184,9 +191,10 @@ def explicit_daam(model, images, target=None, attn_mask=None) -> Dict[str, objec
         gradients = torch.autograd.grad(score, pre_projections)
     grid = patch_grid_size(model, images)
     prefix = model.num_prefix_tokens
-    maps = maps_from_explicit_blocks(result["blocks"], gradients, prefix, grid)
+    reduce = maps_from_explicit_blocks if queries == "class" else maps_from_every_query_row
+    maps = reduce(result["blocks"], gradients, prefix, grid)
     plain_blocks = [dict(record, attn=record["attn_plain"]) for record in result["blocks"]]
-    plain = maps_from_explicit_blocks(plain_blocks, gradients, prefix, grid)
+    plain = reduce(plain_blocks, gradients, prefix, grid)
     return dict(
         maps,
         logits=logits.detach(),
@@ -305,16 +313,8 @@ SLOW = {"beit_base_patch16_224"}
 CASES = [pytest.param(case, marks=pytest.mark.slow) if case in SLOW else case for case in MODELS]
 
 
-def pooling_warning(model):
-    """Expect the warning of models that do not pool the [class] token, and only then."""
-    if model.global_pool == "token":
-        return contextlib.nullcontext()
-    return pytest.warns(UserWarning, match=f"global_pool={model.global_pool!r}")
-
-
-def make_daam(model, **kwargs) -> DAAM:
-    with pooling_warning(model):
-        return DAAM(model, **kwargs)
+def make_daam(model, **kwargs) -> ClassRows:
+    return ClassRows(model, **kwargs)
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -344,8 +344,7 @@ def free_references_after_the_module():
 
 def record_blocks(model, images, attn_mask=None):
     """The adapter's records of every block, and each attention module's own output."""
-    with pooling_warning(model):
-        adapter = adapter_for(model)
+    adapter = adapter_for(model)
     return record_with_module_outputs(
         adapter,
         adapter.attention_modules(),
@@ -474,10 +473,30 @@ def test_eva_attention_mask_passed_through_additional_forward_args(fused):
 
 
 @pytest.mark.parametrize("pool", ["avg", "map"])
-def test_eva_pooling_other_than_the_class_token_warns(pool):
-    model = Eva(**SMALL, num_classes=NUM_CLASSES, global_pool=pool)
+def test_eva_pooling_other_than_the_class_token_warns_for_class_rows_only(pool):
+    model = Eva(**SMALL, num_classes=NUM_CLASSES, global_pool=pool).eval()
+    images = make_images(1, *SMALL_SIZE)
     with pytest.warns(UserWarning, match=f"global_pool='{pool}'"):
-        DAAM(model)
+        DAAM(model).attribute(images, target=0, queries="class")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DAAM(model).attribute(images, target=0)  # every query row: nothing to warn about
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("case", ["beit_both_biases_avg_bias_separate", "eva_bias_separate_avg"])
+def test_average_pooled_models_are_explained_by_every_query_row_by_default(case, fused):
+    """Their default (queries='all') equals the explicit every-row reference, bias and
+    rotation included, and differs from the maps made without them."""
+    model = set_fused_attention(MODELS[case][0](), fused)
+    images = make_images(3, *SMALL_SIZE)
+    expected = explicit_daam(model, images, target=TARGETS, queries="all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow = assert_attributions_match(DAAM(model), images, TARGETS, expected)
+    assert float(expected["block_maps"][:, -1].amax()) > 0  # the last block counts now
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_close_relative(flow, expected["plain_flow"], 1e-2)
 
 
 def test_beit_default_average_pooling_warns_and_gives_a_zero_last_block_map():
@@ -492,12 +511,6 @@ def test_beit_default_average_pooling_warns_and_gives_a_zero_last_block_map():
 def test_eva_without_class_token_is_refused():
     model = Eva(**SMALL, num_classes=NUM_CLASSES, class_token=False, num_reg_tokens=1)
     with pytest.raises(TypeError, match="class_token=False"):
-        DAAM(model)
-
-
-def test_eva_with_rope_attention_type_is_refused():
-    model = Eva(**SMALL, num_classes=NUM_CLASSES, attn_type="rope", use_rot_pos_emb=True)
-    with pytest.raises(TypeError, match="Block 0 of Eva.blocks uses AttentionRope"):
         DAAM(model)
 
 

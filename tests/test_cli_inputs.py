@@ -219,6 +219,19 @@ def test_check_passes_on_the_class_attention_families(name, blocks, grid, capsys
     assert printed.count("[ok]") == 3
 
 
+@pytest.mark.parametrize(
+    "name, blocks, grid", [("mvitv2_small_cls", 16, 28), ("crossvit_tiny_240", 21, 20)]
+)
+def test_check_passes_on_families_whose_grid_changes(name, blocks, grid, capsys):
+    """MViTv2 (its pooled query is added to the attention output: the record names that term)
+    and CrossViT (two branches): the flow on the finest grid, and every check passes."""
+    assert main(["check", "--model", name]) == 0
+    printed = capsys.readouterr().out
+    assert "FAILED" not in printed
+    assert f"flow of {blocks} accumulated maps, grid {grid}x{grid}" in printed
+    assert printed.count("[ok]") == 3
+
+
 def test_check_fails_when_the_decomposition_does_not_add_up(capsys, monkeypatch):
     """The sum check is a real one: contributions that are off by a little are caught."""
     import captum_daam

@@ -217,7 +217,7 @@ def test_a_run_stopped_by_a_signal_leaves_only_complete_pairs(
     tmp_path, shape_png, signal_number
 ):
     out = tmp_path / "out"
-    images = [str(shape_png[index % 2]) for index in range(40)]
+    images = [str(shape_png[index % 2]) for index in range(400)]  # far more than run in time
     process = subprocess.Popen(
         [sys.executable, "-m", "captum_daam.cli", "explain", *images, "--model", "tiny-vit",
          "--out", str(out), "--no-progress"],
@@ -239,4 +239,4 @@ def test_a_run_stopped_by_a_signal_leaves_only_complete_pairs(
     name = "SIGTERM" if signal_number == signal.SIGTERM else "SIGINT"
     assert error.splitlines()[-1].startswith("captum-daam: ") and name in error
     written = _only_complete_pairs(out)
-    assert 1 <= len(written) < 40  # stopped mid-run, keeping what was complete
+    assert 1 <= len(written) < 400  # stopped mid-run, keeping what was complete

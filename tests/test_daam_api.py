@@ -5,6 +5,7 @@ import threading
 import warnings
 
 import pytest
+import timm
 import torch
 from captum.attr import GradientAttribution, LayerAttribution
 from torch import nn
@@ -207,10 +208,10 @@ def test_training_mode_warns_and_is_kept(used_model):
     assert caught[0].filename == __file__  # attributed to the caller's line
 
 
-def test_a_pooled_model_warns_at_the_callers_line():
-    model = make_model("deit_tiny_patch16_224", global_pool="avg")
+def test_class_rows_of_a_pooled_model_warn_at_the_callers_line():
+    model = make_model("deit_tiny_patch16_224", global_pool="avg", depth=2)
     with pytest.warns(UserWarning, match="global_pool='avg'") as caught:
-        DAAM(model)
+        DAAM(model).attribute(make_images(1), target=0, queries="class")
     assert caught[0].filename == __file__
 
 
@@ -425,3 +426,15 @@ def test_maps_that_are_zero_everywhere_warn_at_the_callers_line():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             method(model).attribute(images, target=[2, 3, 2])
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_18x2_224", "vit_base_patch16_xp_224"])
+def test_vits_with_parallel_attention_blocks_are_refused_saying_why(name):
+    """Their blocks have no .attn (two attention modules side by side, or attention computed
+    in the block's own forward from a fused in-projection): true, named in the message."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    block_type = type(model.blocks[0]).__name__
+    assert getattr(model.blocks[0], "attn", None) is None
+    with pytest.raises(TypeError, match=f"block type {block_type}\\) has no attn module"):
+        DAAM(model)

@@ -200,16 +200,20 @@ def test_reentrant_checkpointing_is_refused_with_a_clear_error():
     assert module_hook_count(model) == 0
 
 
-def test_an_average_pooled_vit_equals_the_reference_with_a_zero_last_block_map():
-    """global_pool='avg': DAAM warns, and is still exact: the [class] token of the last block
-    does not reach the output, so its map is zero, while earlier blocks' maps are not."""
+def test_an_average_pooled_vit_explained_by_class_rows_warns_and_equals_the_reference():
+    """global_pool='avg' with queries='class': DAAM warns, and is still exact: the [class]
+    token of the last block does not reach the output, so its map is zero, while earlier
+    blocks' maps are not."""
     model = make_model("vit_small_patch16_224", global_pool="avg", depth=4)
     images = make_images(2)
     expected = explicit_daam(model, images, target=[3, 401])
+    daam = DAAM(model)
     with pytest.warns(UserWarning, match="global_pool='avg'"):
-        daam = DAAM(model)
-    assert_attributions_match(daam, images, [3, 401], expected)
-    last_block = daam.attribute(images, target=[3, 401], return_flow=True, accumulate=False)[:, -1]
+        assert_attributions_match(daam, images, [3, 401], expected, queries="class")
+    with pytest.warns(UserWarning, match="queries='all'"):
+        last_block = daam.attribute(
+            images, target=[3, 401], return_flow=True, accumulate=False, queries="class"
+        )[:, -1]
     assert float(last_block.abs().max()) == 0
     assert float(expected["block_maps"][:, -1].abs().max()) == 0
     assert float(expected["block_maps"][:, :-1].amax()) > 0

@@ -13,6 +13,7 @@ from captum_daam.decompose import (
     paper_display_mapping,
     per_map_scaling,
     scale_flow,
+    resample_to_grid,
     shared_linear_scaling,
     tokens_to_grid,
 )
@@ -126,3 +127,35 @@ def test_scale_flow_rejects_unknown_names_and_shapes():
         scale_flow(_hand_flow(), "log")
     with pytest.raises(ValueError, match=r"\(B, L, gh, gw\)"):
         paper_display_mapping(torch.zeros(3, 3))
+
+
+def explicit_area_resampling(maps: torch.Tensor, grid) -> torch.Tensor:
+    """Each cell split into (new_h * new_w) equal sub-cells of a common grid, each holding its
+    share of the value; every new cell the sum of the sub-cells it covers, one by one."""
+    old_h, old_w = maps.shape[-2:]
+    new_h, new_w = grid
+    common_h, common_w = old_h * new_h, old_w * new_w
+    out = torch.zeros(*maps.shape[:-2], new_h, new_w, dtype=torch.float64)
+    for row in range(common_h):
+        for column in range(common_w):
+            share = maps[..., row // new_h, column // new_w].double() / (new_h * new_w)
+            out[..., row // old_h, column // old_w] += share
+    return out
+
+
+@pytest.mark.parametrize(
+    "old, new", [((7, 7), (27, 27)), ((2, 2), (4, 4)), ((15, 15), (20, 20)), ((3, 5), (4, 2))]
+)
+def test_resampling_shares_each_cell_by_overlap_and_keeps_the_sum(old, new):
+    maps = torch.rand(2, 3, *old, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    resampled = resample_to_grid(maps, new)
+    assert resampled.shape == (2, 3, *new)
+    torch.testing.assert_close(resampled, explicit_area_resampling(maps, new))
+    torch.testing.assert_close(resampled.sum((-2, -1)), maps.sum((-2, -1)))
+
+
+def test_resampling_a_coarse_map_to_twice_its_grid_gives_each_quarter_cell_a_quarter():
+    maps = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    expected = torch.tensor([[1.0, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]) / 4
+    torch.testing.assert_close(resample_to_grid(maps, (4, 4)), expected)
+    assert resample_to_grid(maps, (2, 2)) is maps

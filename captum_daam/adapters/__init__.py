@@ -5,6 +5,7 @@ Hugging Face adapter recognises its models only once the user has loaded transfo
 """
 
 from .base import (
+    BlockLayout,
     BlockRecord,
     Hook,
     ViTAdapter,
@@ -18,12 +19,22 @@ from .generic import GenericAdapter
 from .hf_vit import HFViTAdapter
 from .timm_beit import TimmBeitAdapter
 from .timm_cait import TimmCaitAdapter
+from .timm_coat import TimmCoatAdapter
+from .timm_convit import TimmConvitAdapter
+from .timm_crossvit import TimmCrossVitAdapter
 from .timm_eva import TimmEvaAdapter
+from .timm_mvitv2 import TimmMvitv2Adapter
+from .timm_naflexvit import TimmNaFlexVitAdapter
+from .timm_pit import TimmPitAdapter
+from .timm_relpos import TimmRelPosAdapter
+from .timm_tnt import TimmTntAdapter
 from .timm_vit import TimmAdapter, TimmVisionTransformerAdapter
+from .timm_volo import TimmVoloAdapter
 from .timm_xcit import TimmXcitAdapter
 from .torchvision_vit import TorchvisionVisionTransformerAdapter
 
 __all__ = [
+    "BlockLayout",
     "BlockRecord",
     "Hook",
     "ViTAdapter",
@@ -37,8 +48,17 @@ __all__ = [
     "TimmAdapter",
     "TimmBeitAdapter",
     "TimmCaitAdapter",
+    "TimmCoatAdapter",
+    "TimmConvitAdapter",
+    "TimmCrossVitAdapter",
     "TimmEvaAdapter",
+    "TimmMvitv2Adapter",
+    "TimmNaFlexVitAdapter",
+    "TimmPitAdapter",
+    "TimmRelPosAdapter",
+    "TimmTntAdapter",
     "TimmVisionTransformerAdapter",
+    "TimmVoloAdapter",
     "TimmXcitAdapter",
     "TorchvisionVisionTransformerAdapter",
 ]

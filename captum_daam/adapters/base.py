@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 __all__ = [
+    "BlockLayout",
     "BlockRecord",
     "Hook",
     "ViTAdapter",
@@ -59,6 +60,10 @@ class BlockRecord:
         gradient: with ``full``, (B, N, C) the gradient at the pre-projection output.
         on_attention: called with the record as soon as the attention is set, during the
             forward pass.
+        residual: None, or (B, H, Nq, d) the part of the attention output before the output
+            projection that is no token's contribution, in the heads layout of ``values``
+            (MViTv2's residual pooling adds the pooled query): the output is then
+            ``attention @ values + residual``. Not split over the grid.
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class BlockRecord:
         self.attention: Optional[Callable[[], Tensor]] = None
         self.gradient: Optional[Tensor] = None
         self.on_attention = on_attention
+        self.residual: Optional[Tensor] = None
 
     def close(self) -> None:
         """Record nothing more: a checkpointed backward pass re-runs the forward."""
@@ -145,6 +151,22 @@ class BlockRecord:
         return tensor
 
 
+class BlockLayout(NamedTuple):
+    """Where one block's [class] query reads its patch tokens.
+
+    Attributes:
+        grid: (gh, gw) the patch grid of the tokens the block's [class] query attends to,
+            row-major after the prefix tokens; None when only the forward pass tells (the
+            token count then gives it, see :meth:`ViTAdapter.grid_from_tokens`).
+        branch: which branch of the model the block is in. Blocks of one branch run one after
+            another; blocks of different branches (CrossViT's two) may run side by side,
+            neither feeding the other before the branches are fused.
+    """
+
+    grid: Optional[Tuple[int, int]]
+    branch: int = 0
+
+
 class Hook(NamedTuple):
     """One module hook an adapter asks for.
 
@@ -179,7 +201,9 @@ class ViTAdapter(ABC):
     Subclasses set ``family`` (a name for messages), ``examples`` (model names) and
     ``layer_example`` (how a user reaches one block's attention module), and implement
     :meth:`supports`, :meth:`attention_modules`, :attr:`num_prefix_tokens`,
-    :meth:`grid_size` and :meth:`block_hooks`. They may override :attr:`in_channels`,
+    :meth:`grid_size` and :meth:`block_hooks`. They may override :meth:`block_layouts` (for
+    models whose grid changes between blocks), :attr:`reads_class_token` (for models whose
+    head pools the tokens), :attr:`in_channels`,
     :attr:`num_outputs` (for checks before the forward pass), :attr:`outputs_features` (for
     backbones without a classifier head), :meth:`grid_from_tokens` (for a grid known only from
     the token count) and :meth:`output_scores` (for models that return an output object rather
@@ -189,8 +213,9 @@ class ViTAdapter(ABC):
     family: ClassVar[str] = ""
     examples: ClassVar[str] = ""
     layer_example: ClassVar[str] = "model.blocks[i].attn"
-    #: Whether every token is a query in the flow's blocks, so that full attention matrices
-    #: exist (attention rollouts); False for class-attention blocks (CaiT, XCiT).
+    #: Whether the flow's blocks have full attention matrices, every token a query with
+    #: softmax weights over the tokens (attention rollouts, ``queries='all'``); False for
+    #: class-attention blocks (CaiT, XCiT, VOLO) and factorised attention (CoaT).
     self_attention: ClassVar[bool] = True
 
     def __init__(self, model: Optional[nn.Module]) -> None:
@@ -215,10 +240,37 @@ class ViTAdapter(ABC):
     def grid_size(self, image_size: Tuple[int, int]) -> Optional[Tuple[int, int]]:
         """The patch grid (gh, gw) for images of ``image_size`` (H, W), checked before the
         forward pass; None when only the forward pass tells (see :meth:`grid_from_tokens`).
+        For a model whose grid changes between blocks, the finest grid of its blocks: the
+        grid of the flow.
 
         Raises:
             ValueError: when the model cannot take images of that size.
         """
+
+    def block_layouts(
+        self, attention_modules: Sequence[nn.Module], image_size: Tuple[int, int]
+    ) -> List[BlockLayout]:
+        """The grid and branch of each block of ``attention_modules`` (some or all of
+        :meth:`attention_modules`, in block order) for images of ``image_size``, checked
+        before the forward pass.
+
+        The default is one branch whose blocks all read :meth:`grid_size`'s grid. Models
+        that pool tokens between blocks (PiT, MViTv2) or run branches on two grids (CrossViT)
+        override it.
+
+        Raises:
+            ValueError: when the model cannot take images of that size.
+        """
+        grid = self.grid_size(image_size)
+        return [BlockLayout(grid) for _ in attention_modules]
+
+    @property
+    def reads_class_token(self) -> bool:
+        """Whether the model's output is read from the [class] token (the head takes its
+        last state), so that the [class] query rows explain the decision in full. False for
+        a head that pools the tokens (e.g. timm's ``global_pool='avg'``); DAAM then explains
+        every query row by default (``queries='all'``)."""
+        return True
 
     def grid_from_tokens(self, num_patches: int) -> Tuple[int, int]:
         """The patch grid of a forward pass that left ``num_patches`` patch tokens, used when

@@ -1,6 +1,8 @@
 """timm ``Eva`` with ``EvaAttention`` (EVA, EVA-02, DINOv3-style and other rotary-embedding
-ViTs in timm's eva.py that keep a [class] token): fused or separate q / k / v projections,
-qk_norm, scale_norm, register tokens, rotary position embedding (per block for mixed RoPE),
+ViTs in timm's eva.py that keep a [class] token) or timm's ``AttentionRope`` (attn_type='rope':
+the vit_*_rope_* RoPE-ViTs, Perception Encoder): fused or separate q / k / v projections,
+grouped-query attention (``AttentionRope`` with fewer key / value heads), qk_norm, scale_norm,
+gated output, register tokens, rotary position embedding (per block for mixed RoPE),
 attention masks, fixed or dynamic image size.
 
 The [class] query is a prefix token, which the rotary embedding leaves alone, but the keys of
@@ -8,12 +10,12 @@ the patch tokens are rotated: the recorded row uses the keys as the module rotat
 with timm's own ``apply_rot_embed_cat``.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
-from timm.layers.attention import resolve_self_attn_mask
+from timm.layers.attention import AttentionRope, resolve_self_attn_mask
 from timm.models.eva import Eva, EvaAttention
 from torch import Tensor, nn
 
@@ -23,22 +25,32 @@ from .timm_beit import qkv_weight_and_bias, split_heads
 from .timm_vit import TimmAdapter
 
 
-def eva_attention_hooks(attention: EvaAttention, record: BlockRecord) -> List[Hook]:
-    """Hooks that fill ``record`` from one call of timm's ``EvaAttention``.
+def eva_attention_hooks(
+    attention: Union[EvaAttention, AttentionRope], record: BlockRecord
+) -> List[Hook]:
+    """Hooks that fill ``record`` from one call of timm's ``EvaAttention`` or ``AttentionRope``.
 
     The call's ``rope``, ``attn_mask`` and ``is_causal`` arguments are read when the module
     is called; the [class] query and the keys after ``q_norm`` / ``k_norm`` (identity unless
     qk_norm); the values from ``v_proj`` or ``qkv`` where a module gives them, and otherwise
-    (q / v biases applied in ``F.linear``) recomputed from the input as the module does. The
-    head-concatenated output is watched where it enters ``norm`` (identity unless
-    scale_norm), before any gate and ``proj``.
+    (EVA's q / v biases applied in ``F.linear``) recomputed from the input as the module does.
+    With grouped-query attention (``AttentionRope.num_kv_groups`` > 1) each key / value head
+    is repeated for its group of query heads, as the module does. The head-concatenated
+    output is watched where it enters ``norm`` (identity unless scale_norm), before any gate
+    and ``proj``.
     """
     heads = attention.num_heads
+    groups = getattr(attention, "num_kv_groups", 1)  # AttentionRope only
     num_prefix = attention.num_prefix_tokens
     rotate_half = getattr(attention, "rotate_half", False)
-    values_by_linear = attention.qkv is not None and attention.q_bias is not None
+    q_bias = getattr(attention, "q_bias", None)  # EvaAttention only
+    values_by_linear = attention.qkv is not None and q_bias is not None
     values_by_linear = values_by_linear and not attention.qkv_bias_separate
     call: dict = {}
+
+    def query_heads(tokens: Tensor) -> Tensor:
+        # (B, H / groups, N, d) -> (B, H, N, d): head h uses key / value head h // groups.
+        return tokens if groups == 1 else tokens.repeat_interleave(groups, dim=1)
 
     def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
         tokens = args[0]
@@ -57,12 +69,12 @@ def eva_attention_hooks(attention: EvaAttention, record: BlockRecord) -> List[Ho
 
     def on_qkv(module: nn.Module, args: tuple, qkv: Tensor) -> None:
         values = qkv.detach()[..., 2 * qkv.shape[-1] // 3 :]
-        if attention.q_bias is not None:  # qkv_bias_separate: the bias is added after qkv
+        if q_bias is not None:  # qkv_bias_separate: the bias is added after qkv
             values = values + attention.v_bias.detach()
         call["values"] = split_heads(values, heads)
 
     def on_values(module: nn.Module, args: tuple, values: Tensor) -> None:
-        call["values"] = split_heads(values.detach(), heads)
+        call["values"] = query_heads(split_heads(values.detach(), heads // groups))
 
     def on_query(module: nn.Module, args: tuple, queries: Tensor) -> None:
         call["queries"] = queries.detach()
@@ -81,7 +93,7 @@ def eva_attention_hooks(attention: EvaAttention, record: BlockRecord) -> List[Ho
         queries, keys, rope = call.pop("queries"), call.pop("keys"), call.pop("rope")
         bias = call.pop("bias")
         with torch.no_grad():
-            keys = rotate(keys, rope)
+            keys = query_heads(rotate(keys, rope))
             bias_row = None if bias is None else bias[..., 0, :]
             row = class_attention_row(queries[:, :, 0], keys, attention.scale, bias_row)
 
@@ -106,18 +118,19 @@ def eva_attention_hooks(attention: EvaAttention, record: BlockRecord) -> List[Ho
 
 @register_adapter
 class TimmEvaAdapter(TimmAdapter):
-    """timm ``Eva`` with a [class] token and ``EvaAttention`` (attn_type='eva') in every block.
+    """timm ``Eva`` with a [class] token and, in every block, ``EvaAttention``
+    (attn_type='eva') or timm's ``AttentionRope`` (attn_type='rope': RoPE-ViT vit_*_rope_*,
+    Perception Encoder vit_pe_*).
 
-    Eva models built with class_token=False (vit_*_rope_reg*_gap_*) or with timm's
-    ``AttentionRope`` (attn_type='rope': Perception Encoder, RoPE-ViT) are refused.
+    Eva models built with class_token=False (vit_*_rope_reg*_gap_*) are refused.
     """
 
     family = "timm EVA"
     examples = (
-        "eva02_*, eva_giant_*, vit_*_dinov3 (global_pool='token' to explain in full), Eva "
-        "with class_token=True and attn_type='eva'"
+        "eva02_*, eva_giant_*, vit_*_dinov3 (global_pool='token' to explain in full), "
+        "vit_*_rope_*, vit_pe_*, Eva with class_token=True and attn_type='eva' or 'rope'"
     )
-    attention_types = (EvaAttention,)
+    attention_types = (EvaAttention, AttentionRope)
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

@@ -6,19 +6,22 @@ The hooks here also serve :class:`~captum_daam.adapters.GenericAdapter`, for any
 from timm-style attention (older timm and research code without q_norm / k_norm / norm).
 """
 
-from typing import ClassVar, List, Optional, Tuple
+from typing import Callable, ClassVar, List, Optional, Tuple
 
 from timm.layers import Attention
 from timm.layers.attention import resolve_self_attn_mask
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from .._warnings import warn_user
 from ..decompose import attention_probabilities, class_attention_row
 from .base import BlockRecord, Hook, ViTAdapter, register_adapter
 
 
-def timm_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook]:
+def timm_attention_hooks(
+    attention: nn.Module,
+    record: BlockRecord,
+    call_bias: Optional[Callable[[tuple, dict], Optional[Tensor]]] = None,
+) -> List[Hook]:
     """Hooks that fill ``record`` from one call of a timm-style attention module.
 
     The module has ``qkv`` (a linear layer giving [q, k, v] per token, heads inside each),
@@ -28,6 +31,9 @@ def timm_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook
     the mask from the call's ``attn_mask`` / ``is_causal`` arguments, and watch the
     head-concatenated output where it enters ``norm`` (identity unless scale_norm; before any
     gate) or, without ``norm``, ``proj``.
+
+    ``call_bias``, when given, replaces the mask: it maps the call's (args, kwargs) to the
+    additive logit bias (..., N, N) the module adds (e.g. a relative position bias), or None.
     """
     heads = attention.num_heads
     width = attention.qkv.out_features // (3 * heads)
@@ -37,10 +43,13 @@ def timm_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook
     call: dict = {}
 
     def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        tokens = args[0]
-        attn_mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
-        is_causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
-        bias = resolve_self_attn_mask(tokens.shape[1], tokens, attn_mask, is_causal)
+        if call_bias is not None:
+            bias = call_bias(args, kwargs)
+        else:
+            tokens = args[0]
+            attn_mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
+            is_causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
+            bias = resolve_self_attn_mask(tokens.shape[1], tokens, attn_mask, is_causal)
         call["bias"] = None if bias is None else bias.detach()
 
     def on_qkv(module: nn.Module, args: tuple, qkv: Tensor) -> None:
@@ -79,20 +88,6 @@ def _class_row(bias: Optional[Tensor]) -> Optional[Tensor]:
     return None if bias is None else bias[..., 0, :]
 
 
-def check_class_token_pooling(model: nn.Module) -> None:
-    """Warn when the model's head does not read the [class] token (``global_pool`` other
-    than ``'token'``): DAAM then shows only what reaches the output through the [class]
-    token of the earlier blocks, and the last block's map is zero."""
-    pooling = getattr(model, "global_pool", "token")
-    if pooling != "token":
-        warn_user(
-            f"This {type(model).__name__} pools its output with global_pool={pooling!r}, not "
-            f"from the [class] token that DAAM explains: the maps show only what reaches the "
-            f"output through the [class] token of earlier blocks, and the last block's map is "
-            f"zero. Models with global_pool='token' are explained in full."
-        )
-
-
 class TimmAdapter(ViTAdapter):
     """What timm's ViT-like models share, for the timm family adapters to build on.
 
@@ -108,7 +103,7 @@ class TimmAdapter(ViTAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         name = type(model).__name__
-        if getattr(model, "cls_token", None) is None:
+        if self.class_token() is None:
             raise TypeError(
                 f"DAAM explains the [class] token, but this {name} has none (built with "
                 f"class_token=False, or without a head). Use a model with a [class] token."
@@ -125,6 +120,14 @@ class TimmAdapter(ViTAdapter):
         )
         for index, block in enumerate(blocks):
             attention = getattr(block, "attn", None)
+            if attention is None:
+                raise TypeError(
+                    f"Block {index} of {name}.{self.blocks_name} (block type "
+                    f"{type(block).__name__}) has no attn module: its attention runs in "
+                    f"parallel branches or inside the block's own forward (timm's "
+                    f"ParallelThingsBlock, ParallelScalingBlock), which the {self.family} "
+                    f"adapter does not hook; it supports blocks with one {allowed} as .attn."
+                )
             if not isinstance(attention, self.attention_types):
                 raise TypeError(
                     f"Block {index} of {name}.{self.blocks_name} uses "
@@ -134,9 +137,18 @@ class TimmAdapter(ViTAdapter):
                 )
         self.check_pooling()
 
+    def class_token(self) -> Optional[Tensor]:
+        """The model's learned [class] token, or None when it has none."""
+        return getattr(self.model, "cls_token", None)
+
     def check_pooling(self) -> None:
-        """Called by the constructor: warns when the output is not read from the [class] token."""
-        check_class_token_pooling(self.model)
+        """Called by the constructor: refuses a pooling the adapter cannot explain. Every
+        pooling is explained here ([class] rows for ``global_pool='token'``, every query row
+        otherwise, see :attr:`reads_class_token`)."""
+
+    @property
+    def reads_class_token(self) -> bool:
+        return getattr(self.model, "global_pool", "token") == "token"
 
     def attention_modules(self) -> List[nn.Module]:
         return [block.attn for block in getattr(self.model, self.blocks_name)]

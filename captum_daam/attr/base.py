@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from .._targets import format_target
 from .._warnings import warn_user
-from ..adapters import BlockRecord, ViTAdapter, adapter_for, forward_module
+from ..adapters import BlockLayout, BlockRecord, ViTAdapter, adapter_for, forward_module
+from ..decompose import resample_to_grid, tokens_to_grid
 
 __all__ = ["ViTLayerAttribution", "backward_to_records"]
 
@@ -81,6 +82,22 @@ class ViTLayerAttribution(LayerAttribution):
                 f"initialised to zero (torchvision's, before training) gives this."
             )
 
+    def _warn_if_class_token_unread(self) -> None:
+        """Warn that the [class] rows explain only part of the output of a pooling head."""
+        if not self.adapter.reads_class_token:
+            pooling = getattr(self.adapter.model, "global_pool", None)
+            how = f"global_pool={pooling!r}" if isinstance(pooling, str) else "its head"
+            remedy = (
+                " DAAM explains the pooled output in full with queries='all', its default for "
+                "this model." if self.adapter.self_attention else ""
+            )
+            warn_user(
+                f"This {type(self.adapter.model).__name__} pools its output with {how}, not "
+                f"from the [class] token whose attention rows {type(self).__name__} follows: "
+                f"the maps show only what reaches the output through the [class] token of "
+                f"earlier blocks, and the last block's map is zero.{remedy}"
+            )
+
     def _scores(self, output: object) -> Tensor:
         """The (B, K) class scores or features in the forward pass's output."""
         scores = self.adapter.output_scores(output)
@@ -133,6 +150,16 @@ class ViTLayerAttribution(LayerAttribution):
                 f"grid_size."
             )
         return tuple(grid)
+
+    def _grids(self, layouts: Sequence[BlockLayout], token_counts: Sequence[int]) -> List[
+        Tuple[int, int]
+    ]:
+        """Each block's patch grid: its layout's, checked against the tokens its [class] query
+        read, or the one those tokens give."""
+        return [
+            self._patch_grid(layout.grid, tokens)
+            for layout, tokens in zip(layouts, token_counts)
+        ]
 
     def _check_inputs(self, inputs: Union[Tensor, Tuple[Tensor]]) -> Tuple[Tensor, bool]:
         """The image batch, checked; and whether it came as a tuple (Captum answers a tuple
@@ -244,6 +271,29 @@ def format_attributions(
     return _format_output(is_tuple, (maps,))
 
 
+def flow_grid(grids: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
+    """The grid of the flow: the finest of the blocks' grids (the most cells; the first of
+    equals)."""
+    return max(grids, key=lambda grid: grid[0] * grid[1])
+
+
+def maps_on_grids(
+    token_maps: Sequence[Tensor], num_prefix_tokens: int, grids: Sequence[Tuple[int, int]]
+) -> List[Tensor]:
+    """Block maps over tokens, (B, N_l) each, as maps over their own patch grids (B, gh_l, gw_l)."""
+    return [
+        tokens_to_grid(tokens, num_prefix_tokens, grid) for tokens, grid in zip(token_maps, grids)
+    ]
+
+
+def on_one_grid(block_maps: Sequence[Tensor]) -> Tensor:
+    """Block maps (B, gh_l, gw_l) stacked on the flow's grid, (B, L, gh, gw): each brought to
+    the finest grid by area-weighted resampling, which keeps its sum
+    (:func:`~captum_daam.decompose.resample_to_grid`)."""
+    grid = flow_grid([tuple(block.shape[-2:]) for block in block_maps])
+    return torch.stack([resample_to_grid(block, grid) for block in block_maps], dim=1)
+
+
 def _select_attention_modules(
     adapter: ViTAdapter, layer: Optional[Union[nn.Module, Sequence[nn.Module]]]
 ) -> List[nn.Module]:
@@ -267,12 +317,14 @@ def _select_attention_modules(
     return sorted(chosen, key=lambda module: position[id(module)])
 
 
-def backward_to_records(score: Tensor, records: List[BlockRecord]) -> None:
+def backward_to_records(
+    score: Tensor, records: List[BlockRecord], layouts: Optional[Sequence[BlockLayout]] = None
+) -> None:
     """One activation-only backward pass; the records' hooks keep the [class] gradient rows.
 
-    The gradient is taken only with respect to the first recorded block: every later block
-    lies on the way from the score to it, so all their hooks fire, and no weight gradient
-    is computed.
+    The gradient is taken only with respect to the first recorded block of each branch
+    (``layouts``; one branch when None): every later block of the branch lies on the way from
+    the score to it, so all their hooks fire, and no weight gradient is computed.
     """
     for index, record in enumerate(records):
         if record.class_attention is None:
@@ -293,12 +345,18 @@ def backward_to_records(score: Tensor, records: List[BlockRecord]) -> None:
             "The target scores do not depend on the model's attention blocks, so there is "
             "nothing to attribute. Check that the forward function returns the model's output."
         )
-    torch.autograd.grad(score, records[0].anchor, allow_unused=True)
+    branches = [0] * len(records) if layouts is None else [layout.branch for layout in layouts]
+    first_of_branch = {}
+    for record, branch in zip(records, branches):
+        first_of_branch.setdefault(branch, record)
+    roots = [record.anchor for record in first_of_branch.values()]
+    torch.autograd.grad(score, roots, allow_unused=True)
     for index, record in enumerate(records):
         if record.class_gradient is None:
             raise RuntimeError(
                 f"The target scores do not depend on attention module {index} of the flow "
-                f"through its first block; DAAM expects blocks that run one after another."
+                f"through the first block of its branch; DAAM expects the blocks of a branch "
+                f"to run one after another."
             )
 
 

@@ -1,6 +1,6 @@
 """DAAM, the Dynamic Accumulated Attention Map, as a Captum layer attribution."""
 
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from captum._utils.common import _run_forward
@@ -9,9 +9,9 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from ..adapters import BlockRecord, ViTAdapter
+from ..adapters import BlockLayout, BlockRecord, ViTAdapter
 from ..decompose import accumulate as accumulate_maps
-from ..decompose import block_map, tokens_to_grid
+from ..decompose import all_queries_block_map, block_map
 from ..ssl import MemoryBank
 from .base import (
     ViTLayerAttribution,
@@ -19,8 +19,12 @@ from .base import (
     check_output_options,
     chunks,
     format_attributions,
+    maps_on_grids,
+    on_one_grid,
     split_forward_args,
 )
+
+_QUERIES = ("class", "all")
 
 __all__ = ["DAAM"]
 
@@ -47,7 +51,16 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
 
     The flow runs over the blocks whose [class] token decides: every block of a ViT, DeiT or
     BEiT, the class-attention blocks of CaiT and XCiT (the blocks before them have no [class]
-    token). The grid is the model's patch grid for the input size.
+    token). The grid is the model's patch grid for the input size. In models whose grid
+    changes between blocks (PiT and MViTv2 pool tokens, CrossViT runs two branches on two
+    grids) each block map is brought to the finest grid by area-weighted resampling, which
+    keeps its sum, before the maps are added up; ``block_grids=True`` gives the block maps on
+    their own grids.
+
+    For models whose head pools the tokens instead of reading the [class] token
+    (``global_pool='avg'``), every query row of the attention output is split over the
+    tokens it reads and weighted by its own gradient (``queries='all'``, the default there):
+    cam[n] = relu(sum_i sum_h A[h, i, n] <v[h, n], relu(g[h, i])>).
 
     Attributions are raw: non-negative and unnormalised, on the input's device and dtype,
     shaped like a layer attribution over the patch grid, (B, 1, gh, gw), so
@@ -82,7 +95,8 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
             adapter (ViTAdapter, optional): The adapter that knows where the model keeps
                         its attention. Default: None, the registered adapter of ``model``'s
                         family (``captum_daam.adapters.adapter_for``): timm ViT / DeiT /
-                        DINO, CaiT, XCiT, BEiT, EVA, torchvision and Hugging Face ViTs. For
+                        DINO, CaiT, XCiT, BEiT, EVA, RelPos, NaFlexViT, VOLO, ConViT, TNT,
+                        PiT, MViTv2, CrossViT, CoaT, torchvision and Hugging Face ViTs. For
                         other models built from timm-style attention (T2T-ViT, research
                         code), give ``captum_daam.adapters.GenericAdapter(attention_modules)``.
         """
@@ -102,7 +116,9 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
         internal_batch_size: Optional[int] = None,
         input_shaped: bool = False,
         interpolate_mode: str = "bilinear",
-    ) -> Union[Tensor, Tuple[Tensor]]:
+        queries: Optional[str] = None,
+        block_grids: bool = False,
+    ) -> Union[Tensor, Tuple[Tensor], List[Tensor], List[Tuple[Tensor]]]:
         r"""
         Args:
             inputs (Tensor or tuple[Tensor]): Images, (B, C, H, W), as the model takes them.
@@ -160,14 +176,32 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
             interpolate_mode (str, optional): The interpolation of ``input_shaped``:
                         "bilinear", "bicubic", "nearest", "nearest-exact" or "area".
                         Default: "bilinear"
+            queries (str, optional): Which query rows of each block's attention are
+                        explained. "class": the [class] token's row, as in the paper, for
+                        models whose head reads the [class] token. "all": every row,
+                        each weighted by the gradient at its own output, cam[n] =
+                        relu(sum_i sum_h A[h, i, n] <v[h, n], relu(g[h, i])>), for models
+                        whose head pools the tokens (``global_pool='avg'``); it forms one
+                        block's full (B, H, N, N) attention at a time, in the backward pass.
+                        Default: None, "class" where the head reads the [class] token and
+                        "all" where it pools (``adapter.reads_class_token``) and the blocks
+                        have full attention matrices (``adapter.self_attention``).
+            block_grids (bool, optional): Return the block maps cam_l each on its own
+                        patch grid, unresampled: a list of L tensors (B, 1, gh_l, gw_l), one
+                        per block of the flow, as Captum returns one attribution per layer
+                        for a list of layers. Only block maps can be given on their own
+                        grids, so ``accumulate`` must be False; ``return_flow`` and
+                        ``input_shaped`` do not apply. Default: False
 
         Returns:
             *Tensor* or *tuple[Tensor]* of **attributions**:
             - **attributions** (*Tensor*): Non-negative, unnormalised, detached, on the
                         input's device and dtype. (B, 1, gh, gw) by default, the final DAAM
                         map D_L over the patch grid; (B, L, gh, gw) with ``return_flow``,
-                        one map per block of the flow; (B, C, H, W) with ``input_shaped``.
-                        A 1-tuple holding that tensor when ``inputs`` is a tuple, as in
+                        one map per block of the flow, on the finest grid of its blocks;
+                        (B, C, H, W) with ``input_shaped``; with ``block_grids``, a list of
+                        L tensors (B, 1, gh_l, gw_l). A 1-tuple holding that tensor (with
+                        ``block_grids``, a list of 1-tuples) when ``inputs`` is a tuple, as in
                         Captum. An example whose maps are zero everywhere (nothing
                         contributes positively to the target score) gets a warning.
 
@@ -196,7 +230,9 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
         """
         images, is_tuple = self._check_inputs(inputs)
         check_output_options(internal_batch_size, input_shaped, interpolate_mode, return_flow)
-        grid = self.adapter.grid_size(tuple(images.shape[-2:]))
+        _check_block_grids(block_grids, accumulate, return_flow, input_shaped)
+        queries = self._check_queries(queries)
+        layouts = self.adapter.block_layouts(self.layer, tuple(images.shape[-2:]))
         if importance is not None:
             if target is not None:
                 raise ValueError(
@@ -210,26 +246,48 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
         self._warn_if_training()
         if importance is None:
             self._warn_if_explaining_a_feature(target)
+        if queries == "class":
+            self._warn_if_class_token_unread()
 
-        maps = torch.cat(
-            [
-                self._block_maps(
-                    images[examples],
-                    None if target_indices is None else target_indices[examples],
-                    split_forward_args(additional_forward_args, examples, images.shape[0]),
-                    _importance_of(importance, examples, images.shape[0]),
-                    relu_gradients,
-                    grid,
-                )
-                for examples in chunks(images.shape[0], internal_batch_size)
+        chunk_maps = [
+            self._block_maps(
+                images[examples],
+                None if target_indices is None else target_indices[examples],
+                split_forward_args(additional_forward_args, examples, images.shape[0]),
+                _importance_of(importance, examples, images.shape[0]),
+                relu_gradients,
+                layouts,
+                queries,
+            )
+            for examples in chunks(images.shape[0], internal_batch_size)
+        ]
+        block_maps = [torch.cat(chunk_blocks) for chunk_blocks in zip(*chunk_maps)]
+        self._warn_if_all_zero(torch.cat([block.flatten(1) for block in block_maps], dim=1))
+        if block_grids:
+            return [
+                format_attributions(block.unsqueeze(1), images, is_tuple) for block in block_maps
             ]
-        )
-        self._warn_if_all_zero(maps)
+        maps = on_one_grid(block_maps)
         if accumulate:
             maps = accumulate_maps(maps, dim=1)
         if not return_flow:
             maps = maps[:, -1:]
         return format_attributions(maps, images, is_tuple, input_shaped, interpolate_mode)
+
+    def _check_queries(self, queries: Optional[str]) -> str:
+        """``queries`` checked against the model, or its default for the model."""
+        if queries is None:
+            pooled = not self.adapter.reads_class_token and self.adapter.self_attention
+            return "all" if pooled else "class"
+        if queries not in _QUERIES:
+            raise ValueError(f"Expected queries to be 'class' or 'all', got {queries!r}.")
+        if queries == "all" and not self.adapter.self_attention:
+            raise ValueError(
+                f"Expected queries='class' for this model ({self.adapter.family}): its blocks "
+                f"give attention weights for the [class] query only (class-attention blocks, "
+                f"or factorised attention), not full attention matrices, got queries='all'."
+            )
+        return queries
 
     def _block_maps(
         self,
@@ -238,19 +296,29 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
         additional_forward_args: Optional[object],
         importance: Optional[Union[Tensor, MemoryBank, Callable[[Tensor], Tensor]]],
         relu_gradients: bool,
-        grid: Optional[Tuple[int, int]],
-    ) -> Tensor:
-        """One forward and one backward pass: the block maps cam_l (B, L, gh, gw)."""
+        layouts: List[BlockLayout],
+        queries: str,
+    ) -> List[Tensor]:
+        """One forward and one backward pass: the block maps cam_l, (B, gh_l, gw_l) each."""
         token_maps = {}
 
         def reduce_record(record: BlockRecord) -> None:
             # Runs in the backward pass: the map is formed and the values freed at once.
-            token_maps[id(record)] = block_map(
-                record.class_attention, record.values, record.class_gradient, relu_gradients
-            )
+            if queries == "all":
+                # The block's full attention exists only here, one block at a time.
+                token_maps[id(record)] = all_queries_block_map(
+                    record.attention(), record.values, record.gradient, relu_gradients
+                )
+                record.attention = record.gradient = None
+            else:
+                token_maps[id(record)] = block_map(
+                    record.class_attention, record.values, record.class_gradient, relu_gradients
+                )
             record.values = None
 
-        with torch.enable_grad(), self.adapter.record(self.layer, reduce_record) as records:
+        with torch.enable_grad(), self.adapter.record(
+            self.layer, reduce_record, full=queries == "all"
+        ) as records:
             output = self._scores(
                 _run_forward(self.forward_func, images, None, additional_forward_args)
             )
@@ -258,15 +326,34 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
                 score = (output * _importance_weights(importance, output)).sum()
             else:
                 score = self._target_score(output, target_indices)
-            backward_to_records(score, records)
+            backward_to_records(score, records, layouts)
 
-        block_maps = torch.stack([token_maps[id(record)] for record in records], dim=1)
-        grid = self._patch_grid(grid, block_maps.shape[-1])
-        return tokens_to_grid(block_maps, self.adapter.num_prefix_tokens, grid)
+        block_maps = [token_maps[id(record)] for record in records]
+        grids = self._grids(layouts, [block.shape[-1] for block in block_maps])
+        return maps_on_grids(block_maps, self.adapter.num_prefix_tokens, grids)
 
     @property
     def multiplies_by_inputs(self) -> bool:
         return False
+
+
+def _check_block_grids(
+    block_grids: bool, accumulate: bool, return_flow: bool, input_shaped: bool
+) -> None:
+    """``block_grids`` checked against the options it rules out, before any work."""
+    if not block_grids:
+        return
+    if accumulate:
+        raise ValueError(
+            "Expected accumulate=False with block_grids=True: the block maps are given on "
+            "their own grids, and accumulating them needs one grid. Pass accumulate=False, "
+            "or leave block_grids=False for the flow on the finest grid."
+        )
+    if return_flow or input_shaped:
+        raise ValueError(
+            "Expected neither return_flow nor input_shaped with block_grids=True, which "
+            "returns every block's map on its own grid."
+        )
 
 
 def _check_importance(

@@ -53,10 +53,31 @@ class _RolloutBase(ViTLayerAttribution):
         ViTLayerAttribution.__init__(self, model, layer, adapter)
         if not self.adapter.self_attention:
             raise TypeError(
-                f"{type(self).__name__} needs full self-attention matrices, but this model "
-                f"({self.adapter.family}) explains its decision in class-attention blocks, where "
-                f"only the [class] token is a query. Use DAAM for this model."
+                f"{type(self).__name__} needs full self-attention matrices, but the blocks of "
+                f"this model ({self.adapter.family}) give attention weights for the [class] "
+                f"query only (class-attention blocks, or factorised attention). Use DAAM for "
+                f"this model."
             )
+
+    def _one_grid(self, image_size: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+        """The grid every block reads, or a ValueError for a model whose tokens change
+        between blocks (the rollout multiplies the blocks' attention matrices, which must be
+        square and of one size: a model that pools tokens anywhere is refused, whichever
+        blocks ``layer`` picks)."""
+        layouts = self.adapter.block_layouts(self.adapter.attention_modules(), image_size)
+        grids = {layout.grid for layout in layouts}
+        if len(grids) > 1 or len({layout.branch for layout in layouts}) > 1:
+            listed = ", ".join(
+                "tokens from the forward pass" if grid is None else f"{grid[0]}x{grid[1]}"
+                for grid in dict.fromkeys(layout.grid for layout in layouts)
+            )
+            raise ValueError(
+                f"{type(self).__name__} multiplies the attention matrices of consecutive "
+                f"blocks, which needs the same tokens in every block, but the blocks of this "
+                f"model ({self.adapter.family}) read different grids ({listed}) or run in "
+                f"separate branches. Use DAAM, which resamples each block map to one grid."
+            )
+        return layouts[0].grid
 
     def _to_grid(self, class_row: Tensor, grid: Optional[Tuple[int, int]], like: Tensor) -> Tensor:
         """(B, N) rollout row of the [class] token -> (B, 1, gh, gw) over the patches."""
@@ -131,9 +152,10 @@ class AttentionRollout(_RolloutBase):
         """
         images, is_tuple = self._check_inputs(inputs)
         check_output_options(internal_batch_size, input_shaped, interpolate_mode)
-        grid = self.adapter.grid_size(tuple(images.shape[-2:]))
+        grid = self._one_grid(tuple(images.shape[-2:]))
         self._check_target(target, images.shape[0], images.device)
         self._warn_if_training()
+        self._warn_if_class_token_unread()
         maps = torch.cat(
             [
                 self._rollout(
@@ -239,9 +261,10 @@ class GradientRollout(_RolloutBase, GradientAttribution):
         """
         images, is_tuple = self._check_inputs(inputs)
         check_output_options(internal_batch_size, input_shaped, interpolate_mode)
-        grid = self.adapter.grid_size(tuple(images.shape[-2:]))
+        grid = self._one_grid(tuple(images.shape[-2:]))
         target_indices = self._check_target(target, images.shape[0], images.device)
         self._warn_if_training()
+        self._warn_if_class_token_unread()
         self._warn_if_explaining_a_feature(target)
         maps = torch.cat(
             [

@@ -1,0 +1,291 @@
+"""Census of timm: which models DAAM explains exactly, which it refuses and why.
+
+Every name ``timm.list_models()`` gives is built on the meta device first (no memory, no
+weights) to see whether it has a [class] token and how large it is. Models with a [class]
+token up to ``--max-params`` parameters are then built with random weights
+(``pretrained=False``: nothing is downloaded) and explained for one random image at the
+model's default input size, with DAAM's defaults (``queries='class'`` where the head reads
+the [class] token, ``'all'`` where it pools). Each model ends in one of:
+
+- ``exact``: DAAM's block maps equal maps formed from an independent check of every block of
+  the flow, to ``--tolerance`` (relative to the largest value): (1) the recorded decomposition
+  adds up to the module's own attention output, read by a hook that is not the adapter's on
+  the input of the module's output projection (``norm`` or ``proj``): the [class] row,
+  sum_n A[h, 0, n] v[h, n], or with queries='all' every row, A @ v (plus the term the record
+  names as no token's, MViTv2's pooled query); (2) the maps formed from
+  that decomposition with the gradient autograd gives at the hooked tensor equal DAAM's.
+  Each family's test file checks the same models' maps token by token against an explicit
+  float64 reference; this census checks that every model name meets the decomposition.
+- ``runs``: DAAM explains the model, but a check above is off (the record says by how much).
+- ``refused``: DAAM raises a TypeError or ValueError before any work; the reason is its
+  message's first sentence.
+- ``crashed``: any other exception (a bug: the goal is none).
+- ``not built``: larger than ``--max-params`` (the size is recorded), or no [class] token
+  (listed, and checked with the meta-device model that DAAM refuses it).
+
+Results go to ``--out`` as JSON (one record per model, written as it goes, so an interrupted
+census resumes where it stopped) and a Markdown summary.
+
+    python benchmarks/coverage.py                       # every timm model, up to 700M parameters
+    python benchmarks/coverage.py --names 'pit_*' 'mvitv2_*_cls' --out /tmp/some
+"""
+
+import argparse
+import fnmatch
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter, defaultdict
+from typing import Dict, List, Optional
+
+import timm
+import torch
+from timm.data import resolve_data_config
+from torch import Tensor, nn
+
+from captum_daam import DAAM
+from captum_daam.adapters import adapter_for
+from captum_daam.attr.base import on_one_grid
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def has_class_token(model: nn.Module) -> bool:
+    """Whether a learned [class] token is among the model's parameters (timm names them
+    ``cls_token``, ``cls_token_0``, ``cls_token1`` ...)."""
+    return any("cls_token" in name for name, _ in model.named_parameters())
+
+
+def first_sentence(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split(". ")[0].rstrip(".") + "."
+
+
+def output_projection_input(attention: nn.Module) -> nn.Module:
+    """Where the attention output enters the output projection in timm's attention layers:
+    ``norm`` where there is one (identity unless scale_norm), else ``proj``."""
+    for name in ("norm", "proj"):
+        module = getattr(attention, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise LookupError(f"{type(attention).__name__} has neither norm nor proj")
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
+    """DAAM on ``images`` with its defaults, and the two checks of the module docstring."""
+    daam = DAAM(model)
+    adapter = daam.adapter
+    queries = "class" if adapter.reads_class_token or not adapter.self_attention else "all"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        block_maps = daam.attribute(images, block_grids=True, accumulate=False)
+    flow = on_one_grid([block[:, 0] for block in block_maps])
+
+    # One forward pass with the adapter's records and, on the input of each module's output
+    # projection, hooks that are not the adapter's; autograd's gradient at what they read.
+    own: List[Tensor] = []
+    with torch.enable_grad(), adapter.record(daam.layer, full=queries == "all") as records:
+        handles = [
+            output_projection_input(attention).register_forward_pre_hook(
+                lambda module, args: own.append(args[0])
+            )
+            for attention in daam.layer
+        ]
+        try:
+            scores = adapter.output_scores(model(images))
+            score = scores[0, int(scores.argmax(1))]
+            gradients = torch.autograd.grad(score, own, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    decomposition_error, map_error = 0.0, 0.0
+    for record, output, gradient, daam_map in zip(records, own, gradients, block_maps):
+        values = record.values.double()  # (B, H, N, d)
+        heads, width = values.shape[1], values.shape[3]
+        gradient = torch.zeros_like(output) if gradient is None else gradient
+        residual = None if record.residual is None else record.residual.double()
+        if queries == "class":
+            rebuilt = (record.class_attention.double().unsqueeze(-1) * values).sum(2)
+            if residual is not None:  # a term the model adds that is no token's (MViTv2)
+                rebuilt = rebuilt + residual[:, :, 0]
+            rebuilt = rebuilt.flatten(1)  # (B, C): heads concatenated
+            decomposition_error = max(
+                decomposition_error, relative_error(rebuilt, output[:, 0].detach())
+            )
+            weights = gradient[:, 0].double().relu().unflatten(-1, (heads, width))
+            cam = (record.class_attention.double() * (values * weights[:, :, None]).sum(-1))
+        else:
+            attention = record.attention().double()  # (B, H, Nq, N)
+            rebuilt = attention @ values if residual is None else attention @ values + residual
+            rebuilt = rebuilt.transpose(1, 2).flatten(2)
+            decomposition_error = max(
+                decomposition_error, relative_error(rebuilt, output.detach())
+            )
+            weights = gradient.double().relu().unflatten(-1, (heads, width)).transpose(1, 2)
+            cam = values * (attention.transpose(-2, -1) @ weights)
+            cam = cam.sum(-1)
+        cam = cam.sum(1).relu()  # (B, N)
+        patches = cam[:, cam.shape[1] - daam_map[0, 0].numel():].reshape(daam_map.shape)
+        map_error = max(map_error, relative_error(daam_map, patches))
+    return {
+        "queries": queries,
+        "blocks": len(records),
+        "grids": sorted({tuple(block.shape[-2:]) for block in block_maps}, reverse=True),
+        "flow_grid": list(flow.shape[-2:]),
+        "prefix_tokens": adapter.num_prefix_tokens,
+        "decomposition_error": decomposition_error,
+        "map_error": map_error,
+        "final_map_positive": bool(flow[:, -1].amax() > 0),
+    }
+
+
+def census_one(name: str, max_params: float, tolerance: float) -> Dict[str, object]:
+    record: Dict[str, object] = {"name": name}
+    try:
+        with torch.device("meta"):
+            skeleton = timm.create_model(name, pretrained=False)
+    except Exception as error:  # noqa: BLE001 - a census records every failure
+        return dict(record, status="not built", reason=f"timm cannot build it: "
+                    f"{first_sentence(error)}", class_token=None)
+    record["class_token"] = has_class_token(skeleton)
+    record["family"] = type(skeleton).__name__
+    record["params"] = sum(parameter.numel() for parameter in skeleton.parameters())
+    if not record["class_token"]:
+        try:
+            adapter_for(skeleton)
+            verdict = "an adapter accepts it"
+        except TypeError as error:
+            verdict = f"refused: {first_sentence(error)}"
+        except Exception as error:  # noqa: BLE001
+            verdict = f"adapter check failed on the meta device: {first_sentence(error)}"
+        return dict(record, status="not built", reason=f"no [class] token ({verdict})")
+    if record["params"] > max_params:
+        return dict(record, status="not built", reason=f"{record['params'] / 1e6:.0f}M "
+                    f"parameters, above this census's {max_params / 1e6:.0f}M")
+    del skeleton
+    started = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False).eval()
+        _, height, width = resolve_data_config({}, model=model)["input_size"]
+        record["input_size"] = [height, width]
+        images = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+        checks = check_model(model, images)
+        record.update(checks)
+        exact = max(checks["decomposition_error"], checks["map_error"]) <= tolerance
+        record["status"] = "exact" if exact else "runs"
+        if not exact:
+            record["reason"] = (
+                f"decomposition error {checks['decomposition_error']:.1e}, map error "
+                f"{checks['map_error']:.1e}"
+            )
+    except (TypeError, ValueError) as error:
+        record.update(status="refused", reason=first_sentence(error))
+    except Exception as error:  # noqa: BLE001
+        record.update(status="crashed", reason=f"{type(error).__name__}: "
+                      f"{first_sentence(error)}", traceback=traceback.format_exc(limit=4))
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    return record
+
+
+def summary(records: List[Dict[str, object]], settings: Dict[str, object]) -> str:
+    with_token = [record for record in records if record.get("class_token")]
+    counts = Counter(record["status"] for record in with_token)
+    lines = [
+        f"timm {timm.__version__}, torch {torch.__version__}, CPU; random weights, batch 1, "
+        f"default input size; tolerance {settings['tolerance']:.0e}, models up to "
+        f"{settings['max_params'] / 1e6:.0f}M parameters built. The seconds are per model, as "
+        f"measured in the run (resumable, so possibly in several pieces) that checked it.",
+        "",
+        f"{len(records)} model names; {len(with_token)} with a [class] token: "
+        + ", ".join(f"{counts[status]} {status}" for status in
+                    ("exact", "runs", "refused", "crashed", "not built")),
+        "",
+        "| family (class) | [class]-token models | exact | runs | refused | crashed | not built "
+        "| grids | queries |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_family: Dict[str, List[Dict[str, object]]] = defaultdict(list)
+    for record in with_token:
+        by_family[record["family"]].append(record)
+    for family in sorted(by_family, key=lambda name: (-len(by_family[name]), name)):
+        group = by_family[family]
+        family_counts = Counter(record["status"] for record in group)
+        multi = any(len(record.get("grids", [])) > 1 for record in group)
+        queries = sorted({record["queries"] for record in group if "queries" in record})
+        lines.append(
+            f"| {family} | {len(group)} | "
+            + " | ".join(str(family_counts[status]) for status in
+                         ("exact", "runs", "refused", "crashed", "not built"))
+            + f" | {'per block' if multi else 'one'} | {', '.join(queries) or '-'} |"
+        )
+    lines += ["", "Models with a [class] token not explained exactly, and why:", ""]
+    for record in with_token:
+        if record["status"] != "exact":
+            lines.append(f"- {record['name']} ({record['family']}): {record['status']}: "
+                         f"{record.get('reason', '')}")
+    lines += ["", "Every model with a [class] token:", "",
+              "| model | status | blocks | grids | queries | decomposition error | map error "
+              "| seconds |", "|---|---|---|---|---|---|---|---|"]
+    for record in with_token:
+        grids = " ".join(f"{g[0]}x{g[1]}" for g in record.get("grids", []))
+        errors = [f"{record[key]:.1e}" if key in record else "" for key in
+                  ("decomposition_error", "map_error")]
+        lines.append(f"| {record['name']} | {record['status']} | {record.get('blocks', '')} | "
+                     f"{grids} | {record.get('queries', '')} | {errors[0]} | {errors[1]} | "
+                     f"{record.get('seconds', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--names", nargs="*", default=["*"], help="fnmatch patterns of names")
+    parser.add_argument("--max-params", type=float, default=700e6)
+    parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default=os.path.join(RESULTS, "coverage"),
+                        help="path prefix of the .json and .md results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = [name for name in timm.list_models()
+             if any(fnmatch.fnmatch(name, pattern) for pattern in args.names)]
+    path = f"{args.out}.json"
+    done: Dict[str, Dict[str, object]] = {}
+    if os.path.exists(path):
+        with open(path) as stored:
+            done = {record["name"]: record for record in json.load(stored)["models"]}
+    settings = {"max_params": args.max_params, "tolerance": args.tolerance,
+                "threads": args.threads, "timm": timm.__version__, "torch": torch.__version__}
+    for index, name in enumerate(names):
+        if name in done:
+            continue
+        record = census_one(name, args.max_params, args.tolerance)
+        done[name] = record
+        print(f"[{index + 1}/{len(names)}] {name}: {record['status']} "
+              f"{record.get('reason', '')}", flush=True)
+        records = [done[key] for key in names if key in done]
+        with open(path + ".partial", "w") as stored:
+            json.dump({"settings": settings, "models": records}, stored, indent=1)
+        os.replace(path + ".partial", path)
+        gc.collect()
+    records = [done[key] for key in names if key in done]
+    with open(f"{args.out}.md", "w") as table:
+        table.write(summary(records, settings))
+    crashed = [record["name"] for record in records if record["status"] == "crashed"]
+    if crashed:
+        print(f"crashed: {', '.join(crashed)}", file=sys.stderr)
+    return 1 if crashed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

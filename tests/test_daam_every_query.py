@@ -1,0 +1,149 @@
+"""DAAM for heads that pool the tokens (queries='all') equals an explicit reference.
+
+The reference (reference.explicit_daam with queries="all") forms every block's attention as
+an explicit (B, H, N, N) matrix, takes the gradient at every row of the attention output with
+plain autograd, and builds the full (B, N, N, C) contributions of every query row,
+F[b, i, n, (h, e)] = A[b, h, i, n] * v[b, h, n, e], before weighting and summing them.
+"""
+
+import warnings
+import weakref
+
+import pytest
+import torch
+
+import captum_daam.adapters.timm_vit as timm_vit
+from captum_daam import DAAM
+from helpers import (
+    assert_attributions_match,
+    assert_close_relative,
+    make_images,
+    make_model,
+    module_hook_count,
+    set_fused_attention,
+)
+from reference import explicit_daam, explicit_forward
+
+TARGETS = [3, 7, 1]
+
+
+def small_vit(global_pool: str = "avg", **kwargs):
+    options = dict(img_size=64, depth=3, embed_dim=96, num_heads=3, num_classes=10)
+    return make_model("vit_small_patch16_224", global_pool=global_pool, **{**options, **kwargs})
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax", "map"])
+def test_a_pooled_vit_is_explained_by_every_query_row_by_default(pool, fused):
+    model = set_fused_attention(small_vit(pool), fused)
+    images = make_images(3, 64, 64)
+    with torch.no_grad():
+        reproduced = explicit_forward(model, images)["logits"]
+        assert_close_relative(reproduced, model(images), 1e-5)  # the reference is the model
+    expected = explicit_daam(model, images, target=TARGETS, queries="all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default explains the pooled output: no warning
+        flow = assert_attributions_match(DAAM(model), images, TARGETS, expected)
+    assert float(expected["block_maps"][:, -1].amax()) > 0  # the last block reaches the output
+    class_rows = explicit_daam(model, images, target=TARGETS)["flow"]
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_close_relative(flow, class_rows, 1e-2)  # not the [class] rows under another name
+
+
+def test_every_row_contribution_sums_to_the_attention_output_of_its_row():
+    """The decomposition the reference builds adds up to each row of the attention output."""
+    model = small_vit()
+    images = make_images(2, 64, 64)
+    expected = explicit_daam(model, images, target=[1, 2], queries="all")
+    blocks = explicit_forward(model.double(), images.double())["blocks"]
+    for contribution, block in zip(expected["contributions"], blocks):
+        assert contribution.shape == (2, 17, 17, 96)
+        assert_close_relative(contribution.sum(dim=2), block["pre_projection"].detach(), 1e-10)
+
+
+def test_predicted_class_and_a_vit_reading_the_class_token_explained_by_every_row():
+    model = small_vit("token")
+    images = make_images(3, 64, 64)
+    expected = explicit_daam(model, images, target=None, queries="all")
+    assert_attributions_match(DAAM(model), images, None, expected, queries="all")
+    class_rows = explicit_daam(model, images, target=None)
+    assert_attributions_match(DAAM(model), images, None, class_rows)  # still the default
+
+
+def test_self_supervised_importance_uses_signed_gradients_of_every_row():
+    model = small_vit(num_classes=0)
+    images = make_images(2, 64, 64)
+    weights = torch.rand(2, 96, generator=torch.Generator().manual_seed(3))
+    expected = explicit_daam(
+        model, images, importance=weights, relu_gradients=False, queries="all"
+    )
+    flow = DAAM(model).attribute(images, importance=weights, return_flow=True)
+    assert_close_relative(flow, expected["flow"])
+
+
+def test_internal_batch_size_gives_the_same_maps():
+    model = small_vit()
+    images = make_images(5, 64, 64)
+    whole = DAAM(model).attribute(images, target=2, return_flow=True)
+    chunked = DAAM(model).attribute(images, target=2, return_flow=True, internal_batch_size=2)
+    assert_close_relative(chunked, whole, 1e-6)
+
+
+def test_one_blocks_full_attention_exists_at_a_time(monkeypatch):
+    """Each block's (B, H, N, N) attention is formed in the backward pass and freed before
+    the next block's is formed."""
+    formed = []
+    alive_when_forming = []
+    original = timm_vit.attention_probabilities
+
+    def tracked(*args, **kwargs):
+        alive_when_forming.append(sum(ref() is not None for ref in formed))
+        attention = original(*args, **kwargs)
+        formed.append(weakref.ref(attention))
+        return attention
+
+    monkeypatch.setattr(timm_vit, "attention_probabilities", tracked)
+    model = small_vit(depth=4)
+    DAAM(model).attribute(make_images(2, 64, 64), target=[1, 2])
+    assert len(formed) == 4  # one per block, formed by DAAM
+    assert alive_when_forming == [0, 0, 0, 0]
+    assert all(ref() is None for ref in formed)
+
+
+def test_every_row_is_refused_for_class_attention_blocks_before_any_work():
+    model = make_model("cait_xxs24_224", img_size=32, depth=1, depth_token_only=1)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ValueError, match="class-attention blocks.*queries='all'"):
+        DAAM(model).attribute(make_images(1, 32, 32), target=0, queries="all")
+    assert calls == []
+    assert module_hook_count(model) == 1  # only the test's own hook
+
+
+def test_an_unknown_queries_value_is_refused():
+    with pytest.raises(ValueError, match="Expected queries to be 'class' or 'all', got 'cls'"):
+        DAAM(small_vit()).attribute(make_images(1, 64, 64), target=0, queries="cls")
+
+
+def test_block_grids_gives_the_block_maps_each_on_its_grid():
+    """One grid: the list holds the block maps of return_flow=True, accumulate=False."""
+    model = small_vit("token")
+    images = make_images(2, 64, 64)
+    daam = DAAM(model)
+    blocks = daam.attribute(images, target=[1, 2], block_grids=True, accumulate=False)
+    maps = daam.attribute(images, target=[1, 2], return_flow=True, accumulate=False)
+    assert isinstance(blocks, list) and len(blocks) == 3
+    for index, block in enumerate(blocks):
+        assert block.shape == (2, 1, 4, 4)
+        torch.testing.assert_close(block[:, 0], maps[:, index])
+    as_tuples = daam.attribute((images,), target=[1, 2], block_grids=True, accumulate=False)
+    assert all(isinstance(block, tuple) and len(block) == 1 for block in as_tuples)
+
+
+@pytest.mark.parametrize(
+    "options", [dict(), dict(accumulate=False, return_flow=True),
+                dict(accumulate=False, input_shaped=True)], ids=["accumulate", "flow", "shaped"]
+)
+def test_block_grids_with_options_it_rules_out_is_refused(options):
+    with pytest.raises(ValueError, match="block_grids=True"):
+        DAAM(small_vit()).attribute(make_images(1, 64, 64), target=0, block_grids=True, **options)
