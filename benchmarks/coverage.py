@@ -67,8 +67,9 @@ def first_sentence(error: BaseException) -> str:
 
 def output_projection_input(attention: nn.Module) -> nn.Module:
     """Where the attention output enters the output projection in timm's attention layers:
-    ``norm`` where there is one (identity unless scale_norm), else ``proj``."""
-    for name in ("norm", "proj"):
+    ``norm`` where there is one (identity unless scale_norm), else ``proj``, or, in a block
+    that computes attention itself (timm's ParallelScalingBlock), ``attn_out_proj``."""
+    for name in ("norm", "proj", "attn_out_proj"):
         module = getattr(attention, name, None)
         if isinstance(module, nn.Module):
             return module

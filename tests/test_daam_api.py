@@ -5,7 +5,6 @@ import threading
 import warnings
 
 import pytest
-import timm
 import torch
 from captum.attr import GradientAttribution, LayerAttribution
 from torch import nn
@@ -426,15 +425,3 @@ def test_maps_that_are_zero_everywhere_warn_at_the_callers_line():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             method(model).attribute(images, target=[2, 3, 2])
-
-
-@pytest.mark.parametrize("name", ["vit_small_patch16_18x2_224", "vit_base_patch16_xp_224"])
-def test_vits_with_parallel_attention_blocks_are_refused_saying_why(name):
-    """Their blocks have no .attn (two attention modules side by side, or attention computed
-    in the block's own forward from a fused in-projection): true, named in the message."""
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False)
-    block_type = type(model.blocks[0]).__name__
-    assert getattr(model.blocks[0], "attn", None) is None
-    with pytest.raises(TypeError, match=f"block type {block_type}\\) has no attn module"):
-        DAAM(model)

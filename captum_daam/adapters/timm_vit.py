@@ -6,15 +6,19 @@ The hooks here also serve :class:`~captum_daam.adapters.GenericAdapter`, for any
 from timm-style attention (older timm and research code without q_norm / k_norm / norm).
 """
 
-from typing import Callable, ClassVar, List, Optional, Tuple
+from typing import Callable, ClassVar, List, Optional, Sequence, Tuple
 
 from timm.layers import Attention
 from timm.layers.attention import resolve_self_attn_mask
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import (
+    ParallelScalingBlock,
+    ParallelThingsBlock,
+    VisionTransformer,
+)
 from torch import Tensor, nn
 
 from ..decompose import attention_probabilities, class_attention_row
-from .base import BlockRecord, Hook, ViTAdapter, register_adapter
+from .base import BlockLayout, BlockRecord, Hook, ViTAdapter, register_adapter
 
 
 def timm_attention_hooks(
@@ -119,23 +123,29 @@ class TimmAdapter(ViTAdapter):
             f"{cls.__module__}.{cls.__qualname__}" for cls in self.attention_types
         )
         for index, block in enumerate(blocks):
-            attention = getattr(block, "attn", None)
-            if attention is None:
-                raise TypeError(
-                    f"Block {index} of {name}.{self.blocks_name} (block type "
-                    f"{type(block).__name__}) has no attn module: its attention runs in "
-                    f"parallel branches or inside the block's own forward (timm's "
-                    f"ParallelThingsBlock, ParallelScalingBlock), which the {self.family} "
-                    f"adapter does not hook; it supports blocks with one {allowed} as .attn."
-                )
-            if not isinstance(attention, self.attention_types):
-                raise TypeError(
-                    f"Block {index} of {name}.{self.blocks_name} uses "
-                    f"{type(attention).__name__} (block type {type(block).__name__}); the "
-                    f"{self.family} adapter supports {allowed}. Write an adapter for this "
-                    f"attention type."
-                )
+            for attention in self.block_attention(block):
+                if attention is None:
+                    raise TypeError(
+                        f"Block {index} of {name}.{self.blocks_name} (block type "
+                        f"{type(block).__name__}) has no attn module: its attention runs "
+                        f"elsewhere, which the {self.family} adapter does not hook; it "
+                        f"supports blocks with one {allowed} as .attn. Write an adapter for "
+                        f"this block type."
+                    )
+                if not isinstance(attention, self.attention_types):
+                    raise TypeError(
+                        f"Block {index} of {name}.{self.blocks_name} uses "
+                        f"{type(attention).__name__} (block type {type(block).__name__}); the "
+                        f"{self.family} adapter supports {allowed}. Write an adapter for this "
+                        f"attention type."
+                    )
         self.check_pooling()
+
+    def block_attention(self, block: nn.Module) -> List[Optional[nn.Module]]:
+        """The attention modules of one block, in forward order: its ``attn`` (None when it
+        has none). Families whose blocks hold several, or compute attention in the block's own
+        forward, override it."""
+        return [getattr(block, "attn", None)]
 
     def class_token(self) -> Optional[Tensor]:
         """The model's learned [class] token, or None when it has none."""
@@ -151,7 +161,8 @@ class TimmAdapter(ViTAdapter):
         return getattr(self.model, "global_pool", "token") == "token"
 
     def attention_modules(self) -> List[nn.Module]:
-        return [block.attn for block in getattr(self.model, self.blocks_name)]
+        blocks = getattr(self.model, self.blocks_name)
+        return [attention for block in blocks for attention in self.block_attention(block)]
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -199,20 +210,103 @@ class TimmAdapter(ViTAdapter):
         return tuple(patch_embed.grid_size)
 
 
+def parallel_scaling_hooks(block: ParallelScalingBlock, record: BlockRecord) -> List[Hook]:
+    """Hooks that fill ``record`` from one call of timm's ``ParallelScalingBlock`` (ViT-22B
+    style: one ``in_proj`` gives the MLP's input and q, k, v; attention runs in the block's
+    own forward).
+
+    The values are read from ``in_proj``'s output, the query and keys after ``q_norm`` /
+    ``k_norm`` (identities unless qk_norm), the mask from the block's ``attn_mask`` /
+    ``is_causal`` arguments. The head-concatenated attention output is watched where it enters
+    ``attn_out_proj``, or, with a fused output projection, ``out_proj``, whose input is that
+    output followed by the MLP's (the gradient's first C channels are the attention's).
+    """
+    heads, width = block.num_heads, block.head_dim
+    channels = heads * width
+    call: dict = {}
+
+    def by_heads(tokens: Tensor) -> Tensor:  # (B, N, H, d) -> (B, H, N, d)
+        return tokens.detach().transpose(1, 2)
+
+    def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = args[0]
+        attn_mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
+        is_causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
+        bias = resolve_self_attn_mask(tokens.shape[1], tokens, attn_mask, is_causal)
+        call["bias"] = None if bias is None else bias.detach()
+
+    def on_in_projection(module: nn.Module, args: tuple, projected: Tensor) -> None:
+        values = projected.split(block.in_split, dim=-1)[3]
+        call["values"] = by_heads(values.unflatten(-1, (heads, width)))
+
+    def on_query(module: nn.Module, args: tuple, queries: Tensor) -> None:
+        call["queries"] = by_heads(queries)
+
+    def on_keys(module: nn.Module, args: tuple, keys: Tensor) -> None:
+        queries, keys, bias = call.pop("queries"), by_heads(keys), call.pop("bias")
+        row = class_attention_row(queries[:, :, 0], keys, block.scale, _class_row(bias))
+        record.set_attention(
+            row,
+            call.pop("values"),
+            lambda: attention_probabilities(queries, keys, block.scale, bias),
+        )
+
+    def attention_channels(gradient: Tensor) -> Tensor:  # of out_proj's input [attention, MLP]
+        return gradient[..., :channels]
+
+    def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
+        to_pre_projection = None if block.out_proj is None else attention_channels
+        return (record.watch(args[0], to_pre_projection),) + tuple(args[1:])
+
+    projection = block.attn_out_proj if block.out_proj is None else block.out_proj
+    return [
+        Hook(block, "pre_kwargs", on_call),
+        Hook(block.in_proj, "forward", on_in_projection),
+        Hook(block.q_norm, "forward", on_query),
+        Hook(block.k_norm, "forward", on_keys),
+        Hook(projection, "pre", on_pre_projection),
+    ]
+
+
 @register_adapter
 class TimmVisionTransformerAdapter(TimmAdapter):
-    """timm ``VisionTransformer`` with a [class] token and timm ``Attention`` in every block."""
+    """timm ``VisionTransformer`` with a [class] token and timm ``Attention`` in every block,
+    or parallel blocks: ``ParallelThingsBlock`` (several ``Attention`` side by side, each a
+    block of the flow, in branches of their own) and ``ParallelScalingBlock`` (attention in
+    the block's own forward; the block is the flow's module)."""
 
     family = "timm VisionTransformer"
     examples = (
         "vit_*, deit_*, deit3_*, deit_*_distilled_*, DINO vit_*.dino, vit_*_reg4_dinov2, "
-        "qk_norm / scale_norm variants, dynamic_img_size"
+        "qk_norm / scale_norm variants, dynamic_img_size, parallel blocks (vit_*_18x2_224, "
+        "vit_*_xp_224)"
     )
-    attention_types = (Attention,)
+    attention_types = (Attention, ParallelScalingBlock)
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformer)
 
+    def block_attention(self, block: nn.Module) -> List[Optional[nn.Module]]:
+        if isinstance(block, ParallelThingsBlock):
+            return [getattr(branch, "attn", None) for branch in block.attns]
+        if isinstance(block, ParallelScalingBlock):
+            return [block]
+        return super().block_attention(block)
+
+    def block_layouts(
+        self, attention_modules: Sequence[nn.Module], image_size: Tuple[int, int]
+    ) -> List[BlockLayout]:
+        # The attentions of a ParallelThingsBlock read the same input side by side, neither
+        # feeding the other: the i-th of each block is in branch i.
+        grid = self.grid_size(image_size)
+        branch_of = {}
+        for block in getattr(self.model, self.blocks_name):
+            for branch, attention in enumerate(self.block_attention(block)):
+                branch_of[id(attention)] = branch
+        return [BlockLayout(grid, branch_of.get(id(module), 0)) for module in attention_modules]
+
     def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+        if isinstance(attention, ParallelScalingBlock):
+            return parallel_scaling_hooks(attention, record)
         return timm_attention_hooks(attention, record)
