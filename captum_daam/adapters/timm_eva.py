@@ -127,7 +127,7 @@ class TimmEvaAdapter(TimmAdapter):
 
     family = "timm EVA"
     examples = (
-        "eva02_*, eva_giant_*, vit_*_dinov3 (global_pool='token' to explain in full), "
+        "eva02_*, eva_giant_*, vit_*_dinov3, "
         "vit_*_rope_*, vit_pe_*, Eva with class_token=True and attn_type='eva' or 'rope'"
     )
     attention_types = (EvaAttention, AttentionRope)
