@@ -250,10 +250,14 @@ def summary(records: List[Dict[str, object]], settings: Dict[str, object]) -> st
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--names", nargs="*", default=["*"], help="fnmatch patterns of names")
-    parser.add_argument("--max-params", type=float, default=700e6)
-    parser.add_argument("--tolerance", type=float, default=1e-4)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--names", nargs="*", default=["*"],
+                        help="fnmatch patterns of timm names (default: every name)")
+    parser.add_argument("--max-params", type=float, default=700e6,
+                        help="build models up to this many parameters (default 700e6)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest relative error of an exact model (default 1e-4)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch CPU threads")
     parser.add_argument("--out", default=os.path.join(RESULTS, "coverage"),
                         help="path prefix of the .json and .md results")
     args = parser.parse_args(argv)
