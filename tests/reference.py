@@ -45,6 +45,7 @@ __all__ = [
     "maps_from_explicit_blocks",
     "maps_from_every_query_row",
     "area_resample",
+    "explicit_gradients",
     "flow_on_the_finest_grid",
     "resolve_targets",
     "patch_grid_size",
@@ -508,3 +509,25 @@ def flow_on_the_finest_grid(block_maps: Sequence[torch.Tensor]) -> torch.Tensor:
     then accumulated."""
     grid = max((tuple(block.shape[-2:]) for block in block_maps), key=lambda g: g[0] * g[1])
     return torch.stack([area_resample(block, grid) for block in block_maps], dim=1).cumsum(1)
+
+
+def explicit_gradients(forward, model: torch.nn.Module, images: torch.Tensor, target, *args):
+    """The gradients a family's reference needs, in float64 with plain autograd.
+
+    ``forward(model, images, *args)``, a family's explicit forward pass, runs on a float64 copy
+    of ``model`` and returns a dict with ``logits`` (B, K) and ``blocks``, each block a dict
+    with its ``pre_projection`` (the attention output before the output projection).
+
+    Returns:
+        (result, targets, gradients): ``forward``'s dict, the (B,) targets (None: the
+        predicted classes) and, per block, d (sum of the target scores) / d pre_projection.
+    """
+    model = copy.deepcopy(model).double()
+    with torch.enable_grad():
+        result = forward(model, images.double(), *args)
+        logits = result["logits"]
+        targets = resolve_targets(target, logits)
+        score = logits[torch.arange(logits.shape[0]), targets].sum()
+        pre_projections = [block["pre_projection"] for block in result["blocks"]]
+        gradients = torch.autograd.grad(score, pre_projections)
+    return result, targets, gradients

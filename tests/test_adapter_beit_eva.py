@@ -14,7 +14,6 @@ random weights make the attention almost uniform: the models here get seeded noi
 biases and larger query / key weights, so that a missing bias or rotation shows in the maps.
 """
 
-import copy
 import warnings
 from typing import Callable, Dict, Optional, Tuple
 
@@ -40,10 +39,10 @@ from helpers import (
     set_fused_attention,
 )
 from reference import (
+    explicit_gradients,
     maps_from_every_query_row,
     maps_from_explicit_blocks,
     patch_grid_size,
-    resolve_targets,
 )
 
 NUM_CLASSES = 11
@@ -181,14 +180,10 @@ def explicit_forward(model, images, attn_mask=None) -> Dict[str, object]:
 def explicit_daam(model, images, target=None, attn_mask=None, queries="class") -> Dict[str, object]:
     """Reference block maps and flow in float64; ``plain_flow`` from ``attn_plain``. With
     ``queries="all"``, from every query row (reference.maps_from_every_query_row)."""
-    model = copy.deepcopy(model).double()
-    with torch.enable_grad():
-        result = explicit_forward(model, images.double(), attn_mask)
-        logits = result["logits"]
-        targets = resolve_targets(target, logits)
-        score = logits[torch.arange(logits.shape[0]), targets].sum()
-        pre_projections = [record["pre_projection"] for record in result["blocks"]]
-        gradients = torch.autograd.grad(score, pre_projections)
+    result, targets, gradients = explicit_gradients(
+        explicit_forward, model, images, target, attn_mask
+    )
+    logits = result["logits"]
     grid = patch_grid_size(model, images)
     prefix = model.num_prefix_tokens
     reduce = maps_from_explicit_blocks if queries == "class" else maps_from_every_query_row

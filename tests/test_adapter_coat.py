@@ -19,7 +19,6 @@ timm's small random weights make softmax_n(k) almost uniform: the models here ge
 seeded query and key weights, so that the coefficients vary over the tokens.
 """
 
-import copy
 from typing import Dict, List, Tuple
 
 import pytest
@@ -33,9 +32,9 @@ from captum_daam.adapters import adapter_for
 from captum_daam.adapters.timm_coat import TimmCoatAdapter
 from helpers import assert_close_relative, make_images, make_model
 from reference import (
+    explicit_gradients,
     flow_on_the_finest_grid,
     maps_from_explicit_blocks,
-    resolve_targets,
 )
 
 NUM_CLASSES = 11
@@ -131,14 +130,9 @@ def explicit_forward(model: CoaT, images: Tensor) -> Dict[str, object]:
 
 def explicit_coat_daam(model: CoaT, images: Tensor, target=None) -> Dict[str, object]:
     """Reference block maps on their own grids, in float64."""
-    model = copy.deepcopy(model).double()
-    with torch.enable_grad():
-        result = explicit_forward(model, images.double())
-        logits = result["logits"]
-        targets = resolve_targets(target, logits)
-        score = logits[torch.arange(logits.shape[0]), targets].sum()
-        records = result["blocks"]
-        gradients = torch.autograd.grad(score, [record["pre_projection"] for record in records])
+    result, targets, gradients = explicit_gradients(explicit_forward, model, images, target)
+    logits = result["logits"]
+    records = result["blocks"]
     block_maps = [
         maps_from_explicit_blocks([record], [gradient], 1, record["grid"])["block_maps"][:, 0]
         for record, gradient in zip(records, gradients)

@@ -37,9 +37,9 @@ from helpers import (
     record_with_module_outputs,
 )
 from reference import (
+    explicit_gradients,
     maps_from_every_query_row,
     maps_from_explicit_blocks,
-    resolve_targets,
 )
 
 NUM_CLASSES = 11
@@ -92,14 +92,8 @@ def explicit_convit_daam(
     model: ConVit, images: torch.Tensor, target=None, queries="class"
 ) -> Dict[str, object]:
     """Reference block maps and flow over the MHSA blocks, all in float64."""
-    model = copy.deepcopy(model).double()
-    with torch.enable_grad():
-        result = explicit_forward(model, images.double())
-        logits = result["logits"]
-        targets = resolve_targets(target, logits)
-        score = logits[torch.arange(logits.shape[0]), targets].sum()
-        pre_projections = [record["pre_projection"] for record in result["blocks"]]
-        gradients = torch.autograd.grad(score, pre_projections)
+    result, targets, gradients = explicit_gradients(explicit_forward, model, images, target)
+    logits = result["logits"]
     reduce = maps_from_explicit_blocks if queries == "class" else maps_from_every_query_row
     maps = reduce(result["blocks"], gradients, 1, result["grid_size"])
     return dict(

@@ -17,7 +17,6 @@ timm's small random weights make attention almost uniform: the models here get l
 query and key weights, so that a wrong token order or grid shows in the maps.
 """
 
-import copy
 from typing import Dict, List, Tuple
 
 import pytest
@@ -33,9 +32,9 @@ from captum_daam.adapters import adapter_for
 from captum_daam.adapters.timm_crossvit import TimmCrossVitAdapter
 from helpers import assert_close_relative, make_images, make_model, set_fused_attention
 from reference import (
+    explicit_gradients,
     flow_on_the_finest_grid,
     maps_from_explicit_blocks,
-    resolve_targets,
 )
 
 NUM_CLASSES = 11
@@ -133,14 +132,9 @@ def explicit_forward(model: CrossVit, images: Tensor) -> Dict[str, object]:
 
 def explicit_crossvit_daam(model: CrossVit, images: Tensor, target=None) -> Dict[str, object]:
     """Reference block maps on their own grids, and the flow on the finest grid, in float64."""
-    model = copy.deepcopy(model).double()
-    with torch.enable_grad():
-        result = explicit_forward(model, images.double())
-        logits = result["logits"]
-        targets = resolve_targets(target, logits)
-        score = logits[torch.arange(logits.shape[0]), targets].sum()
-        records = result["blocks"]
-        gradients = torch.autograd.grad(score, [record["pre_projection"] for record in records])
+    result, targets, gradients = explicit_gradients(explicit_forward, model, images, target)
+    logits = result["logits"]
+    records = result["blocks"]
     block_maps = [
         maps_from_explicit_blocks([record], [gradient], 1, record["grid"])["block_maps"][:, 0]
         for record, gradient in zip(records, gradients)

@@ -15,7 +15,6 @@ attention almost uniform: the models here get seeded noise on zero biases and la
 key weights, so that a missing rotation or a wrong head grouping shows in the maps.
 """
 
-import copy
 from typing import Callable, Dict, Optional, Tuple
 
 import pytest
@@ -39,7 +38,11 @@ from helpers import (
     record_with_module_outputs,
     set_fused_attention,
 )
-from reference import maps_from_explicit_blocks, patch_grid_size, resolve_targets
+from reference import (
+    explicit_gradients,
+    maps_from_explicit_blocks,
+    patch_grid_size,
+)
 
 NUM_CLASSES = 11
 TARGETS = [3, 10, 0]
@@ -134,14 +137,10 @@ def explicit_forward(model: Eva, images: Tensor, attn_mask=None) -> Dict[str, ob
 
 def explicit_daam(model, images, target=None, attn_mask=None) -> Dict[str, object]:
     """Reference block maps and flow in float64; ``plain_flow`` from ``attn_plain``."""
-    model = copy.deepcopy(model).double()
-    with torch.enable_grad():
-        result = explicit_forward(model, images.double(), attn_mask)
-        logits = result["logits"]
-        targets = resolve_targets(target, logits)
-        score = logits[torch.arange(logits.shape[0]), targets].sum()
-        pre_projections = [record["pre_projection"] for record in result["blocks"]]
-        gradients = torch.autograd.grad(score, pre_projections)
+    result, targets, gradients = explicit_gradients(
+        explicit_forward, model, images, target, attn_mask
+    )
+    logits = result["logits"]
     grid = patch_grid_size(model, images)
     prefix = model.num_prefix_tokens
     maps = maps_from_explicit_blocks(result["blocks"], gradients, prefix, grid)

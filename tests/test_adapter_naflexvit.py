@@ -16,7 +16,6 @@ almost uniform: the models here get seeded noise on zero biases and larger query
 weights, so that a wrong token layout or a missing rotation shows in the maps.
 """
 
-import copy
 import math
 from typing import Callable, Dict, Optional, Tuple
 
@@ -40,7 +39,10 @@ from helpers import (
     record_with_module_outputs,
     set_fused_attention,
 )
-from reference import maps_from_explicit_blocks, resolve_targets
+from reference import (
+    explicit_gradients,
+    maps_from_explicit_blocks,
+)
 
 NUM_CLASSES = 11
 TARGETS = [3, 10, 0]
@@ -140,14 +142,8 @@ def explicit_forward(model: NaFlexVit, images: Tensor) -> Dict[str, object]:
 
 def explicit_daam(model, images, target=None) -> Dict[str, object]:
     """Reference block maps and flow in float64; ``plain_flow`` from ``attn_plain``."""
-    model = copy.deepcopy(model).double()
-    with torch.enable_grad():
-        result = explicit_forward(model, images.double())
-        logits = result["logits"]
-        targets = resolve_targets(target, logits)
-        score = logits[torch.arange(logits.shape[0]), targets].sum()
-        pre_projections = [record["pre_projection"] for record in result["blocks"]]
-        gradients = torch.autograd.grad(score, pre_projections)
+    result, targets, gradients = explicit_gradients(explicit_forward, model, images, target)
+    logits = result["logits"]
     grid, prefix = result["grid_size"], model.num_prefix_tokens
     maps = maps_from_explicit_blocks(result["blocks"], gradients, prefix, grid)
     plain_blocks = [dict(record, attn=record["attn_plain"]) for record in result["blocks"]]

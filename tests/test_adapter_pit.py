@@ -29,9 +29,9 @@ from captum_daam.attr import AttentionRollout, GradientRollout
 from helpers import assert_close_relative, make_images, make_model, set_fused_attention
 from reference import (
     area_resample,
+    explicit_gradients,
     maps_from_every_query_row,
     maps_from_explicit_blocks,
-    resolve_targets,
 )
 
 NUM_CLASSES = 11
@@ -89,14 +89,8 @@ def explicit_forward(model: PoolingVisionTransformer, images: Tensor) -> Dict[st
 
 def explicit_daam(model, images, target=None, queries="class") -> Dict[str, object]:
     """Reference block maps on their own grids, and the flow on the finest grid, in float64."""
-    model = copy.deepcopy(model).double()
-    with torch.enable_grad():
-        result = explicit_forward(model, images.double())
-        logits = result["logits"]
-        targets = resolve_targets(target, logits)
-        score = logits[torch.arange(logits.shape[0]), targets].sum()
-        pre_projections = [record["pre_projection"] for record in result["blocks"]]
-        gradients = torch.autograd.grad(score, pre_projections)
+    result, targets, gradients = explicit_gradients(explicit_forward, model, images, target)
+    logits = result["logits"]
     reduce = maps_from_explicit_blocks if queries == "class" else maps_from_every_query_row
     block_maps = [
         reduce([record], [gradient], result["num_prefix"], grid)["block_maps"][:, 0]

@@ -10,7 +10,6 @@ output before its projection with plain autograd, and the full (B, N, C) contrib
 reference.maps_from_explicit_blocks.
 """
 
-import copy
 import functools
 from typing import Dict
 
@@ -32,7 +31,11 @@ from helpers import (
     make_model,
     set_fused_attention,
 )
-from reference import explicit_attention, maps_from_explicit_blocks, resolve_targets
+from reference import (
+    explicit_attention,
+    explicit_gradients,
+    maps_from_explicit_blocks,
+)
 
 TARGETS = [3, 7, 1]
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, num_classes=10)
@@ -80,14 +83,8 @@ def explicit_forward(model: VisionTransformer, images: torch.Tensor) -> Dict[str
 
 
 def explicit_daam(model: VisionTransformer, images: torch.Tensor, target=None):
-    model = copy.deepcopy(model).double()
-    with torch.enable_grad():
-        result = explicit_forward(model, images.double())
-        logits = result["logits"]
-        targets = resolve_targets(target, logits)
-        score = logits[torch.arange(logits.shape[0]), targets].sum()
-        pre_projections = [record["pre_projection"] for record in result["blocks"]]
-        gradients = torch.autograd.grad(score, pre_projections)
+    result, targets, gradients = explicit_gradients(explicit_forward, model, images, target)
+    logits = result["logits"]
     grid = tuple(model.patch_embed.grid_size)
     maps = maps_from_explicit_blocks(result["blocks"], gradients, model.num_prefix_tokens, grid)
     return dict(maps, logits=logits.detach(), blocks=result["blocks"])
