@@ -26,6 +26,7 @@ from typing import (
 )
 
 import torch
+from timm.layers import to_2tuple
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -38,6 +39,7 @@ __all__ = [
     "adapter_for",
     "explained_model",
     "forward_module",
+    "output_grid",
     "supported_families",
 ]
 
@@ -355,6 +357,23 @@ def square_grid(num_patches: int) -> Optional[Tuple[int, int]]:
     """(side, side) when ``num_patches`` patch tokens fill a square grid, else None."""
     side = math.isqrt(num_patches) if num_patches > 0 else 0
     return (side, side) if side > 0 and side * side == num_patches else None
+
+
+def output_grid(grid: Tuple[int, int], layer: nn.Module) -> Tuple[int, int]:
+    """The (rows, columns) a ``Conv2d``, ``MaxPool2d`` or ``AvgPool2d`` makes of a ``grid``
+    input, as torch computes it (padding given as numbers; ``ceil_mode`` of the poolings)."""
+    kernel, stride = to_2tuple(layer.kernel_size), to_2tuple(layer.stride or layer.kernel_size)
+    padding = to_2tuple(layer.padding)
+    dilation = to_2tuple(getattr(layer, "dilation", 1))
+    ceil_mode = getattr(layer, "ceil_mode", False)
+    sizes = []
+    for axis, size in enumerate(grid):
+        span = size + 2 * padding[axis] - dilation[axis] * (kernel[axis] - 1) - 1
+        steps = -(-span // stride[axis]) if ceil_mode else span // stride[axis]
+        if ceil_mode and steps * stride[axis] >= size + padding[axis]:
+            steps -= 1  # torch's rule: the last window must start inside the input or left pad
+        sizes.append(steps + 1)
+    return tuple(sizes)
 
 
 def check_grid_size(grid_size: Any) -> Tuple[int, int]:

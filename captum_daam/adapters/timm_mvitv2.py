@@ -41,8 +41,7 @@ from timm.models.mvitv2 import (
 from torch import Tensor, nn
 
 from ..decompose import attention_probabilities, class_attention_row
-from .base import BlockLayout, BlockRecord, Hook, ViTAdapter, register_adapter
-from .timm_pit import output_grid
+from .base import BlockLayout, BlockRecord, Hook, ViTAdapter, output_grid, register_adapter
 
 _PARTS = ("q", "k", "v")
 

@@ -19,29 +19,12 @@ rows of earlier blocks; ``queries='all'`` splits every query row and explains bo
 
 from typing import List, Optional, Sequence, Tuple
 
-from timm.layers import Attention, to_2tuple
+from timm.layers import Attention
 from timm.models.pit import PoolingVisionTransformer
 from torch import nn
 
-from .base import BlockLayout, BlockRecord, Hook, ViTAdapter, register_adapter
+from .base import BlockLayout, BlockRecord, Hook, ViTAdapter, output_grid, register_adapter
 from .timm_vit import timm_attention_hooks
-
-
-def output_grid(grid: Tuple[int, int], layer: nn.Module) -> Tuple[int, int]:
-    """The (rows, columns) a ``Conv2d``, ``MaxPool2d`` or ``AvgPool2d`` makes of a ``grid``
-    input, as torch computes it (padding given as numbers; ``ceil_mode`` of the poolings)."""
-    kernel, stride = to_2tuple(layer.kernel_size), to_2tuple(layer.stride or layer.kernel_size)
-    padding = to_2tuple(layer.padding)
-    dilation = to_2tuple(getattr(layer, "dilation", 1))
-    ceil_mode = getattr(layer, "ceil_mode", False)
-    sizes = []
-    for axis, size in enumerate(grid):
-        span = size + 2 * padding[axis] - dilation[axis] * (kernel[axis] - 1) - 1
-        steps = -(-span // stride[axis]) if ceil_mode else span // stride[axis]
-        if ceil_mode and steps * stride[axis] >= size + padding[axis]:
-            steps -= 1  # torch's rule: the last window must start inside the input or left pad
-        sizes.append(steps + 1)
-    return tuple(sizes)
 
 
 @register_adapter

@@ -20,10 +20,9 @@ from torch import Tensor, nn
 
 from .._warnings import warn_user
 from ..decompose import class_attention_row
-from .base import BlockRecord, Hook, register_adapter
+from .base import BlockRecord, Hook, output_grid, register_adapter
 from .timm_beit import split_heads
 from .timm_cait import ClassAttentionAdapter
-from .timm_xcit import _conv_output_size
 
 
 def volo_class_attention_hooks(attention: ClassAttention, record: BlockRecord) -> List[Hook]:
@@ -128,8 +127,7 @@ class TimmVoloAdapter(ClassAttentionAdapter):
             if isinstance(stage, Downsample):
                 convolutions.append(stage.proj)
         for conv in convolutions:
-            height = _conv_output_size(height, conv, axis=0)
-            width = _conv_output_size(width, conv, axis=1)
+            height, width = output_grid((height, width), conv)
         if height < 1 or width < 1:
             raise ValueError(
                 f"Expected images large enough for at least one token, got "

@@ -13,7 +13,7 @@ from typing import Tuple
 from timm.models.xcit import Xcit
 from torch import nn
 
-from .base import register_adapter
+from .base import output_grid, register_adapter
 from .timm_cait import ClassAttentionAdapter
 
 
@@ -34,18 +34,10 @@ class TimmXcitAdapter(ClassAttentionAdapter):
         height, width = image_size
         for layer in self.model.patch_embed.proj.modules():
             if isinstance(layer, nn.Conv2d):
-                height = _conv_output_size(height, layer, axis=0)
-                width = _conv_output_size(width, layer, axis=1)
+                height, width = output_grid((height, width), layer)
         if height < 1 or width < 1:
             raise ValueError(
                 f"Expected images large enough for at least one patch, got "
                 f"{image_size[0]}x{image_size[1]}. Use larger images."
             )
         return height, width
-
-
-def _conv_output_size(size: int, conv: nn.Conv2d, axis: int) -> int:
-    # torch.nn.Conv2d's output size, for numeric padding (XCiT's 3x3, stride 2, padding 1).
-    padding, dilation = conv.padding[axis], conv.dilation[axis]
-    kernel, stride = conv.kernel_size[axis], conv.stride[axis]
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
