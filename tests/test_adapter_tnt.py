@@ -307,7 +307,7 @@ def test_other_outer_attention_is_refused_with_a_message():
     model = small_tnt()
     model.blocks[1].attn_out = torch.nn.Identity()
     with pytest.raises(
-        TypeError, match="Block 1 of TNT.blocks has outer attention Identity .* supports "
+        TypeError, match="Block 1 of TNT.blocks uses Identity .* supports "
         "timm.models.tnt.Attention"
     ):
         DAAM(model)

@@ -9,13 +9,13 @@ outer attention of every block. TNT's ``Attention`` projects queries and keys wi
 in how pixels are embedded and projected into the patch tokens, not in its attention.
 """
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from timm.models.tnt import TNT, Attention
 from torch import Tensor, nn
 
 from ..decompose import attention_probabilities, class_attention_row
-from .base import BlockRecord, Hook, ViTAdapter, register_adapter
+from .base import BlockRecord, Hook, register_adapter
 from .timm_beit import split_heads
 from .timm_vit import TimmAdapter
 
@@ -64,27 +64,12 @@ class TimmTntAdapter(TimmAdapter):
     layer_example = "model.blocks[i].attn_out"
     attention_types = (Attention,)
 
-    def __init__(self, model: nn.Module) -> None:
-        # TimmAdapter's constructor looks for block.attn; TNT blocks have attn_in / attn_out.
-        ViTAdapter.__init__(self, model)
-        name = type(model).__name__
-        for index, block in enumerate(model.blocks):
-            attention = getattr(block, "attn_out", None)
-            if not isinstance(attention, Attention):
-                raise TypeError(
-                    f"Block {index} of {name}.blocks has outer attention "
-                    f"{type(attention).__name__} (block type {type(block).__name__}); the "
-                    f"{self.family} adapter supports timm.models.tnt.Attention. Write an "
-                    f"adapter for this attention type."
-                )
-        self.check_pooling()
-
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         return isinstance(model, TNT)
 
-    def attention_modules(self) -> List[nn.Module]:
-        return [block.attn_out for block in self.model.blocks]
+    def block_attention(self, block: nn.Module) -> List[Optional[nn.Module]]:
+        return [getattr(block, "attn_out", None)]  # the inner attention has no [class] token
 
     def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
         return tnt_attention_hooks(attention, record)
