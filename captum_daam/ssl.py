@@ -69,7 +69,10 @@ class MemoryBank:
                         bank's examples, at any scale; they are stored L2-normalised, as
                         float32 (or float64 if given so). A row of zeros stays zeros
                         (similarity 0 to every query).
-            labels (Tensor): (M,) integer class labels.
+            labels (Tensor): (M,) integer class labels, 0 or more. Negative labels are
+                        refused: a data set's -1 (or ``ignore_index`` -100) means "no
+                        label", and such entries would vote as a class; leave those
+                        examples out of the bank.
             memory_budget (int, optional): Bytes that one block of query-to-bank
                         similarities may take. Default: 256 MiB.
         """
@@ -84,6 +87,7 @@ class MemoryBank:
             )
         if not _is_integer(labels):
             raise ValueError(f"Expected integer labels, got dtype {labels.dtype}.")
+        _check_non_negative(labels)
         if not features.is_floating_point():
             features = features.float()
         if not bool(torch.isfinite(features).all()):
@@ -265,7 +269,21 @@ class MemoryBank:
         """
         from safetensors import safe_open
 
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as handle:
+        if os.path.isdir(path):
+            raise ValueError(f"Expected a memory bank file written by MemoryBank.save, got "
+                             f"{os.fspath(path)}, a folder.")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"No memory bank file at {os.fspath(path)}.")
+        try:
+            opened = safe_open(os.fspath(path), framework="pt", device=str(device))
+        except Exception as error:  # safetensors' own error type for a header it cannot read
+            reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+            raise ValueError(
+                f"Expected a memory bank file written by MemoryBank.save (a safetensors file), "
+                f"got {os.fspath(path)}, which is not a safetensors file but a pickle, text or "
+                f"other data ({reason})."
+            ) from None
+        with opened as handle:
             file_format = (handle.metadata() or {}).get("format")
             if file_format != BANK_FILE_FORMAT:
                 raise ValueError(
@@ -385,8 +403,11 @@ class MemoryBank:
                             f"Expected the backbone to return features shaped (B, D), got "
                             f"{_describe(output)}."
                         )
+                    batch_labels = torch.as_tensor(batch_labels)
+                    if _is_integer(batch_labels):
+                        _check_non_negative(batch_labels)  # before the rest of the loader
                     features.append(output.float())
-                    labels.append(torch.as_tensor(batch_labels).to(output.device))
+                    labels.append(batch_labels.to(output.device))
         except Exception as error:
             if not shared:
                 raise
@@ -401,6 +422,18 @@ class MemoryBank:
         else:
             features, labels = torch.cat(features), torch.cat(labels)
         return cls(features, labels, memory_budget)
+
+
+def _check_non_negative(labels: Tensor) -> None:
+    negative = labels[labels < 0]
+    if negative.numel():
+        values = sorted(set(negative.tolist()))
+        raise ValueError(
+            f"Expected non-negative labels in the memory bank, got {values[:5]} "
+            f"({negative.numel()} entries): a data set's negative label (-1, or ignore_index "
+            f"-100) means \"no label\", and those entries would vote as a class. Leave those "
+            f"examples out of the bank."
+        )
 
 
 def _use_distributed(distributed: Optional[bool]) -> bool:

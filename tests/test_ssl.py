@@ -477,6 +477,64 @@ def test_bad_bank_files_are_rejected(tmp_path, case):
         MemoryBank.load(path)
 
 
+@pytest.mark.parametrize("labels", [[0, -1, 2, 1], [-100, 1, 1, 0], [3, 2, 1, -5]],
+                         ids=["unlabelled -1", "ignore_index -100", "last"])
+def test_negative_labels_are_refused_naming_the_values(labels, tmp_path):
+    features = torch.randn(4, 8)
+    negative = [label for label in labels if label < 0]
+    with pytest.raises(ValueError, match=rf"non-negative labels.*\[{negative[0]}\]"):
+        MemoryBank(features, torch.tensor(labels))
+    path = write_bank_file(tmp_path / "bank.safetensors",
+                           {"features": features, "labels": torch.tensor(labels)})
+    with pytest.raises(ValueError, match="no label"):
+        MemoryBank.load(path)
+
+
+def test_build_refuses_a_batch_with_negative_labels_at_that_batch():
+    backbone = make_model("deit_tiny_patch16_224", num_classes=0)
+    images = torch.rand(2, 3, 224, 224)
+    seen = []
+
+    def loader():
+        yield images, torch.tensor([0, 1])
+        yield images, torch.tensor([1, -1])
+        seen.append("read on")  # never reached: refused at the second batch
+        yield images, torch.tensor([0, 0])
+
+    with pytest.raises(ValueError, match=r"non-negative labels.*\[-1\]"):
+        MemoryBank.build(backbone, loader(), progress=False)
+    assert seen == []
+
+
+@pytest.mark.parametrize("content", ["pickle", "torch.save", "text", "empty", "random bytes"])
+def test_loading_a_file_that_is_not_a_bank_says_so(content, tmp_path):
+    import pickle
+
+    path = tmp_path / "bank.bin"
+    if content == "pickle":
+        path.write_bytes(pickle.dumps({"features": [1.0, 2.0]}))
+    elif content == "torch.save":
+        torch.save({"features": torch.randn(3, 4), "labels": torch.arange(3)}, path)
+    elif content == "text":
+        path.write_text("features,labels\n0.1,1\n")
+    elif content == "random bytes":
+        path.write_bytes(bytes(range(256)) * 4)
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(ValueError, match="Expected a memory bank file written by "
+                       "MemoryBank.save .* not a safetensors file") as error:
+        MemoryBank.load(path)
+    assert str(path) in str(error.value)
+    assert "Safetensor" not in type(error.value).__name__
+
+
+def test_loading_a_folder_or_a_missing_file_names_it(tmp_path):
+    with pytest.raises(ValueError, match="a folder"):
+        MemoryBank.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="absent.safetensors"):
+        MemoryBank.load(tmp_path / "absent.safetensors")
+
+
 # ----------------------------------------------------------------- building a bank
 
 
