@@ -295,6 +295,12 @@ def _bad_images(make_bad_images):
     return fail
 
 
+def _float64_images_under_autocast(method_class, model, images):
+    # autocast casts float32 and lower precisions to bfloat16, but leaves float64 as it is
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _call(method_class, model, images.double())
+
+
 INDEX, INF = torch.tensor([2]), float("inf")  # where a non-finite value is put, and one
 
 # name: (how the call fails, the methods it applies to, the error, where the call must stop:
@@ -351,6 +357,18 @@ FAILURES = {
         ValueError,
         "forward",
     ),
+    **{  # a float32 model given images of another floating dtype
+        f"images_in_{str(dtype).split('.')[-1]}": (
+            _bad_images(lambda images, dtype=dtype: images.to(dtype)),
+            sorted(METHODS),
+            ValueError,
+            "forward",
+        )
+        for dtype in (torch.float64, torch.bfloat16, torch.float16)
+    },
+    "float64_images_under_autocast": (
+        _float64_images_under_autocast, sorted(METHODS), ValueError, "forward"
+    ),
 }
 FAILURE_CASES = [
     (case, method_name) for case in sorted(FAILURES) for method_name in FAILURES[case][1]
@@ -406,6 +424,75 @@ def test_a_failed_call_leaves_the_model_as_it_was(vit, images, case, method_name
     _assert_left_as_it_was(model, before)
     assert_close_relative(_call(method_class, model, images), expected, 1e-6)
     _assert_left_as_it_was(model, before)
+
+
+OTHER_DTYPES = [torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+@pytest.mark.parametrize("dtype", OTHER_DTYPES, ids=str)
+def test_images_of_another_dtype_than_the_model_are_refused_naming_both(
+    vit, images, method_name, dtype
+):
+    probe = _Probe(vit)
+    try:
+        with pytest.raises(
+            ValueError,
+            match=rf"model's dtype torch\.float32, got {re.escape(str(dtype))}\. Convert them "
+            rf"with images\.to\(torch\.float32\)",
+        ):
+            _call(METHODS[method_name], vit, images.to(dtype))
+    finally:
+        probe.remove()
+    assert probe.forward_batches == [], "the model ran before the dtype was refused"
+    assert module_hook_count(vit) == 0
+
+
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_half_precision_model_takes_images_of_its_own_dtype(vit, images, method_name, dtype):
+    """The same maps as the float32 model, up to half precision's rounding."""
+    half_model = copy.deepcopy(vit).to(dtype)
+    maps = _call(METHODS[method_name], half_model, images.to(dtype))
+    assert maps.dtype == dtype
+    assert_close_relative(maps, _call(METHODS[method_name], vit, images), 5e-2)
+
+
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+def test_images_of_another_dtype_are_taken_under_autocast(vit, images, method_name):
+    """Mixed precision: autocast casts the bfloat16 images and the float32 weights inside
+    the model, so the dtypes differ on purpose."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        maps = _call(METHODS[method_name], vit, images.to(torch.bfloat16))
+    assert_close_relative(maps, _call(METHODS[method_name], vit, images), 5e-2)
+
+
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+def test_a_model_on_the_meta_device_is_built_but_refused_by_attribute(vit, images, method_name):
+    """Built on the meta device, the model has shapes but no values: the constructor takes it
+    (only its structure is read), attribute() refuses it before any work, and the same object
+    explains the model once its weights are loaded."""
+    with torch.device("meta"):
+        model = tiny_vit()
+    method = METHODS[method_name](model)
+    before = _snapshot(model)
+    probe = _Probe(model)
+    try:
+        with pytest.raises(
+            ValueError,
+            match=r"meta device and have no values\. Load its weights first, e\.g\. "
+            r"model\.to_empty\(device='cpu'\) then model\.load_state_dict",
+        ):
+            method.attribute(images, target=TARGETS)
+    finally:
+        probe.remove()
+    assert probe.forward_batches == [], "the model ran before it was refused"
+    _assert_left_as_it_was(model, before)
+
+    model.to_empty(device="cpu").load_state_dict(vit.state_dict())
+    assert_close_relative(
+        method.attribute(images, target=TARGETS), _call(METHODS[method_name], vit, images), 1e-6
+    )
 
 
 # --------------------------------------------------------------------------- #

@@ -299,6 +299,22 @@ def test_bad_input_raises_before_the_forward_and_leaves_nothing(used_model, case
     _assert_same_state(before, _state(used_model))
 
 
+@pytest.mark.parametrize("method_class", [DAAM, AttentionRollout, GradientRollout])
+@pytest.mark.parametrize("converts", ["transformers_vit", "forward_function"])
+def test_a_model_that_converts_the_images_itself_takes_another_dtype(method_class, converts):
+    """transformers' ViT casts pixel_values to its own dtype, as may a forward function in
+    front of the model: float64 images give the float32 images' maps, not a dtype error."""
+    model = hf.make_hf_vit("sdpa")
+    if converts == "transformers_vit":
+        method = method_class(model)
+    else:
+        method = method_class(lambda images: model(images.float()), adapter=adapter_for(model))
+    images = make_images(2, 64, 64)
+    maps = method.attribute(images.double(), target=[1, 2])
+    assert maps.dtype == torch.float64
+    assert_close_relative(maps, method.attribute(images, target=[1, 2]), 1e-6)
+
+
 def test_empty_layer_list_is_rejected(model):
     with pytest.raises(ValueError, match="at least one attention module"):
         DAAM(model, layer=[])

@@ -308,6 +308,20 @@ class ViTAdapter(ABC):
         return None
 
     @property
+    def image_dtype(self) -> Optional[torch.dtype]:
+        """The floating dtype the model needs its images in, checked before the forward pass.
+
+        The default is the one dtype of the model's floating parameters; None, and no check,
+        when there is no model, when its parameters have several dtypes, or (in an override)
+        when the model converts its images itself.
+        """
+        if self.model is None:
+            return None
+        dtypes = {parameter.dtype for parameter in self.model.parameters()
+                  if parameter.is_floating_point()}
+        return dtypes.pop() if len(dtypes) == 1 else None
+
+    @property
     def outputs_features(self) -> bool:
         """Whether the model is a backbone without a classifier head, whose output is
         features rather than class scores (so that no class is predicted)."""

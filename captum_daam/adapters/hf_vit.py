@@ -192,6 +192,11 @@ class HFViTAdapter(ViTAdapter):
         classifier = getattr(self.model, "classifier", None)
         return classifier is None or isinstance(classifier, nn.Identity)
 
+    @property
+    def image_dtype(self) -> Optional[torch.dtype]:
+        """None: the ViT converts ``pixel_values`` to its patch embedding's dtype itself."""
+        return None
+
     def grid_size(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
         patch_embeddings = self.backbone.embeddings.patch_embeddings
         expected_h, expected_w = patch_embeddings.image_size

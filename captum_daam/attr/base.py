@@ -1,6 +1,7 @@
 """What the attributions of this package share: the adapter, the flow's attention modules,
 the checks made before any work, and the scored forward pass."""
 
+import itertools
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -162,13 +163,14 @@ class ViTLayerAttribution(LayerAttribution):
         ]
 
     def _check_inputs(self, inputs: Union[Tensor, Tuple[Tensor]]) -> Tuple[Tensor, bool]:
-        """The image batch, checked; and whether it came as a tuple (Captum answers a tuple
-        with a tuple)."""
+        """The image batch, checked against the model (which must have values, and take the
+        images' dtype); and whether it came as a tuple (Captum answers a tuple with a tuple)."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "DAAM needs gradients, which torch.inference_mode() disables. Call attribute() "
                 "outside inference mode (torch.no_grad() is fine)."
             )
+        self._check_model_has_values()
         if not isinstance(inputs, (Tensor, tuple)):
             raise TypeError(f"Expected inputs to be a Tensor, got {type(inputs).__name__}.")
         formatted = _format_tensor_into_tuples(inputs)
@@ -194,7 +196,45 @@ class ViTLayerAttribution(LayerAttribution):
             )
         if not bool(torch.isfinite(images).all()):
             raise ValueError("Expected finite images, got NaN or infinite values.")
+        self._check_image_dtype(images)
         return images, _is_tuple(inputs)
+
+    def _check_model_has_values(self) -> None:
+        """Refuses a model built on the meta device, whose tensors have shapes but no values
+        (the constructor accepts it: only the adapter's view of its structure is needed)."""
+        for module in [self.forward_func, self.adapter.model, *self.layer]:
+            if isinstance(module, nn.Module) and any(
+                tensor.is_meta for tensor in itertools.chain(module.parameters(), module.buffers())
+            ):
+                raise ValueError(
+                    f"Expected a model with weights, got a {type(module).__name__} whose "
+                    f"parameters are on the meta device and have no values. Load its weights "
+                    f"first, e.g. model.to_empty(device='cpu') then "
+                    f"model.load_state_dict(state_dict)."
+                )
+
+    def _check_image_dtype(self, images: Tensor) -> None:
+        """Refuses images of another floating dtype than the model's (the adapter's
+        ``image_dtype``), which its first layer would reject with a bare dtype error. Under
+        torch.autocast only float64 images are refused: autocast casts every lower precision."""
+        if self.forward_func is not self.adapter.model:
+            return  # a wrapper or forward function in between may convert the images
+        model_dtype = self.adapter.image_dtype
+        if model_dtype is None or images.dtype == model_dtype:
+            return
+        if _autocast_enabled(images.device.type):
+            if images.dtype != torch.float64 or model_dtype == torch.float64:
+                return
+            raise ValueError(
+                f"Expected images that torch.autocast casts (float32 or lower precision) for "
+                f"this {model_dtype} model, got {images.dtype}, which autocast leaves as it "
+                f"is. Convert them with images.to({model_dtype})."
+            )
+        raise ValueError(
+            f"Expected images of the model's dtype {model_dtype}, got {images.dtype}. Convert "
+            f"them with images.to({model_dtype}), or the model with model.to({images.dtype}), "
+            f"or run under torch.autocast for mixed precision."
+        )
 
     def _check_target(
         self, target: TargetType, batch_size: int, device: torch.device
@@ -358,6 +398,18 @@ def backward_to_records(
                 f"through the first block of its branch; DAAM expects the blocks of a branch "
                 f"to run one after another."
             )
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for ``device_type`` (False for one autocast does not know)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type: one flag for CPU, one for CUDA
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else (
+            device_type == "cuda" and torch.is_autocast_enabled()
+        )
+    except RuntimeError:  # a device type without autocast, e.g. meta
+        return False
 
 
 def _describe(output: object) -> str:
