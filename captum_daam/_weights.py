@@ -23,6 +23,7 @@ import socket
 import sys
 import threading
 import urllib.request
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Tuple
@@ -64,9 +65,15 @@ def read_checkpoint(path: Path) -> Mapping[str, Any]:
     from timm.models import load_state_dict
 
     try:
-        state_dict = load_state_dict(str(path))
+        with warnings.catch_warnings():
+            # the one-line reason below says it all; torch's warnings about the file would
+            # come before it as lines of their own
+            warnings.simplefilter("ignore")
+            state_dict = load_state_dict(str(path))
     except Exception as error:  # torch.load and safetensors fail in many ways on a wrong file
-        raise _unreadable(path, error) from error
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raise _unreadable(path, error) from error
     if not isinstance(state_dict, Mapping) or not all(
         isinstance(name, str) and isinstance(value, torch.Tensor)
         for name, value in state_dict.items()
@@ -150,8 +157,33 @@ def _unsafe_globals(path: Path) -> List[str]:
         return []
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception:  # not a zip checkpoint: nothing to report
-        return []
+    except Exception:  # not a zip checkpoint: perhaps torch's legacy format, plain pickles
+        return _pickled_globals(path) if _starts_like_a_pickle(path) else []
+
+
+def _pickled_globals(path: Path) -> List[str]:
+    """The classes and functions named by the pickles at the start of a file (torch's legacy
+    format: a few small pickles, then the object), read opcode by opcode, nothing run."""
+    import pickletools
+
+    names: List[str] = []
+    with open(path, "rb") as handle:
+        for _ in range(8):  # torch's legacy format: magic, protocol, system info, the object
+            strings: List[str] = []
+            try:
+                for opcode, argument, _ in pickletools.genops(handle):
+                    if opcode.name == "GLOBAL":
+                        names.append(str(argument).replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(argument, str):
+                        strings.append(argument)
+            except Exception:  # past the pickles (raw tensor data), or not a pickle
+                break
+    # what a legacy state dict itself refers to: tensors, their storages, an OrderedDict
+    return [name for name in dict.fromkeys(names)
+            if not re.fullmatch(r"torch\._utils\..*|torch\.\w*Storage|collections\.OrderedDict",
+                                name)]
 
 
 def _names_a_module_class(qualified_name: str) -> bool:

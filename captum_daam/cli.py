@@ -290,6 +290,17 @@ def demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------- explain
 
 
+def _describe_blocks(numbers: Sequence[int]) -> str:
+    """Sorted block numbers as --blocks takes them: runs as ranges, 1-3,5 or 9-12 or 3,6,9."""
+    runs: List[List[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][-1] + 1:
+            runs[-1].append(number)
+        else:
+            runs.append([number])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+
+
 def _parse_blocks(text: Optional[str], depth: int) -> List[int]:
     """'1-12', '9-12' or '1,4,8' (1-based, inclusive) to sorted block numbers."""
     if text is None:
@@ -475,7 +486,7 @@ def _explain(args: argparse.Namespace, device: torch.device, out: Path) -> int:
         Path(args.model).is_file() and args.arch in (None, BUNDLED_MODEL)
     )
     names = _class_names(shapes_model, num_classes)
-    print(f"captum-daam explain: {args.model}, blocks {block_numbers[0]}-{block_numbers[-1]} "
+    print(f"captum-daam explain: {args.model}, blocks {_describe_blocks(block_numbers)} "
           f"({len(block_numbers)} maps), writing to {out}/", flush=True)
     if args.model == BUNDLED_MODEL:
         # On stdout, with the report: stderr carries only the one line of an error.

@@ -76,6 +76,24 @@ def test_explain_with_the_bundled_model_saves_raw_maps(tmp_path, shape_files, ca
     assert "explained class triangle" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("blocks, shown, numbers", [
+    ("1-3,5", "1-3,5", [1, 2, 3, 5]),
+    ("5,1-3", "1-3,5", [1, 2, 3, 5]),
+    ("2,4,6", "2,4,6", [2, 4, 6]),
+    ("4", "4", [4]),
+    ("1-6", "1-6", [1, 2, 3, 4, 5, 6]),
+    ("1-2,3-4", "1-4", [1, 2, 3, 4]),
+])
+def test_the_chosen_blocks_are_printed_as_they_are(blocks, shown, numbers, tmp_path,
+                                                     shape_files, capsys):
+    out = tmp_path / "out"
+    code = main(["explain", shape_files[0][0], "--model", "tiny-vit", "--blocks", blocks,
+                 "--out", str(out), "--save-raw", "--no-progress"])
+    assert code == 0
+    assert f"blocks {shown} ({len(numbers)} maps)" in capsys.readouterr().out
+    assert np.load(out / "shape0_daam.npz")["block_numbers"].tolist() == numbers
+
+
 def test_explain_a_local_checkpoint(tmp_path, shape_files):
     from safetensors.torch import save_file
 

@@ -2,6 +2,7 @@
 anything is loaded where it can be: devices, images, checkpoints, demo and check arguments.
 And check on every timm family it supports, and the note on the bundled model."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,60 @@ def test_a_whole_pickled_model_given_as_checkpoint(tmp_path, shape_png, capsys):
         "torch.save(model.state_dict()", "--arch",
     )
     assert not out.exists()
+
+
+def test_a_whole_pickled_model_in_torchs_legacy_format_is_named_as_such(
+    tmp_path, shape_png, capsys
+):
+    pickled = tmp_path / "legacy.pth"
+    torch.save(captum_daam.zoo.tiny_vit(), pickled, _use_new_zipfile_serialization=False)
+    code, out = _explain_checkpoint(shape_png, pickled, tmp_path)
+    assert code == 2
+    _assert_one_line_error(capsys.readouterr(), "whole pickled model",
+                           "nn.Module classes such as timm.", "torch.save(model.state_dict()")
+    # a legacy-format state dict is a checkpoint like any other
+    weights = tmp_path / "legacy_weights.pth"
+    torch.save(captum_daam.zoo.tiny_vit().state_dict(), weights,
+               _use_new_zipfile_serialization=False)
+    assert _explain_checkpoint(shape_png, weights, tmp_path)[0] == 0
+
+
+WARNING_TORCH_LOAD = """
+import sys, warnings
+import torch
+from captum_daam.cli import main
+
+original = torch.load
+
+def warning_load(*args, **kwargs):
+    warnings.warn("TypedStorage is deprecated", UserWarning)
+    warnings.warn("You are using torch.load with weights_only", FutureWarning)
+    return original(*args, **kwargs)
+
+torch.load = warning_load
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_warnings_while_reading_a_refused_checkpoint_do_not_reach_stderr(tmp_path, shape_png):
+    """torch (some versions) warns while it reads such a file; in a new process, as a user runs
+    the command, stderr holds the one-line error alone."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "warning_load.py"
+    script.write_text(WARNING_TORCH_LOAD)
+    pickled = tmp_path / "whole.pth"
+    torch.save(captum_daam.zoo.tiny_vit(), pickled)
+    environment = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    for command in (["explain", shape_png], ["explain-dataset", "--data", "shapes:4"]):
+        result = subprocess.run(
+            [sys.executable, "-W", "default", str(script), *command, "--model", str(pickled),
+             "--out", str(tmp_path / "out.zarr"), "--no-progress"],
+            capture_output=True, text=True, env=environment, timeout=300)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "whole pickled model" in lines[0], result.stderr
 
 
 def test_a_training_checkpoint_with_its_arguments_still_loads(tmp_path, shape_png):
