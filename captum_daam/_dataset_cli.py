@@ -15,8 +15,9 @@ import argparse
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
 __all__ = ["add_explain_dataset_parser", "explain_dataset_command", "main"]
 
@@ -76,14 +77,43 @@ def add_explain_dataset_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def explain_dataset_command(args: argparse.Namespace) -> int:
-    """Run ``explain-dataset``; a usage error is one line on stderr and exit status 2."""
+    """Run ``explain-dataset``; a usage error, or an error of the file system while writing
+    the store (a full disk), is one line on stderr and exit status 2. Warnings are one line
+    each."""
     try:
-        return _run(args)
+        with _one_line_warnings():
+            return _run(args)
     except (ValueError, TypeError, ImportError) as error:
         text = str(error).strip().splitlines()
         print(f"captum-daam: error: {text[0] if text else type(error).__name__}",
               file=sys.stderr)
         return 2
+    except OSError as error:  # the file system: a full disk, a folder it may not write to
+        import errno
+
+        from .cli import _os_reason
+
+        if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            remedy = "free some space"
+        else:
+            remedy = f"fix the cause{f' ({error.filename})' if error.filename else ''}"
+        print(f"captum-daam: error: could not write the store {args.out}: {_os_reason(error)}; "
+              f"the examples written so far are complete: {remedy} and run the same command "
+              f"again to resume", file=sys.stderr)
+        return 2
+
+
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Python's warnings as ``captum-daam: warning: ...`` lines (not file, line and source)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+        print(f"captum-daam: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -105,6 +135,13 @@ def _run(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise UsageError('explain-dataset needs zarr>=3: pip install "captum-daam[dataset]"') \
             from error
+
+    from .dataset import argument_settings, refuse_other_settings
+
+    # an existing store of other settings is refused before the model and the data are loaded
+    refuse_other_settings(args.out, argument_settings(
+        args.batch_size, args.internal_batch_size, "predicted" if target is None else target,
+        args.flow, args.dtype, args.metrics))
 
     import torch
 
@@ -152,7 +189,14 @@ def _parse_data(text: str) -> tuple:
     path = Path(text)
     if not path.is_dir():
         raise UsageError(f"--data {text} is not a folder (nor shapes:N or hf:NAME:SPLIT)")
-    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+    if (path / "dataset_dict.json").is_file():
+        from .data import load_hugging_face_folder
+
+        try:
+            load_hugging_face_folder(path)  # refuses a DatasetDict, naming its splits
+        except ValueError as error:
+            raise UsageError(f"--data: {error}") from None
+    if (path / "dataset_info.json").is_file() and (path / "state.json").is_file():
         return ("hf-disk", str(path))
     return ("folder", str(path))
 
@@ -186,11 +230,9 @@ def _build_dataset(data: tuple, model: Any) -> Any:
         raise UsageError('Hugging Face data needs the datasets package: pip install '
                          '"captum-daam[hf-datasets]"') from error
     if kind == "hf-disk":
-        loaded = datasets.load_from_disk(data[1])
-        if isinstance(loaded, datasets.DatasetDict):
-            raise UsageError(f"--data {data[1]} holds the splits {list(loaded)}; give the "
-                             f"folder of one split")
-        return loaded
+        from .data import load_hugging_face_folder
+
+        return load_hugging_face_folder(data[1])
     try:
         return datasets.load_dataset(data[1], split=data[2])
     except Exception as error:  # offline, unknown name or split: many kinds of errors

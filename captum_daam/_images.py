@@ -35,8 +35,8 @@ from typing import Iterator, Optional, Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["BACKGROUND", "SUPPORTED_MODES", "check_image", "load_rgb", "pil_to_rgb",
-           "timm_preprocessing"]
+__all__ = ["BACKGROUND", "SUPPORTED_MODES", "TimmPreprocessing", "check_image", "load_rgb",
+           "pil_to_rgb", "timm_preprocessing"]
 
 #: Grey level of the background that transparent pixels are composited over: white.
 BACKGROUND = 1.0
@@ -96,22 +96,45 @@ def pil_to_rgb(image: Image.Image, name: PathLike = "image"):
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))
 
 
-def timm_preprocessing(model, normalize: bool = True):
+def timm_preprocessing(model, normalize: bool = True) -> "TimmPreprocessing":
     """From a float RGB image (3, H, W) in [0, 1] (:func:`load_rgb`) to the model's input:
     timm's evaluation resize and crop of the model's data config (its to-tensor step passes
     tensors through), clamped to [0, 1] (bicubic resizing overshoots a little), then, with
     ``normalize``, the config's mean and std."""
-    from timm.data import create_transform, resolve_data_config
-    from torchvision.transforms.functional import normalize as normalise
+    from timm.data import resolve_data_config
 
-    config = resolve_data_config({}, model=model)
-    resize_and_crop = create_transform(**config, normalize=False)
+    return TimmPreprocessing(resolve_data_config({}, model=model), normalize)
 
-    def preprocess(rgb):
-        picture = resize_and_crop(rgb).clamp(0, 1)
-        return normalise(picture, config["mean"], config["std"]) if normalize else picture
 
-    return preprocess
+class TimmPreprocessing:
+    """:func:`timm_preprocessing` as a picklable callable whose ``repr`` is its settings, the
+    same in every process (a store's settings name the preprocessing by it)."""
+
+    def __init__(self, config: dict, normalize: bool = True) -> None:
+        from timm.data import create_transform
+
+        self.config = {key: _plain(value) for key, value in sorted(config.items())}
+        self.normalize = normalize
+        self.resize_and_crop = create_transform(**config, normalize=False)
+
+    def __call__(self, rgb):
+        from torchvision.transforms.functional import normalize as normalise
+
+        picture = self.resize_and_crop(rgb).clamp(0, 1)
+        if not self.normalize:
+            return picture
+        return normalise(picture, self.config["mean"], self.config["std"])
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{key}={value!r}" for key, value in self.config.items())
+        return f"TimmPreprocessing({settings}, normalize={self.normalize})"
+
+
+def _plain(value):
+    """Tuples and numpy scalars of a data config as plain lists and numbers."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    return value.item() if hasattr(value, "item") else value
 
 
 @contextmanager

@@ -7,15 +7,21 @@ Colours, sizes and positions are random; the object masks are exact.
 """
 
 import hashlib
+import json
 import math
-from typing import Any, Callable, Optional, Tuple
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
 
-__all__ = ["CLASSES", "IMAGE_SIZE", "HuggingFaceImages", "ShapesDataset", "make_shapes"]
+__all__ = ["CLASSES", "IMAGE_SIZE", "HuggingFaceImages", "ImageFolderImages", "ShapesDataset",
+           "make_shapes", "stable_repr"]
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
 IMAGE_SIZE = 64
@@ -216,6 +222,11 @@ class HuggingFaceImages(Dataset):
     divided by 65535, transparency over white; Pillow's ``convert("RGB")`` would clip 16-bit
     images to white), then passed through ``transform``.
 
+    Labels: when the label column is a ``datasets.ClassLabel`` whose names are all class names
+    of the model (``model_classes``, e.g. from ImageNet's WordNet ids or descriptions), each
+    label is the model's index of its class; otherwise the dataset's own integers. Which of
+    the two is in :attr:`labels`.
+
     Args:
         dataset: a ``datasets.Dataset`` (one split), e.g. ``load_dataset(name, split="test")``.
         transform: from a float RGB tensor (3, H, W) in [0, 1] to the model's input (for a
@@ -225,6 +236,9 @@ class HuggingFaceImages(Dataset):
             ``datasets.Image``.
         label_column: the column of labels. Default: None, the ``datasets.ClassLabel``
             column, else a column named ``label`` or ``labels``.
+        model_classes: the names of the model's classes, one list per class index
+            (``captum_daam._labels.model_class_names(model)``). Default: None (the labels
+            are the dataset's integers)
 
     Raises:
         ValueError: when no such column is found, naming the dataset's columns.
@@ -236,9 +250,18 @@ class HuggingFaceImages(Dataset):
         transform: Callable[[Any], Tensor],
         image_column: Optional[str] = None,
         label_column: Optional[str] = None,
+        model_classes: Optional[List[List[str]]] = None,
     ) -> None:
         import datasets
 
+        from ._labels import LabelMeaning
+
+        if isinstance(dataset, datasets.DatasetDict):
+            raise TypeError(
+                f"Expected one split of a Hugging Face dataset (a datasets.Dataset), got a "
+                f"DatasetDict with the splits {list(dataset)}; pass one, e.g. "
+                f"dataset[{next(iter(dataset), 'test')!r}]."
+            )
         features = dataset.features
         if image_column is None:
             image_column = next(
@@ -260,6 +283,13 @@ class HuggingFaceImages(Dataset):
                 )
         self.dataset, self.transform = dataset, transform
         self.image_column, self.label_column = image_column, label_column
+        self.labels: Optional[LabelMeaning] = None
+        self._relabel: Optional[List[int]] = None
+        feature = features[label_column]
+        if isinstance(feature, datasets.ClassLabel) and feature.names:
+            self.labels = LabelMeaning(feature.names, range(len(feature.names)), model_classes,
+                                       "ClassLabel names", "the dataset's ClassLabel numbering")
+            self._relabel = [self.labels.class_to_index[name] for name in feature.names]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -269,12 +299,144 @@ class HuggingFaceImages(Dataset):
 
         row = self.dataset[int(index)]
         rgb = pil_to_rgb(row[self.image_column], f"row {index} of the Hugging Face dataset")
-        return self.transform(rgb), int(row[self.label_column])
+        label = int(row[self.label_column])
+        if self._relabel is not None and 0 <= label < len(self._relabel):
+            label = self._relabel[label]  # negative: no label, kept as it is
+        return self.transform(rgb), label
+
+    def identity(self) -> Dict[str, Any]:
+        """What the examples depend on, as values that are the same in every process: the
+        content fingerprint of ``datasets`` (which changes with every transformation), the
+        columns, the labels' meaning and the transform."""
+        identity = {"class": "captum_daam.data.HuggingFaceImages",
+                    "fingerprint": getattr(self.dataset, "_fingerprint", None),
+                    "rows": len(self.dataset), "image_column": self.image_column,
+                    "label_column": self.label_column, "transform": stable_repr(self.transform)}
+        if self.labels is not None:
+            identity["class_to_index"] = dict(self.labels.class_to_index)
+        return identity
 
     def __repr__(self) -> str:
-        # the dataset's content fingerprint (datasets changes it with every transformation)
-        fingerprint = getattr(self.dataset, "_fingerprint", None)
-        transform = hashlib.sha256(repr(self.transform).encode()).hexdigest()[:16]
-        return (f"HuggingFaceImages(fingerprint={fingerprint}, rows={len(self.dataset)}, "
-                f"image_column={self.image_column!r}, label_column={self.label_column!r}, "
-                f"transform_sha256={transform})")
+        return (f"HuggingFaceImages(fingerprint={getattr(self.dataset, '_fingerprint', None)}, "
+                f"rows={len(self.dataset)}, image_column={self.image_column!r}, "
+                f"label_column={self.label_column!r}, transform={stable_repr(self.transform)})")
+
+
+class ImageFolderImages(ImageFolder):
+    """A folder of class folders (``root/<class>/<image>``, torchvision's ``ImageFolder``),
+    each image read as ``captum-daam explain`` reads files (:func:`captum_daam._images.
+    load_rgb`: every Pillow mode from its raw values) and passed through ``transform``.
+
+    Labels: when every class folder is named after a class of the model (``model_classes``:
+    for ImageNet models the WordNet ids of ImageNet's own folders, ``n01440764``, or a name of
+    the class, ``tench``), each image's label is the model's index of its folder's class.
+    Otherwise ImageFolder's numbering: the folders in alphabetical order, 0, 1, ...; when the
+    model names its classes and some folders are not among them, :attr:`labels` says that
+    these labels are not the model's classes. ``labels.class_to_index`` is the mapping.
+
+    Args:
+        root: the folder of class folders.
+        transform: from a float RGB tensor (3, H, W) in [0, 1] to the model's input.
+        model_classes: the names of the model's classes, one list per class index. Default:
+            None (ImageFolder's numbering)
+
+    Raises:
+        ValueError: when ``root`` has no class folders, or a class folder holds no image.
+    """
+
+    def __init__(self, root: Any, transform: Callable[[Any], Tensor],
+                 model_classes: Optional[List[List[str]]] = None) -> None:
+        from ._images import load_rgb
+
+        self.model_classes = model_classes
+        root = Path(root)
+        try:
+            super().__init__(str(root), transform=transform, loader=load_rgb)
+        except FileNotFoundError as error:
+            folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+            if not folders:
+                raise ValueError(
+                    f"Expected an image folder of class folders (root/<class>/<image>), got "
+                    f"{str(root)!r}, which has no folders in it."
+                ) from None
+            empty = [name for name in folders if not _holds_an_image(root / name)]
+            if not empty:
+                raise ValueError(f"Cannot read the image folder {str(root)!r}: {error}") from None
+            from torchvision.datasets.folder import IMG_EXTENSIONS
+
+            raise ValueError(
+                f"Expected every class folder of {str(root)!r} to hold images "
+                f"({', '.join(IMG_EXTENSIONS)}), got none in {', '.join(map(repr, empty))}; "
+                f"remove the empty class folders or add their images."
+            ) from None
+
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        from ._labels import LabelMeaning
+
+        classes, alphabetical = super().find_classes(directory)
+        self.labels = LabelMeaning(classes, [alphabetical[name] for name in classes],
+                                   self.model_classes, "class folder names",
+                                   "ImageFolder's numbering of the class folders in "
+                                   "alphabetical order")
+        return classes, dict(self.labels.class_to_index)
+
+    def identity(self) -> Dict[str, Any]:
+        """What the examples depend on, as values that are the same in every process and
+        wherever the command is run from: each image's path below the root, size in bytes and
+        label, the class mapping and the transform."""
+        files = [[Path(path).relative_to(self.root).as_posix(), os.path.getsize(path), label]
+                 for path, label in self.samples]
+        return {"class": "captum_daam.data.ImageFolderImages", "images": len(files),
+                "files_sha256": hashlib.sha256(json.dumps(files).encode()).hexdigest(),
+                "class_to_index": dict(self.labels.class_to_index),
+                "transform": stable_repr(self.transform)}
+
+    def __repr__(self) -> str:
+        return (f"ImageFolderImages(root={str(self.root)!r}, images={len(self.samples)}, "
+                f"classes={len(self.classes)}, transform={stable_repr(self.transform)})")
+
+
+def _holds_an_image(folder: Path) -> bool:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    return any(has_file_allowed_extension(name, IMG_EXTENSIONS)
+               for _, _, names in os.walk(folder, followlinks=True) for name in names)
+
+
+def stable_repr(value: Any) -> str:
+    """``repr(value)`` without the memory addresses Python puts in the default repr of
+    functions and objects (``<function f at 0x7f...>``), which change with every process; what
+    a function does inside is not seen."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+
+
+def load_hugging_face_folder(path: Any) -> Any:
+    """The ``datasets.Dataset`` that ``save_to_disk`` wrote to the folder ``path``, or None
+    when the folder is not one (no ``state.json`` and ``dataset_info.json``).
+
+    Raises:
+        ValueError: for a folder of a ``DatasetDict`` (``dataset_dict.json``), naming its
+            splits and the folder of each; for a Hugging Face folder when ``datasets`` is
+            not installed.
+    """
+    path = Path(path)
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            splits = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+        raise ValueError(
+            f"Expected one split of a Hugging Face dataset, got {str(path)!r}, a DatasetDict "
+            f"with the splits {', '.join(map(str, splits))}; give the folder of one split, "
+            f"e.g. {str(path / str(splits[0] if splits else 'test'))!r}."
+        )
+    if not ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()):
+        return None
+    try:
+        import datasets
+    except ImportError as error:
+        raise ValueError(
+            f"{str(path)!r} holds a Hugging Face dataset (save_to_disk); reading it needs the "
+            f'datasets package: pip install "captum-daam[hf-datasets]"'
+        ) from error
+    return datasets.load_from_disk(str(path))

@@ -31,9 +31,16 @@ Chunks are written by one background thread per process, in order, while the nex
 explained; an error while writing stops the writing and is raised in the caller's thread.
 """
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
+import shutil
+import signal
+import socket
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -41,10 +48,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
+from ._labels import LabelMeaning, model_class_names
+from ._warnings import warn_user
 from .attr import DAAM
 
-__all__ = ["explain_dataset", "METRICS"]
+__all__ = ["explain_dataset", "METRICS", "argument_settings", "refuse_other_settings"]
 
 FORMAT_VERSION = 1
 #: Per-example metrics, from :mod:`captum_daam.metrics`, all computed on the final map D_L.
@@ -52,6 +62,11 @@ METRICS = ("pointing_game", "energy_pointing_game", "deletion", "insertion")
 _MASK_METRICS = ("pointing_game", "energy_pointing_game")
 _DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
 _INSTALL_HINT = 'pip install "captum-daam[dataset]"'
+_UNKNOWN = object()  # a setting that cannot be known before the dataset is read
+_LOCK_FILE = ".captum_daam.lock"
+_STORE_FOLDERS = ("maps", "targets", "predictions", "scores", "labels", "complete", "metrics")
+# zarr's LocalStore writes each file to "<name without suffix>.<uuid4 hex>.partial" first
+_ZARR_TEMPORARY = re.compile(r"[^.]+\.[0-9a-f]{32}\.partial")
 
 
 def explain_dataset(
@@ -173,6 +188,14 @@ def explain_dataset(
             f"bfloat16), got {dtype!r}."
         )
     metrics = _check_metrics(metrics)
+    device = _model_device(daam)
+    out = Path(out)
+    # Settings known from the arguments alone: a store of other settings is refused before the
+    # dataset is read.
+    known = argument_settings(batch_size, internal_batch_size, _target_name(target),
+                              return_flow, dtype, metrics)
+    refuse_other_settings(out, {key: value for key, value in known.items()
+                                if value is not _UNKNOWN})
     dataset = _as_dataset(dataset, daam)
     num_examples = len(dataset)
     if num_examples == 0:
@@ -184,30 +207,31 @@ def explain_dataset(
             f"{[name for name in metrics if name in _MASK_METRICS]}, got items without masks."
         )
     target_spec, target_table = _check_target_spec(target, num_examples)
-    device = _model_device(daam)
+    labels = getattr(dataset, "labels", None)
+    labels = labels if isinstance(labels, LabelMeaning) else None
+    if target_spec == "label" and labels is not None and not labels.comparable:
+        raise ValueError(
+            f'Expected labels that are the model\'s classes for target="label", got '
+            f"{labels.note}. Name the classes (the class folders) after the model's classes, "
+            f"or give target=None (the predicted class) or a class index."
+        )
+    settings = {
+        **argument_settings(batch_size, internal_batch_size, target_spec, return_flow, dtype,
+                            metrics),
+        "model": _model_identity(daam),
+        "flow_blocks": _flow_blocks(daam),
+        "dataset": _dataset_identity(dataset),
+        "examples": num_examples,
+        "image_shape": list(first[0].shape),
+    }
+    refuse_other_settings(out, settings)
 
     # One example through DAAM: the flow's length and grid (and any error about the model).
     first_target = first[1] if target_spec == "label" else (
         None if target_table is None else int(target_table[0]))
     probe = daam.attribute(first[0].unsqueeze(0).to(device), target=first_target,
                            return_flow=True)
-    settings = {
-        "format": FORMAT_VERSION,
-        "package_version": _package_version(),
-        "model": _model_identity(daam),
-        "flow_blocks": _flow_blocks(daam),
-        "dataset": _dataset_identity(dataset),
-        "examples": num_examples,
-        "image_shape": list(first[0].shape),
-        "batch_size": batch_size,
-        "internal_batch_size": internal_batch_size,
-        "target": target_spec,
-        "return_flow": bool(return_flow),
-        "dtype": _DTYPES[dtype],
-        "metrics": list(metrics),
-        "grid": list(probe.shape[-2:]),
-        "blocks": probe.shape[1],
-    }
+    settings.update(grid=list(probe.shape[-2:]), blocks=probe.shape[1])
     map_shape = (probe.shape[1] if return_flow else 1, *probe.shape[-2:])
     num_chunks = -(-num_examples // batch_size)
 
@@ -215,35 +239,42 @@ def explain_dataset(
     try:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         message: List[Any] = [None, None]
-        if rank == 0:
-            try:
-                todo = _open_or_create(zarr, Path(out), settings, num_chunks, map_shape, metrics)
-                message = [None, todo]
-            except (ValueError, TypeError) as error:
-                message = [error, None]
-        if world > 1:
-            dist.broadcast_object_list(message, src=0)
-        if message[0] is not None:
-            raise message[0]
-        todo = message[1]
-        group = zarr.open_group(str(out), mode="r+")
-        mine = todo[rank::world]
-        computed = _explain_chunks(daam, dataset, group, mine, settings, target_table,
-                                   metrics, device, num_workers, progress and rank == 0, dtype,
-                                   "explain_dataset" if world == 1 else
-                                   f"explain_dataset, rank 0's share of {world} processes")
-        if world > 1:
-            dist.barrier()
-        # Chunks complete before this run are read back, each by one rank (c % world).
-        pending = set(todo)
-        stored = [c for c in range(rank, num_chunks, world) if c not in pending]
-        summary = _aggregate(group, metrics, computed, stored, batch_size, world, device)
-        if rank == 0:
-            group.attrs["summary"] = summary
-            if progress:
-                print(_describe_summary(summary, out))
-        if world > 1:
-            dist.barrier()
+        with contextlib.ExitStack() as held:
+            if rank == 0:
+                try:
+                    todo = _open_or_create(zarr, out, settings, num_chunks, map_shape, metrics,
+                                           labels, held)
+                    message = [None, todo]
+                except (ValueError, TypeError, OSError) as error:
+                    message = [error, None]
+            if world > 1:
+                dist.broadcast_object_list(message, src=0)
+            if message[0] is not None:
+                raise message[0]
+            if rank == 0 and labels is not None and not labels.comparable:
+                warn_user(f"explain_dataset: the labels are {labels.note}; the mapping is in "
+                          f"the store's attributes (labels).")
+            todo = message[1]
+            group = zarr.open_group(str(out), mode="r+")
+            mine = todo[rank::world]
+            computed = _explain_chunks(
+                daam, dataset, group, mine, settings, target_table, metrics, device,
+                num_workers, progress and rank == 0, dtype, first[0],
+                "explain_dataset" if world == 1 else
+                f"explain_dataset, rank 0's share of {world} processes")
+            if world > 1:
+                dist.barrier()
+            # Chunks complete before this run are read back, each by one rank (c % world).
+            pending = set(todo)
+            stored = [c for c in range(rank, num_chunks, world) if c not in pending]
+            summary = _aggregate(group, metrics, computed, stored, batch_size, world, device,
+                                 labels is None or labels.comparable)
+            if rank == 0:
+                group.attrs["summary"] = summary
+                if progress:
+                    print(_describe_summary(summary, out))
+            if world > 1:
+                dist.barrier()
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -326,8 +357,38 @@ def _check_target_spec(
     )
 
 
-def _check_item(item: Any, index: int) -> Tuple[Tensor, int, Optional[Tensor]]:
-    """A dataset item as (image, label, mask or None), checked."""
+def _target_name(target: Any) -> Any:
+    """The target as the settings name it, where that needs no dataset (else _UNKNOWN)."""
+    if target is None:
+        return "predicted"
+    if isinstance(target, (str, int)) and not isinstance(target, bool):
+        return target
+    return _UNKNOWN
+
+
+def argument_settings(
+    batch_size: int, internal_batch_size: Optional[int], target: Any, return_flow: bool,
+    dtype: Union[torch.dtype, str], metrics: Sequence[str],
+) -> Dict[str, Any]:
+    """The settings of a store that follow from the arguments alone (no model, no data), as
+    stored: what ``captum-daam explain-dataset`` compares with an existing store before it
+    loads anything."""
+    return {
+        "format": FORMAT_VERSION,
+        "package_version": _package_version(),
+        "batch_size": batch_size,
+        "internal_batch_size": internal_batch_size,
+        "target": target,
+        "return_flow": bool(return_flow),
+        "dtype": dtype if isinstance(dtype, str) else _DTYPES.get(dtype, str(dtype)),
+        "metrics": list(metrics),
+    }
+
+
+def _check_item(item: Any, index: int, like: Optional[Tensor] = None
+                ) -> Tuple[Tensor, int, Optional[Tensor]]:
+    """A dataset item as (image, label, mask or None), checked; with ``like``, the image must
+    have its shape and dtype (the first example's: the examples are explained in batches)."""
     if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
         raise TypeError(
             f"Expected dataset items (image, label) or (image, label, mask), got "
@@ -341,10 +402,13 @@ def _check_item(item: Any, index: int) -> Tuple[Tensor, int, Optional[Tensor]]:
             f"{_describe(image)} at index {index}; give the dataset a transform (e.g. timm's "
             f"create_transform(**resolve_data_config({{}}, model=model)))."
         )
-    if isinstance(label, Tensor) and label.numel() == 1 and not label.is_floating_point():
-        label = int(label)
-    if isinstance(label, bool) or not isinstance(label, int):
-        raise TypeError(f"Expected an int label, got {_describe(label)} at index {index}.")
+    if like is not None and (image.shape != like.shape or image.dtype != like.dtype):
+        raise ValueError(
+            f"Expected every image of the dataset shaped and typed like the first, "
+            f"{_describe(like)}, got {_describe(image)} at index {index}; give the dataset a "
+            f"transform that makes every image the model's input size, channels and dtype."
+        )
+    label = _label(label, index)
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"Expected a bool mask, got {_describe(mask)} at index {index}.")
@@ -358,36 +422,59 @@ def _check_item(item: Any, index: int) -> Tuple[Tensor, int, Optional[Tensor]]:
     return image, label, mask
 
 
+def _label(label: Any, index: int) -> int:
+    """An integer label: a Python or numpy integer, or a one-element integer tensor or array
+    (not a bool, not a float)."""
+    if isinstance(label, Tensor) and label.numel() == 1 and not (
+            label.is_floating_point() or label.is_complex() or label.dtype == torch.bool):
+        return int(label)
+    if isinstance(label, np.ndarray) and label.size == 1 and label.dtype.kind in "iu":
+        return int(label)
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+        raise TypeError(f"Expected an int label, got {_describe(label)} at index {index}.")
+    return int(label)
+
+
 def _describe(value: object) -> str:
     if isinstance(value, Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
     return type(value).__name__
 
 
 def _as_dataset(dataset: Any, daam: DAAM) -> Any:
-    """A map-style dataset of tuples: folders become an ImageFolder, a Hugging Face Dataset
-    is wrapped, both with the model's timm transform."""
+    """A map-style dataset of tuples: a folder of class folders becomes an
+    :class:`~captum_daam.data.ImageFolderImages`, a Hugging Face Dataset (or a folder written
+    by its ``save_to_disk``) a :class:`~captum_daam.data.HuggingFaceImages`, both with the
+    model's timm transform and its class names."""
+    from .data import HuggingFaceImages, ImageFolderImages, load_hugging_face_folder
+
     if isinstance(dataset, (str, os.PathLike)):
         root = Path(dataset)
         if not root.is_dir():
             raise ValueError(f"Expected an image folder of class folders, got {str(root)!r}, "
                              f"which is not a folder.")
-        from torchvision.datasets import ImageFolder
-
-        from ._images import load_rgb
-
-        # load_rgb, not torchvision's loader: convert("RGB") clips 16-bit images to white
-        return ImageFolder(str(root), transform=_timm_transform(daam), loader=load_rgb)
-    if type(dataset).__module__.split(".")[0] == "datasets" and hasattr(dataset, "features"):
-        from .data import HuggingFaceImages
-
-        return HuggingFaceImages(dataset, _timm_transform(daam))
+        loaded = load_hugging_face_folder(root)
+        if loaded is None:
+            return ImageFolderImages(root, _timm_transform(daam), _model_classes(daam))
+        dataset = loaded
+    if type(dataset).__module__.split(".")[0] == "datasets":
+        return HuggingFaceImages(dataset, _timm_transform(daam),
+                                 model_classes=_model_classes(daam))
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise TypeError(
             f"Expected a map-style dataset (with __getitem__ and __len__), an image folder or "
             f"a datasets.Dataset, got {type(dataset).__name__}."
         )
     return dataset
+
+
+def _model_classes(daam: DAAM) -> Optional[List[List[str]]]:
+    """The class names of the explained model (the forward function's, where it says)."""
+    forward = daam.forward_func
+    names = model_class_names(forward) if isinstance(forward, nn.Module) else None
+    return names if names is not None else model_class_names(daam.adapter.model)
 
 
 def _timm_transform(daam: DAAM) -> Any:
@@ -398,6 +485,9 @@ def _timm_transform(daam: DAAM) -> Any:
 
 
 def _model_device(daam: DAAM) -> torch.device:
+    """The model's device; a model on the meta device (no values) is refused, as
+    :meth:`DAAM.attribute` refuses it."""
+    daam._check_model_has_values()
     parameter = next(iter(daam.adapter.model.parameters()), None)
     return parameter.device if parameter is not None else torch.device("cpu")
 
@@ -438,65 +528,108 @@ def _flow_blocks(daam: DAAM) -> List[int]:
 
 
 def _dataset_identity(dataset: Any) -> Dict[str, Any]:
-    """Type, length and, where the class describes itself (``__repr__``), that description;
-    for an image folder also a SHA-256 of its file list."""
+    """What the examples depend on, as values that are the same in every process: the
+    dataset's own ``identity()`` where it has one (image folders, Hugging Face datasets);
+    else its type, length and, where the class describes itself (``__repr__``), that
+    description without memory addresses; for a dataset with ``samples`` (torchvision's
+    folders) also a SHA-256 of the file paths below its root and their labels."""
+    from .data import stable_repr
+
+    if callable(getattr(dataset, "identity", None)):
+        return dataset.identity()
     kind = type(dataset)
     identity: Dict[str, Any] = {"class": f"{kind.__module__}.{kind.__qualname__}",
                                 "length": len(dataset)}
     if kind.__repr__ is not object.__repr__:
-        identity["description"] = repr(dataset)
+        identity["description"] = stable_repr(dataset)
     samples = getattr(dataset, "samples", None)
     if isinstance(samples, list):
-        identity["samples_sha256"] = hashlib.sha256(
-            json.dumps([[str(path), int(label)] for path, label in samples]).encode()
+        root = getattr(dataset, "root", None)
+        identity["samples_sha256"] = hashlib.sha256(json.dumps(
+            [[_below(path, root), int(label)] for path, label in samples]).encode()
         ).hexdigest()
     return identity
+
+
+def _below(path: Any, root: Any) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except (TypeError, ValueError):
+        return str(path)
 
 
 # ---- the store ---------------------------------------------------------------------------
 
 
-def _open_or_create(
-    zarr: Any, path: Path, settings: Dict[str, Any], num_chunks: int,
-    map_shape: Tuple[int, ...], metrics: Sequence[str],
-) -> List[int]:
-    """Rank 0: open the store at ``path`` (checking its settings; removing temporaries left by
-    a killed run) or create it. Returns the indices of the chunks still to do."""
+def refuse_other_settings(out: Union[str, os.PathLike], settings: Dict[str, Any]) -> None:
+    """Raise a ValueError when ``out`` holds a store whose settings differ from ``settings``
+    in any key ``settings`` has (or anything but an explain_dataset store); nothing when it is
+    absent or an empty folder. Reads only the store's attributes."""
+    stored = _stored_settings(Path(out))
+    if stored is not None:
+        _refuse_differences(Path(out), {key: stored.get(key) for key in settings}, settings)
+
+
+def _stored_settings(path: Path) -> Optional[Dict[str, Any]]:
+    """The settings of the store at ``path``; None when the path is absent or an empty
+    folder; a ValueError for anything else that is not an explain_dataset store."""
     if path.exists() and not path.is_dir():
         raise ValueError(f"Expected out to be a folder for a Zarr store, got a file: {path}.")
-    if path.is_dir() and _holds_files(path):
-        try:
-            group = zarr.open_group(str(path), mode="r")
-            attributes = dict(group.attrs)
-        except Exception:  # any reason the folder is not a zarr group
-            attributes = {}
-        if attributes.get("captum_daam_format") is None:
-            raise ValueError(
-                f"Expected out to be absent, empty or a store of explain_dataset, got {path}, "
-                f"which holds other files. Choose another out."
-            )
-        stored = attributes.get("settings")
-        if stored is not None:
-            differences = _differences(stored, settings)
-            if differences:
-                raise ValueError(
-                    f"The store {path} was written with other settings; refusing to mix them. "
-                    f"Differences (stored vs given): {'; '.join(differences)}. Use another "
-                    f"out, or delete the store to start again."
-                )
-            for temporary in path.rglob("*.partial"):
-                temporary.unlink(missing_ok=True)
-            return np.flatnonzero(~group["complete"][:]).tolist()
-        # else: a run was killed while creating the store, before any example: start again
-    _create(zarr, path, settings, num_chunks, map_shape, metrics)
-    return list(range(num_chunks))
+    if not path.is_dir() or not any(path.iterdir()):
+        return None
+    zarr = _import_zarr()
+    try:
+        attributes = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # any reason the folder is not a zarr group
+        attributes = {}
+    if attributes.get("captum_daam_format") is None:
+        raise ValueError(
+            f"Expected out to be absent, empty or a store of explain_dataset, got {path}, "
+            f"which holds other files or folders. Choose another out."
+        )
+    if not isinstance(attributes.get("settings"), dict):
+        # stores are created whole since format 1's second release; an older one was cut short
+        raise ValueError(
+            f"The store {path} was cut short while it was being created (it has no "
+            f"settings) and holds no examples; delete it and run again."
+        )
+    return attributes["settings"]
 
 
-def _holds_files(path: Path) -> bool:
-    """Whether the folder holds files other than zarr's temporaries (``*.partial``, left when
-    a run is killed while writing: the first write of a store leaves only those)."""
-    return any(item.is_file() and not item.name.endswith(".partial")
-               for item in path.rglob("*"))
+def _refuse_differences(path: Path, stored: Dict[str, Any], given: Dict[str, Any]) -> None:
+    differences = _differences(stored, given)
+    if differences:
+        raise ValueError(
+            f"The store {path} was written with other settings; refusing to mix them. "
+            f"Differences (stored vs given): {'; '.join(differences)}. Use another out, or "
+            f"delete the store to start again."
+        )
+
+
+def _open_or_create(
+    zarr: Any, path: Path, settings: Dict[str, Any], num_chunks: int,
+    map_shape: Tuple[int, ...], metrics: Sequence[str], labels: Optional[LabelMeaning],
+    held: contextlib.ExitStack,
+) -> List[int]:
+    """Rank 0: open the store at ``path`` (checking its settings) or create it, and hold a
+    shared lock on it for the run (``held``). Returns the indices of the chunks still to do.
+
+    A store is created whole in a folder beside ``path`` and renamed into place, so ``path``
+    is either absent (or the empty folder it was) or a complete store: when two runs create
+    it at once, one rename wins and the other run opens the winner's store as a resumption
+    (same settings) or is refused (other settings)."""
+    stored = _stored_settings(path)
+    if stored is None:
+        if _create_whole(zarr, path, settings, num_chunks, map_shape, metrics, labels):
+            held.enter_context(_shared_lock(path, clean=False))
+            return list(range(num_chunks))
+        stored = _stored_settings(path)
+        if stored is None:
+            raise ValueError(f"Expected to create the store {path}, but the folder changed "
+                             f"while it was being created; run again.")
+    _refuse_differences(path, stored, settings)
+    held.enter_context(_shared_lock(path, clean=True))
+    return np.flatnonzero(~zarr.open_group(str(path), mode="r")["complete"][:]).tolist()
 
 
 def _differences(stored: Dict[str, Any], given: Dict[str, Any], prefix: str = "") -> List[str]:
@@ -506,18 +639,116 @@ def _differences(stored: Dict[str, Any], given: Dict[str, Any], prefix: str = ""
         if isinstance(old, dict) and isinstance(new, dict):
             differences += _differences(old, new, f"{prefix}{key}.")
         elif json.dumps(old) != json.dumps(new):
-            differences.append(f"{prefix}{key} {old!r} vs {new!r}")
+            differences.append(f"{prefix}{key} {_shown(old)} vs {_shown(new)}")
     return differences
+
+
+def _shown(value: Any, most: int = 100) -> str:
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
+def _create_whole(
+    zarr: Any, path: Path, settings: Dict[str, Any], num_chunks: int,
+    map_shape: Tuple[int, ...], metrics: Sequence[str], labels: Optional[LabelMeaning],
+) -> bool:
+    """Create the store in a new folder beside ``path`` and rename it to ``path``. False when
+    another run's store took the place first (this run's folder is removed again)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_creations(path)
+    building = path.parent / f"{_creation_prefix(path)}{socket.gethostname()}.{os.getpid()}." \
+                             f"{uuid.uuid4().hex}"
+    try:
+        _create(zarr, building, settings, num_chunks, map_shape, metrics, labels)
+        try:
+            os.rename(building, path)  # atomic; replaces an empty folder, never a full one
+        except OSError as error:
+            if path.is_dir() and any(path.iterdir()):
+                return False
+            raise error
+        return True
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+
+
+def _creation_prefix(path: Path) -> str:
+    return f".{path.name}.creating."
+
+
+def _remove_abandoned_creations(path: Path) -> None:
+    """Remove the folders that a run on this host, now gone, was creating the store in when it
+    was killed: named by :func:`_create_whole` with that run's host and process id."""
+    prefix, host = _creation_prefix(path), socket.gethostname()
+    for folder in path.parent.glob(f"{glob.escape(prefix)}*"):
+        owner = folder.name[len(prefix):].rsplit(".", 2)
+        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit() or \
+                not re.fullmatch(r"[0-9a-f]{32}", owner[2]) or _process_alive(int(owner[1])):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _shared_lock(path: Path, clean: bool):
+    """A shared lock on the store for the duration of a run. With ``clean``, first the
+    temporaries a killed run left (zarr's ``*.<uuid>.partial`` files in the store's arrays)
+    are removed, but only when no other run holds the store: another run's temporaries may
+    be files it is writing."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks (Windows): temporaries stay, harmlessly
+        yield
+        return
+    handle = open(path / _LOCK_FILE, "a+b")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except OSError:  # another run holds it, or the file system has no locks
+            alone = False
+        if alone and clean:
+            _remove_temporaries(path)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+        except OSError:
+            pass
+        yield
+    finally:
+        handle.close()
+
+
+def _remove_temporaries(path: Path) -> None:
+    """zarr's temporaries in the store's own folders (the group's, and each array's metadata
+    and chunk folders), named as zarr's LocalStore names them."""
+    folders = [path]
+    for name in _STORE_FOLDERS:
+        if (path / name).is_dir():
+            folders += [path / name, *(item for item in (path / name).rglob("*")
+                                       if item.is_dir())]
+    for folder in folders:
+        for item in folder.iterdir():
+            if item.is_file() and _ZARR_TEMPORARY.fullmatch(item.name):
+                item.unlink(missing_ok=True)
 
 
 def _create(
     zarr: Any, path: Path, settings: Dict[str, Any], num_chunks: int,
-    map_shape: Tuple[int, ...], metrics: Sequence[str],
+    map_shape: Tuple[int, ...], metrics: Sequence[str], labels: Optional[LabelMeaning],
 ) -> None:
-    """The group and its arrays; the settings are written last, so a store without them is
-    known to be a creation that was interrupted."""
-    group = zarr.open_group(str(path), mode="w",
-                            attributes={"captum_daam_format": FORMAT_VERSION})
+    """The group, its arrays and its attributes (the settings, and what the labels mean)."""
+    attributes: Dict[str, Any] = {"captum_daam_format": FORMAT_VERSION}
+    if labels is not None:
+        attributes["labels"] = labels.describe()
+    group = zarr.open_group(str(path), mode="w", attributes=attributes)
     n, chunk = settings["examples"], settings["batch_size"]
     example = ("example",)
 
@@ -557,18 +788,39 @@ def _init_distributed(device: torch.device) -> bool:
     return True
 
 
-def _collate(items: List[Any]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    checked = [_check_item(item, -1) for item in items]
-    images = torch.stack([image for image, _, _ in checked])
-    labels = torch.tensor([label for _, label, _ in checked], dtype=torch.long)
-    masks = None if checked[0][2] is None else torch.stack([mask for _, _, mask in checked])
-    return images, labels, masks
+class _Indexed(Dataset):
+    """The dataset's items with their indices, so that a message names the real index."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tuple[int, Any]:
+        return index, self.dataset[index]
+
+
+class _Collate:
+    """A batch of :class:`_Indexed` items as (images, labels, masks), each item checked
+    against the first example's image (same shape and dtype)."""
+
+    def __init__(self, like: Tensor) -> None:
+        self.like = like
+
+    def __call__(self, items: List[Tuple[int, Any]]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        checked = [_check_item(item, index, self.like) for index, item in items]
+        images = torch.stack([image for image, _, _ in checked])
+        labels = torch.tensor([label for _, label, _ in checked], dtype=torch.long)
+        masks = None if checked[0][2] is None else torch.stack([mask for _, _, mask in checked])
+        return images, labels, masks
 
 
 def _explain_chunks(
     daam: DAAM, dataset: Any, group: Any, chunks: List[int], settings: Dict[str, Any],
     target_table: Optional[Tensor], metrics: Sequence[str], device: torch.device,
-    num_workers: int, progress: bool, dtype: torch.dtype, description: str = "explain_dataset",
+    num_workers: int, progress: bool, dtype: torch.dtype, like: Tensor,
+    description: str = "explain_dataset",
 ) -> Tensor:
     """Explain and write ``chunks``; returns their summary totals (:func:`_totals`)."""
     from torch.utils.data import DataLoader
@@ -576,8 +828,9 @@ def _explain_chunks(
 
     n, size = settings["examples"], settings["batch_size"]
     batches = [list(range(c * size, min(n, (c + 1) * size))) for c in chunks]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    loader = DataLoader(_Indexed(dataset), batch_sampler=batches, num_workers=num_workers,
+                        collate_fn=_Collate(like), pin_memory=device.type == "cuda",
+                        worker_init_fn=_quiet_on_sigterm if num_workers else None)
     arrays = {name: group[name] for name in ("maps", "targets", "predictions", "scores",
                                              "labels", "complete")}
     arrays.update({f"metrics/{name}": group[f"metrics/{name}"] for name in metrics})
@@ -617,6 +870,18 @@ def _explain_chunks(
         writer.close(raise_error=False)
         bar.close()
     return totals
+
+
+def _quiet_on_sigterm(worker_id: int) -> None:
+    """In a DataLoader worker: SIGTERM ends the worker as torch ends it on SIGINT (quietly,
+    exit status 0), so that a SIGTERM to the whole process group (``kill -TERM -PGID``,
+    torchrun, a batch scheduler) gives the main process's one-line message, not a worker
+    traceback."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 class _ChunkWriter:
@@ -716,10 +981,12 @@ def _totals(values: Dict[str, Any], metrics: Sequence[str]) -> Tensor:
 
 
 def _aggregate(group: Any, metrics: Sequence[str], computed: Tensor, stored_chunks: List[int],
-               batch_size: int, world: int, device: torch.device) -> Dict[str, Any]:
+               batch_size: int, world: int, device: torch.device, labels_are_classes: bool
+               ) -> Dict[str, Any]:
     """The accuracy and the mean of each metric over all examples: this rank's totals of the
     chunks it computed plus those of ``stored_chunks`` (complete before this run, read back),
-    summed over the ranks (all_reduce)."""
+    summed over the ranks (all_reduce). No accuracy where the labels are not the model's
+    classes."""
     totals = computed.clone()
     for chunk in stored_chunks:
         rows = slice(chunk * batch_size, (chunk + 1) * batch_size)
@@ -732,7 +999,8 @@ def _aggregate(group: Any, metrics: Sequence[str], computed: Tensor, stored_chun
     count = int(totals[-1])
     return {
         "examples": count,
-        "accuracy": float(totals[-3] / totals[-2]) if totals[-2] > 0 else None,
+        "accuracy": float(totals[-3] / totals[-2]) if totals[-2] > 0 and labels_are_classes
+        else None,
         "metrics": {name: float(totals[i] / count) for i, name in enumerate(metrics)},
     }
 

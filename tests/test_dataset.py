@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -245,7 +246,9 @@ def test_crash_at_every_store_write_then_resume_equals_uninterrupted_run(
             async def write(self, key, value, _original=original):
                 calls.append(key)
                 if crash_at is not None and len(calls) > crash_at:
-                    partial = Path(self.root) / f"{key}.0123abcd.partial"
+                    # named as zarr's LocalStore names its temporaries
+                    partial = (Path(self.root) / key).with_suffix(
+                        f".{uuid.uuid4().hex}.partial")
                     partial.parent.mkdir(parents=True, exist_ok=True)
                     partial.write_bytes(b"half")
                     raise InjectedCrash(key)
@@ -358,26 +361,67 @@ def test_hugging_face_dataset(model, shapes, tmp_path):
     assert "HuggingFaceImages" in store.attrs["settings"]["dataset"]["class"]
 
 
-def test_image_folder(model, shapes, tmp_path):
+def save_image_folder(root, pictures, folder_names):
+    """An ImageFolder tree: picture i saved as root/<folder_names[i]>/<i>.png."""
+    for index, (picture, folder) in enumerate(zip(pictures, folder_names)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        picture.save(root / folder / f"{index}.png")
+
+
+def test_image_folder_named_after_the_models_classes_gives_its_class_indices(
+    model, shapes, tmp_path
+):
     root = tmp_path / "images"
     pictures = to_uint8_pictures(shapes.images[:6])
-    class_names = ["circle", "square", "triangle", "cross", "ring"]
-    for index, (picture, label) in enumerate(zip(pictures, shapes.labels[:6].tolist())):
-        folder = root / class_names[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        picture.save(folder / f"{index}.png")
+    class_names = ["circle", "square", "triangle", "cross", "ring"]  # the model's classes
+    save_image_folder(root, pictures, [class_names[label] for label in shapes.labels[:6]])
     store = explain_dataset(DAAM(model), str(root), tmp_path / "folder.zarr", batch_size=4,
                             dtype=torch.float32, progress=False)
     # ImageFolder's order: class folders sorted by name, then files sorted by name
     order = sorted(range(6), key=lambda i: (class_names[int(shapes.labels[i])], f"{i}.png"))
-    folder_index = {name: rank for rank, name in enumerate(sorted(set(
-        class_names[int(shapes.labels[i])] for i in range(6))))}
     images = torch.stack([torch.from_numpy(np.array(pictures[i])).permute(2, 0, 1)
                           for i in order]).float() / 255
     expected = batched_attribute(model, images, 4, return_flow=False)
     np.testing.assert_allclose(store["maps"][:], expected.numpy(), rtol=1e-6, atol=1e-7)
-    expected_labels = [folder_index[class_names[int(shapes.labels[i])]] for i in order]
-    assert store["labels"][:].tolist() == expected_labels
+    # the labels are the model's classes, not the folders' alphabetical positions
+    assert store["labels"][:].tolist() == [int(shapes.labels[i]) for i in order]
+    with torch.no_grad():
+        correct = (model(images).argmax(1) == shapes.labels[order]).double().mean()
+    assert store.attrs["summary"]["accuracy"] == pytest.approx(float(correct))
+    assert store.attrs["labels"]["model_classes"] is True
+    present = {class_names[int(label)] for label in shapes.labels[:6]}
+    assert store.attrs["labels"]["class_to_index"] == {
+        name: class_names.index(name) for name in sorted(present)}
+
+
+def test_image_folder_of_other_names_says_so_once_and_stores_the_mapping(
+    model, shapes, tmp_path
+):
+    root = tmp_path / "images"
+    save_image_folder(root, to_uint8_pictures(shapes.images[:6]),
+                      ["zebra", "apple", "zebra", "mango", "apple", "zebra"])
+    with pytest.warns(UserWarning, match="not class names of the model") as caught:
+        store = explain_dataset(DAAM(model), str(root), tmp_path / "other.zarr", batch_size=4,
+                                progress=False)
+    assert len([w for w in caught if "class names" in str(w.message)]) == 1
+    # ImageFolder's numbering: apple 0, mango 1, zebra 2; files in folder order
+    assert store["labels"][:].tolist() == [0, 0, 1, 2, 2, 2]
+    assert store.attrs["labels"]["class_to_index"] == {"apple": 0, "mango": 1, "zebra": 2}
+    assert store.attrs["labels"]["model_classes"] is False
+    assert store.attrs["summary"]["accuracy"] is None  # folder numbers are not its classes
+    with pytest.raises(ValueError, match='target="label"'):
+        explain_dataset(DAAM(model), str(root), tmp_path / "label.zarr", target="label",
+                        progress=False)
+    assert not (tmp_path / "label.zarr").exists()
+
+
+def test_image_folders_named_by_class_index_take_that_index(model, shapes, tmp_path):
+    root = tmp_path / "images"
+    save_image_folder(root, to_uint8_pictures(shapes.images[:4]), ["4", "0", "4", "2"])
+    store = explain_dataset(DAAM(model), str(root), tmp_path / "numbers.zarr", batch_size=4,
+                            progress=False)
+    assert store["labels"][:].tolist() == [0, 2, 4, 4]
+    assert store.attrs["summary"]["accuracy"] is not None
 
 
 # ---- command line ------------------------------------------------------------------------
@@ -423,7 +467,7 @@ def test_sixteen_bit_images_are_read_from_their_raw_values(model, shapes, tmp_pa
     grey = (shapes.images[:4].mean(1) * 65535).round().to(torch.int32).numpy().astype(np.uint16)
     pictures = [Image.fromarray(pixels) for pixels in grey]
     assert {picture.mode for picture in pictures} == {"I;16"}
-    root = tmp_path / "images" / "shape"
+    root = tmp_path / "images" / "circle"
     root.mkdir(parents=True)
     for index, picture in enumerate(pictures):
         picture.save(root / f"{index}.png")

@@ -48,6 +48,7 @@ def tiny_vit(pretrained: bool = True) -> VisionTransformer:
     model.pretrained_cfg = dict(
         input_size=(3, IMAGE_SIZE, IMAGE_SIZE), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
         interpolation="bilinear", crop_pct=1.0, crop_mode="center", num_classes=len(CLASSES),
+        label_names=list(CLASSES),
     )
     if pretrained:
         from safetensors.torch import load_file
