@@ -94,6 +94,29 @@ def test_the_chosen_blocks_are_printed_as_they_are(blocks, shown, numbers, tmp_p
     assert np.load(out / "shape0_daam.npz")["block_numbers"].tolist() == numbers
 
 
+@pytest.mark.parametrize("numbers, shown", [
+    ([1, 2, 3, 5], "1-3,5"),
+    ([9, 10, 11, 12], "9-12"),
+    ([3, 6, 9], "3,6,9"),
+    ([4], "4"),
+    ([1, 2, 4, 5, 7], "1-2,4-5,7"),
+])
+def test_block_numbers_are_described_as_ranges(numbers, shown):
+    from captum_daam.cli import _describe_blocks
+
+    assert _describe_blocks(numbers) == shown
+
+
+def test_the_description_of_any_blocks_reads_back_as_the_same_blocks():
+    from captum_daam.cli import _describe_blocks, _parse_blocks
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        chosen = torch.rand(24, generator=generator) < 0.5
+        numbers = [index + 1 for index in range(24) if chosen[index]] or [24]
+        assert _parse_blocks(_describe_blocks(numbers), 24) == numbers
+
+
 def test_explain_a_local_checkpoint(tmp_path, shape_files):
     from safetensors.torch import save_file
 
