@@ -255,7 +255,8 @@ class MemoryBank:
         The file holds exactly the tensors ``features`` (M, D) and ``labels`` (M,) and the
         metadata ``format = "captum-daam-memory-bank-1"``. The names and shapes are checked
         from the file's header before any tensor is read, then the tensors get the
-        constructor's checks (real finite features, integer labels). Features are normalised
+        constructor's checks (real finite features, integer labels, none negative: a file
+        with a data set's "no label" -1 is refused, naming the file). Features are normalised
         as the constructor normalises them, so a file of features at any scale gives the bank
         ``MemoryBank(features, labels)``. Only when every row already has unit norm (to
         within 128 machine epsilons, or is zero), as :meth:`save` writes them, and the dtype
@@ -266,8 +267,14 @@ class MemoryBank:
             path: the safetensors file.
             device: where the bank's tensors are loaded.
             memory_budget: as for :class:`MemoryBank`.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: ``path`` is a folder, or a file that is not a safetensors file
+                        (a pickle or ``torch.save`` file, text, an empty file), or a
+                        safetensors file that is not a bank as described above.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         if os.path.isdir(path):
             raise ValueError(f"Expected a memory bank file written by MemoryBank.save, got "
@@ -276,7 +283,7 @@ class MemoryBank:
             raise FileNotFoundError(f"No memory bank file at {os.fspath(path)}.")
         try:
             opened = safe_open(os.fspath(path), framework="pt", device=str(device))
-        except Exception as error:  # safetensors' own error type for a header it cannot read
+        except SafetensorError as error:  # a header it cannot read; I/O errors stay OSError
             reason = (str(error).strip() or type(error).__name__).splitlines()[0]
             raise ValueError(
                 f"Expected a memory bank file written by MemoryBank.save (a safetensors file), "
@@ -302,6 +309,8 @@ class MemoryBank:
                 f" in {os.fspath(path)}",
             )
             features, labels = handle.get_tensor("features"), handle.get_tensor("labels")
+        if _is_integer(labels):  # float or bool labels get the constructor's message
+            _check_non_negative(labels, f" in {os.fspath(path)}")
         bank = cls(features, labels, memory_budget)  # the checks, and the normalisation
         if features.dtype == bank.features.dtype and _rows_have_unit_norm(features):
             bank.features = features  # already normalised: renormalising would move ulps
@@ -343,6 +352,11 @@ class MemoryBank:
         Args:
             backbone (nn.Module or callable): Maps images (B, C, H, W) to features (B, D).
             loader (iterable): Yields (images, labels) batches, e.g. a torch DataLoader.
+                        Labels must be 0 or more: a batch with a negative label (a data
+                        set's "no label" -1, or ``ignore_index`` -100) is refused when it
+                        is reached, before the rest of the loader is read (distributed:
+                        by that process, while the others raise a RuntimeError naming its
+                        rank, rather than wait); filter those examples out of the loader.
                         Distributed, it must be a :class:`~torch.utils.data.DataLoader`
                         over a map-style dataset in its own order (``shuffle=False``, the
                         default, and no custom sampler), so that each process loads only
@@ -424,15 +438,16 @@ class MemoryBank:
         return cls(features, labels, memory_budget)
 
 
-def _check_non_negative(labels: Tensor) -> None:
+def _check_non_negative(labels: Tensor, where: str = " in the memory bank") -> None:
     negative = labels[labels < 0]
     if negative.numel():
         values = sorted(set(negative.tolist()))
+        shown = ", ".join(str(value) for value in values[:5]) + (", ..." if len(values) > 5 else "")
+        entries = "1 entry" if negative.numel() == 1 else f"{negative.numel()} entries"
         raise ValueError(
-            f"Expected non-negative labels in the memory bank, got {values[:5]} "
-            f"({negative.numel()} entries): a data set's negative label (-1, or ignore_index "
-            f"-100) means \"no label\", and those entries would vote as a class. Leave those "
-            f"examples out of the bank."
+            f"Expected non-negative labels{where}, got [{shown}] ({entries}): a data set's "
+            f"negative label (-1, or ignore_index -100) means \"no label\", and those entries "
+            f"would vote as a class. Leave those examples out of the bank."
         )
 
 

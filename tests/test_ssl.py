@@ -3,6 +3,7 @@ row-by-row recomputation of the formulas, and the self-supervised flow against t
 reference with autograd on the weighted objective."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -482,12 +483,21 @@ def test_bad_bank_files_are_rejected(tmp_path, case):
 def test_negative_labels_are_refused_naming_the_values(labels, tmp_path):
     features = torch.randn(4, 8)
     negative = [label for label in labels if label < 0]
-    with pytest.raises(ValueError, match=rf"non-negative labels.*\[{negative[0]}\]"):
+    with pytest.raises(ValueError, match=rf"non-negative labels in the memory bank, got "
+                       rf"\[{negative[0]}\] \(1 entry\): .* means \"no label\""):
         MemoryBank(features, torch.tensor(labels))
     path = write_bank_file(tmp_path / "bank.safetensors",
                            {"features": features, "labels": torch.tensor(labels)})
-    with pytest.raises(ValueError, match="no label"):
+    with pytest.raises(ValueError, match=rf"non-negative labels in {re.escape(str(path))}, got "
+                       rf"\[{negative[0]}\] \(1 entry\): .* means \"no label\""):
         MemoryBank.load(path)
+
+
+def test_many_negative_labels_are_counted_and_the_first_five_values_named():
+    labels = torch.tensor([-1, -1, -1, -100, -2, -3, -4, -5, -6, 0])
+    expected = "got [-100, -6, -5, -4, -3, ...] (9 entries)"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        MemoryBank(torch.randn(10, 4), labels)
 
 
 def test_build_refuses_a_batch_with_negative_labels_at_that_batch():
@@ -504,6 +514,28 @@ def test_build_refuses_a_batch_with_negative_labels_at_that_batch():
     with pytest.raises(ValueError, match=r"non-negative labels.*\[-1\]"):
         MemoryBank.build(backbone, loader(), progress=False)
     assert seen == []
+
+
+class RecordingDataset(torch.utils.data.Dataset):
+    """Tiny images with given labels; remembers which items were read."""
+
+    def __init__(self, labels):
+        self.labels, self.read = labels, []
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        self.read.append(index)
+        return torch.full((3, 2, 2), float(index)), self.labels[index]
+
+
+def test_build_refuses_negative_labels_at_that_batch_on_the_distributed_path(process_group):
+    dataset = RecordingDataset([0, 1, 1, -1, 0, 0])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2)
+    with pytest.raises(ValueError, match=r"non-negative labels in the memory bank, got \[-1\]"):
+        MemoryBank.build(nn.Flatten(), loader, progress=False, distributed=True)
+    assert dataset.read == [0, 1, 2, 3]  # the third batch is never loaded
 
 
 @pytest.mark.parametrize("content", ["pickle", "torch.save", "text", "empty", "random bytes"])
@@ -526,6 +558,20 @@ def test_loading_a_file_that_is_not_a_bank_says_so(content, tmp_path):
         MemoryBank.load(path)
     assert str(path) in str(error.value)
     assert "Safetensor" not in type(error.value).__name__
+
+
+def test_an_unreadable_bank_file_keeps_its_os_error(monkeypatch, tmp_path):
+    import safetensors
+
+    path = tmp_path / "bank.safetensors"
+    MemoryBank(torch.randn(2, 3), torch.tensor([0, 1])).save(path)
+
+    def unreadable(name, **options):  # as root, chmod cannot make a file unreadable
+        raise PermissionError(13, "Permission denied", name)
+
+    monkeypatch.setattr(safetensors, "safe_open", unreadable)
+    with pytest.raises(PermissionError, match="Permission denied"):  # not "not a safetensors"
+        MemoryBank.load(path)
 
 
 def test_loading_a_folder_or_a_missing_file_names_it(tmp_path):
