@@ -4,7 +4,7 @@ names (image folders, ``datasets.ClassLabel``) matched to them."""
 import re
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["model_class_names", "match_class_names"]
+__all__ = ["LabelMeaning", "model_class_names", "match_class_names"]
 
 _DEFAULT_HF_LABEL = re.compile(r"LABEL_\d+")
 

@@ -64,7 +64,8 @@ _DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.float64: "f
 _INSTALL_HINT = 'pip install "captum-daam[dataset]"'
 _UNKNOWN = object()  # a setting that cannot be known before the dataset is read
 _LOCK_FILE = ".captum_daam.lock"
-_STORE_FOLDERS = ("maps", "targets", "predictions", "scores", "labels", "complete", "metrics")
+_ARRAYS = ("maps", "targets", "predictions", "scores", "labels", "complete")
+_STORE_FOLDERS = _ARRAYS + ("metrics",)  # the per-example metrics are a group of arrays
 # zarr's LocalStore writes each file to "<name without suffix>.<uuid4 hex>.partial" first
 _ZARR_TEMPORARY = re.compile(r"[^.]+\.[0-9a-f]{32}\.partial")
 
@@ -831,8 +832,7 @@ def _explain_chunks(
     loader = DataLoader(_Indexed(dataset), batch_sampler=batches, num_workers=num_workers,
                         collate_fn=_Collate(like), pin_memory=device.type == "cuda",
                         worker_init_fn=_quiet_on_sigterm if num_workers else None)
-    arrays = {name: group[name] for name in ("maps", "targets", "predictions", "scores",
-                                             "labels", "complete")}
+    arrays = {name: group[name] for name in _ARRAYS}
     arrays.update({f"metrics/{name}": group[f"metrics/{name}"] for name in metrics})
     bar = tqdm(total=sum(map(len, batches)), desc=description, unit="image",
                disable=not progress)

@@ -192,20 +192,26 @@ SLOW_RUN = textwrap.dedent("""
 """)
 
 
+def wait_for_complete_chunks(out, count, process, seconds):
+    """Until the store at ``out`` has ``count`` complete chunks, the process ends or the
+    seconds are up."""
+    deadline = time.monotonic() + seconds
+    done = 0
+    while done < count and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+        try:
+            done = int(zarr.open_group(str(out), mode="r")["complete"][:].sum())
+        except Exception:  # the store is still being created
+            done = 0
+
+
 def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(model, tmp_path):
     script = tmp_path / "slow_run.py"
     script.write_text(SLOW_RUN)
     out = tmp_path / "killed.zarr"
     child = subprocess.Popen([sys.executable, str(script), str(out)], env=subprocess_env())
     try:
-        deadline = time.monotonic() + 120
-        done = 0
-        while done < 2 and time.monotonic() < deadline and child.poll() is None:
-            time.sleep(0.05)
-            try:
-                done = int(zarr.open_group(str(out), mode="r")["complete"][:].sum())
-            except Exception:  # the store is still being created
-                done = 0
+        wait_for_complete_chunks(out, 2, child, seconds=120)
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.wait()

@@ -29,6 +29,7 @@ from test_dataset import (  # noqa: E402
     save_image_folder,
     subprocess_env,
     to_uint8_pictures,
+    wait_for_complete_chunks,
 )
 
 from captum_daam import DAAM, cli, explain_dataset  # noqa: E402
@@ -510,14 +511,7 @@ def test_sigterm_to_the_process_group_with_workers_gives_one_line(tmp_path):
          "2", "--no-progress"],
         env=subprocess_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        done = 0
-        while done < 1 and time.monotonic() < deadline and run.poll() is None:
-            time.sleep(0.1)
-            try:
-                done = int(zarr.open_group(str(out), mode="r")["complete"][:].sum())
-            except Exception:  # the store is not there yet
-                done = 0
+        wait_for_complete_chunks(out, 1, run, seconds=240)
         os.killpg(run.pid, signal.SIGTERM)  # the main process and its DataLoader workers
         _, stderr = run.communicate(timeout=120)
     finally:
