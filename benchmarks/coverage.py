@@ -65,11 +65,12 @@ def first_sentence(error: BaseException) -> str:
     return text.split(". ")[0].rstrip(".") + "."
 
 
-def output_projection_input(attention: nn.Module) -> nn.Module:
+def output_projection_input(attention: nn.Module, latent: bool = False) -> nn.Module:
     """Where the attention output enters the output projection in timm's attention layers:
     ``norm`` where there is one (identity unless scale_norm), else ``proj``, or, in a block
-    that computes attention itself (timm's ParallelScalingBlock), ``attn_out_proj``."""
-    for name in ("norm", "proj", "attn_out_proj"):
+    that computes attention itself (timm's ParallelScalingBlock), ``attn_out_proj``. An
+    attention-pool head (``latent``) applies its ``norm`` after ``proj``: its ``proj``."""
+    for name in ("proj",) if latent else ("norm", "proj", "attn_out_proj"):
         module = getattr(attention, name, None)
         if isinstance(module, nn.Module):
             return module
@@ -86,6 +87,9 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
     daam = DAAM(model)
     adapter = daam.adapter
     queries = "class" if adapter.reads_class_token or not adapter.self_attention else "all"
+    latent = {id(module) for module in adapter.latent_query_modules()}
+    # Per block: every row (an attention-pool head's latent rows, or queries='all'), or row 0.
+    every_row = [id(module) in latent or queries == "all" for module in daam.layer]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         block_maps = daam.attribute(images, block_grids=True, accumulate=False)
@@ -94,9 +98,9 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
     # One forward pass with the adapter's records and, on the input of each module's output
     # projection, hooks that are not the adapter's; autograd's gradient at what they read.
     own: List[Tensor] = []
-    with torch.enable_grad(), adapter.record(daam.layer, full=queries == "all") as records:
+    with torch.enable_grad(), adapter.record(daam.layer, full=every_row) as records:
         handles = [
-            output_projection_input(attention).register_forward_pre_hook(
+            output_projection_input(attention, id(attention) in latent).register_forward_pre_hook(
                 lambda module, args: own.append(args[0])
             )
             for attention in daam.layer
@@ -110,12 +114,14 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
                 handle.remove()
 
     decomposition_error, map_error = 0.0, 0.0
-    for record, output, gradient, daam_map in zip(records, own, gradients, block_maps):
+    for record, output, gradient, daam_map, all_rows in zip(
+        records, own, gradients, block_maps, every_row
+    ):
         values = record.values.double()  # (B, H, N, d)
         heads, width = values.shape[1], values.shape[3]
         gradient = torch.zeros_like(output) if gradient is None else gradient
         residual = None if record.residual is None else record.residual.double()
-        if queries == "class":
+        if not all_rows:
             rebuilt = (record.class_attention.double().unsqueeze(-1) * values).sum(2)
             if residual is not None:  # a term the model adds that is no token's (MViTv2)
                 rebuilt = rebuilt + residual[:, :, 0]
@@ -141,6 +147,7 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
     return {
         "queries": queries,
         "blocks": len(records),
+        "attention_pool_head": bool(latent),
         "grids": sorted({tuple(block.shape[-2:]) for block in block_maps}, reverse=True),
         "flow_grid": list(flow.shape[-2:]),
         "prefix_tokens": adapter.num_prefix_tokens,
@@ -161,15 +168,13 @@ def census_one(name: str, max_params: float, tolerance: float) -> Dict[str, obje
     record["class_token"] = has_class_token(skeleton)
     record["family"] = type(skeleton).__name__
     record["params"] = sum(parameter.numel() for parameter in skeleton.parameters())
-    if not record["class_token"]:
-        try:
-            adapter_for(skeleton)
-            verdict = "an adapter accepts it"
-        except TypeError as error:
-            verdict = f"refused: {first_sentence(error)}"
-        except Exception as error:  # noqa: BLE001
-            verdict = f"adapter check failed on the meta device: {first_sentence(error)}"
-        return dict(record, status="not built", reason=f"no [class] token ({verdict})")
+    try:
+        adapter_for(skeleton)  # the adapters refuse a model in their constructor, before any work
+    except TypeError as error:
+        return dict(record, status="refused", reason=first_sentence(error))
+    except Exception as error:  # noqa: BLE001
+        return dict(record, status="crashed", reason=f"on the meta device: {type(error).__name__}: "
+                    f"{first_sentence(error)}")
     if record["params"] > max_params:
         return dict(record, status="not built", reason=f"{record['params'] / 1e6:.0f}M "
                     f"parameters, above this census's {max_params / 1e6:.0f}M")
@@ -200,7 +205,7 @@ def census_one(name: str, max_params: float, tolerance: float) -> Dict[str, obje
 
 
 def summary(records: List[Dict[str, object]], settings: Dict[str, object]) -> str:
-    with_token = [record for record in records if record.get("class_token")]
+    with_token = [record for record in records if "class_token" in record]
     counts = Counter(record["status"] for record in with_token)
     lines = [
         f"timm {timm.__version__}, torch {torch.__version__}, CPU; random weights, batch 1, "
@@ -208,13 +213,13 @@ def summary(records: List[Dict[str, object]], settings: Dict[str, object]) -> st
         f"{settings['max_params'] / 1e6:.0f}M parameters built. The seconds are per model, as "
         f"measured in the run (resumable, so possibly in several pieces) that checked it.",
         "",
-        f"{len(records)} model names; {len(with_token)} with a [class] token: "
+        f"{len(records)} model names: "
         + ", ".join(f"{counts[status]} {status}" for status in
                     ("exact", "runs", "refused", "crashed", "not built")),
         "",
-        "| family (class) | [class]-token models | exact | runs | refused | crashed | not built "
-        "| grids | queries |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| family (class) | models | with a [class] token | exact | runs | refused | crashed "
+        "| not built | grids | queries |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_family: Dict[str, List[Dict[str, object]]] = defaultdict(list)
     for record in with_token:
@@ -225,24 +230,29 @@ def summary(records: List[Dict[str, object]], settings: Dict[str, object]) -> st
         multi = any(len(record.get("grids", [])) > 1 for record in group)
         queries = sorted({record["queries"] for record in group if "queries" in record})
         lines.append(
-            f"| {family} | {len(group)} | "
+            f"| {family} | {len(group)} | {sum(bool(r['class_token']) for r in group)} | "
             + " | ".join(str(family_counts[status]) for status in
                          ("exact", "runs", "refused", "crashed", "not built"))
             + f" | {'per block' if multi else 'one'} | {', '.join(queries) or '-'} |"
         )
-    lines += ["", "Models with a [class] token not explained exactly, and why:", ""]
+    lines += ["", "Models not explained exactly, and why:", ""]
     for record in with_token:
         if record["status"] != "exact":
             lines.append(f"- {record['name']} ({record['family']}): {record['status']}: "
                          f"{record.get('reason', '')}")
-    lines += ["", "Every model with a [class] token:", "",
-              "| model | status | blocks | grids | queries | decomposition error | map error "
-              "| seconds |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Every model built:", "",
+              "| model | status | [class] token | blocks | grids | queries | decomposition error "
+              "| map error | seconds |", "|---|---|---|---|---|---|---|---|---|"]
     for record in with_token:
+        if "seconds" not in record:
+            continue
         grids = " ".join(f"{g[0]}x{g[1]}" for g in record.get("grids", []))
         errors = [f"{record[key]:.1e}" if key in record else "" for key in
                   ("decomposition_error", "map_error")]
-        lines.append(f"| {record['name']} | {record['status']} | {record.get('blocks', '')} | "
+        head = " + attention pool" if record.get("attention_pool_head") else ""
+        token = "yes" if record["class_token"] else "no"
+        lines.append(f"| {record['name']} | {record['status']} | {token} | "
+                     f"{record.get('blocks', '')}{head} | "
                      f"{grids} | {record.get('queries', '')} | {errors[0]} | {errors[1]} | "
                      f"{record.get('seconds', '')} |")
     return "\n".join(lines) + "\n"
@@ -260,6 +270,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="torch CPU threads")
     parser.add_argument("--out", default=os.path.join(RESULTS, "coverage"),
                         help="path prefix of the .json and .md results")
+    parser.add_argument("--recheck", action="store_true",
+                        help="check the named models again even where --out has them")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = [name for name in timm.list_models()
@@ -272,7 +284,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings = {"max_params": args.max_params, "tolerance": args.tolerance,
                 "threads": args.threads, "timm": timm.__version__, "torch": torch.__version__}
     for index, name in enumerate(names):
-        if name in done:
+        if name in done and not args.recheck:
             continue
         record = census_one(name, args.max_params, args.tolerance)
         done[name] = record

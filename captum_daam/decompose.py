@@ -17,6 +17,7 @@ __all__ = [
     "block_map",
     "all_queries_block_map",
     "tokens_to_grid",
+    "place_on_grid",
     "resample_to_grid",
     "accumulate",
     "paper_display_mapping",
@@ -184,6 +185,39 @@ def tokens_to_grid(
             f"tokens, got {patches.shape[-1]}."
         )
     return patches.reshape(*patches.shape[:-1], gh, gw)
+
+
+def place_on_grid(token_maps: Tensor, positions: Tensor, grid_size: Tuple[int, int]) -> Tensor:
+    """Lay maps over the tokens of an attention call on the patch grid, token by token.
+
+    A module may read its tokens in another order than the grid's, or in windows: Swin's
+    windows (after a cyclic shift, with padding) come as a batch of B * W windows of N tokens
+    each. ``positions`` says where each token lies; tokens that are no patch (prefix tokens,
+    window padding) are dropped.
+
+    Args:
+        token_maps: (B * W, N) maps over the tokens of each of the W windows of every
+            example, windows of one example consecutive (one window: W = 1).
+        positions: (W, N) long, the grid cell (row-major index below gh * gw) of each token
+            of each window, or -1 for a token that is no patch.
+        grid_size: (gh, gw).
+
+    Returns:
+        (B, gh, gw), each cell the sum of the tokens placed on it.
+    """
+    windows, tokens = positions.shape
+    if token_maps.dim() != 2 or token_maps.shape[1] != tokens or token_maps.shape[0] % windows:
+        raise ValueError(
+            f"Expected maps over {tokens} tokens in a multiple of {windows} windows, got "
+            f"shape {tuple(token_maps.shape)}."
+        )
+    rows, columns = grid_size
+    flat_maps = token_maps.reshape(token_maps.shape[0] // windows, windows * tokens)
+    flat_positions = positions.reshape(-1).to(token_maps.device)
+    patches = flat_positions >= 0
+    grid = token_maps.new_zeros(flat_maps.shape[0], rows * columns)
+    grid.index_add_(1, flat_positions[patches], flat_maps[:, patches])
+    return grid.reshape(-1, rows, columns)
 
 
 def resample_to_grid(maps: Tensor, grid_size: Tuple[int, int]) -> Tensor:

@@ -124,12 +124,22 @@ def pooling_warning(model: nn.Module):
 
 class ClassRows:
     """DAAM on the [class] rows, which the explicit references form, also for models that pool
-    (queries='class'; their default is every row), with the warning they get then."""
+    (queries='class'; their default is every row), with the warning they get then. Unless
+    ``layer`` is given, the flow runs over the model's blocks without an attention-pool head
+    (global_pool='map'), which the families' references do not form (test_attention_pool.py
+    checks it against a reference of its own)."""
 
     def __init__(self, model: nn.Module, **kwargs) -> None:
         from captum_daam import DAAM
+        from captum_daam.adapters import adapter_for
 
         self.model = model
+        if kwargs.get("layer") is None:
+            adapter = kwargs.get("adapter") or adapter_for(model)
+            latent = {id(module) for module in adapter.latent_query_modules()}
+            kwargs["layer"] = [
+                module for module in adapter.attention_modules() if id(module) not in latent
+            ]
         self.daam = DAAM(model, **kwargs)
 
     def attribute(self, *args, **kwargs):

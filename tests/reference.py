@@ -27,7 +27,8 @@ the standard pre-norm ``Block`` with the standard ``Attention`` module, with or
 without register tokens, ``qk_norm``, ``scale_attn_norm``, LayerScale
 (``init_values``), gated attention, ``dynamic_img_size`` and fused or
 non-fused attention (the flag is irrelevant here: attention is always
-computed explicitly). A [class] token is required.
+computed explicitly). The [class] rows need a [class] token; every row
+(``queries="all"``) does not (``class_token=False``, registers first).
 """
 
 import copy
@@ -121,8 +122,6 @@ def _attention_bias(
 
 def _check_supported(model: torch.nn.Module) -> None:
     """Fail loudly on architectures this reference does not describe."""
-    if getattr(model, "cls_token", None) is None:
-        raise ValueError("DAAM reference needs a [class] token (model.cls_token is None)")
     for index, blk in enumerate(model.blocks):
         if not isinstance(blk, TimmBlock):
             raise TypeError(
@@ -370,6 +369,8 @@ def explicit_daam(
         pre_projections = [record["pre_projection"] for record in result["blocks"]]
         gradients = torch.autograd.grad(score, pre_projections)
 
+    if queries == "class" and getattr(model, "cls_token", None) is None:
+        raise ValueError("the [class] rows need a [class] token (model.cls_token is None)")
     reduce = maps_from_explicit_blocks if queries == "class" else maps_from_every_query_row
     maps = reduce(
         result["blocks"],

@@ -503,10 +503,17 @@ def test_beit_default_average_pooling_warns_and_gives_a_zero_last_block_map():
     assert float(maps[:, 0].amax()) > 0
 
 
-def test_eva_without_class_token_is_refused():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_eva_without_class_token_is_explained_by_every_row(fused):
+    torch.manual_seed(0)
     model = Eva(**SMALL, num_classes=NUM_CLASSES, class_token=False, num_reg_tokens=1)
-    with pytest.raises(TypeError, match="class_token=False"):
-        DAAM(model)
+    set_fused_attention(prepare(model), fused)
+    images = make_images(3, *SMALL_SIZE)
+    expected = explicit_daam(model, images, target=TARGETS, queries="all")
+    with torch.no_grad():
+        assert_close_relative(expected["logits"], model(images), 1e-5)
+    flow = DAAM(model).attribute(images, target=TARGETS, return_flow=True)
+    assert_close_relative(flow, expected["flow"])
 
 
 def test_beit_with_a_foreign_attention_module_is_refused():

@@ -15,6 +15,7 @@ attention almost uniform: the models here get seeded noise on zero biases and la
 key weights, so that a missing rotation or a wrong head grouping shows in the maps.
 """
 
+import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import pytest
@@ -40,6 +41,7 @@ from helpers import (
 )
 from reference import (
     explicit_gradients,
+    maps_from_every_query_row,
     maps_from_explicit_blocks,
     patch_grid_size,
 )
@@ -135,17 +137,19 @@ def explicit_forward(model: Eva, images: Tensor, attn_mask=None) -> Dict[str, ob
     return {"logits": model.forward_head(model.norm(x)), "blocks": records}
 
 
-def explicit_daam(model, images, target=None, attn_mask=None) -> Dict[str, object]:
-    """Reference block maps and flow in float64; ``plain_flow`` from ``attn_plain``."""
+def explicit_daam(model, images, target=None, attn_mask=None, queries="class") -> Dict[str, object]:
+    """Reference block maps and flow in float64; ``plain_flow`` from ``attn_plain``. With
+    ``queries="all"``, from every query row (reference.maps_from_every_query_row)."""
     result, targets, gradients = explicit_gradients(
         explicit_forward, model, images, target, attn_mask
     )
     logits = result["logits"]
     grid = patch_grid_size(model, images)
     prefix = model.num_prefix_tokens
-    maps = maps_from_explicit_blocks(result["blocks"], gradients, prefix, grid)
+    reduce = maps_from_explicit_blocks if queries == "class" else maps_from_every_query_row
+    maps = reduce(result["blocks"], gradients, prefix, grid)
     plain_blocks = [dict(record, attn=record["attn_plain"]) for record in result["blocks"]]
-    plain = maps_from_explicit_blocks(plain_blocks, gradients, prefix, grid)
+    plain = reduce(plain_blocks, gradients, prefix, grid)
     return dict(
         maps,
         logits=logits.detach(),
@@ -442,11 +446,26 @@ def test_gradient_checkpointing_gives_the_same_maps():
     assert_close_relative(checkpointed, plain, 1e-6)
 
 
-def test_rope_eva_without_class_token_is_refused_before_the_forward_pass():
-    model = Eva(**SMALL, num_classes=NUM_CLASSES, **ROPE, class_token=False, num_reg_tokens=1)
-    with pytest.raises(TypeError, match="has none \\(built with class_token=False"):
-        DAAM(model)
-    assert model.cls_token is None  # the reason given is true
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("target", [TARGETS, None], ids=["targets", "predicted"])
+def test_rope_eva_without_class_token_is_explained_by_every_row(target, fused):
+    """The vit_*_rope_reg*_gap layout: registers first, no [class] token, the head averages
+    the patch tokens. Every row of every block, the registers unrotated and off the grid."""
+    torch.manual_seed(0)
+    model = prepare(
+        Eva(**SMALL, num_classes=NUM_CLASSES, **ROPE, class_token=False, num_reg_tokens=2)
+    )
+    set_fused_attention(model, fused)
+    assert model.cls_token is None and model.global_pool == "avg"
+    images = make_images(3, *SMALL_SIZE)
+    expected = explicit_daam(model, images, target=target, queries="all")
+    with torch.no_grad():
+        assert_close_relative(expected["logits"], model(images), 1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow = DAAM(model).attribute(images, target=target, return_flow=True)
+    assert_close_relative(flow, expected["flow"])
+    assert float(expected["block_maps"][:, -1].amax()) > 0
 
 
 def test_foreign_attention_module_in_a_rope_eva_is_refused():
@@ -462,26 +481,23 @@ def test_foreign_attention_module_in_a_rope_eva_is_refused():
         DAAM(model)
 
 
-def test_every_registered_rope_attention_model_is_explained_or_refused_truly(monkeypatch):
+def test_every_registered_rope_attention_model_is_taken_by_the_eva_adapter(monkeypatch):
     """Every registered Eva model with AttentionRope blocks, built on the meta device: the EVA
-    adapter takes it, or it is refused because it has no [class] token (and it has none)."""
+    adapter takes it, and says truly whether it has a [class] token."""
     # Random initialisation is meaningless on the meta device and slow there; skip it.
     monkeypatch.setattr(timm.models.eva, "trunc_normal_", lambda tensor, *args, **kwargs: tensor)
-    explained, refused = [], []
+    explained, without_class_token = [], []
     for name in timm.list_models(module="eva"):
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False)
         if not any(isinstance(block.attn, AttentionRope) for block in model.blocks):
             continue
         assert all(isinstance(block.attn, AttentionRope) for block in model.blocks), name
-        if model.cls_token is None:
-            with pytest.raises(TypeError, match="has none \\(built with class_token=False"):
-                adapter_for(model)
-            refused.append(name)
-        else:
-            assert isinstance(adapter_for(model), TimmEvaAdapter), name
-            explained.append(name)
+        adapter = adapter_for(model)
+        assert isinstance(adapter, TimmEvaAdapter), name
+        assert adapter.has_class_token == (model.cls_token is not None), name
+        (explained if adapter.has_class_token else without_class_token).append(name)
     assert "vit_small_patch16_rope_224" in explained and "vit_base_patch16_sapiens2" in explained
     assert "vit_pe_core_tiny_patch16_384" in explained
-    assert "vit_pe_core_gigantic_patch14_448" in refused
+    assert "vit_pe_core_gigantic_patch14_448" in without_class_token
     assert len(explained) >= 25

@@ -21,7 +21,7 @@ from torch import nn
 from captum_daam import DAAM
 from captum_daam.adapters import GenericAdapter, supported_families
 from helpers import assert_close_relative, make_images, module_hook_count
-from reference import maps_from_explicit_blocks, resolve_targets
+from reference import maps_from_every_query_row, maps_from_explicit_blocks, resolve_targets
 
 NUM_CLASSES = 7
 TARGETS = [3, 6, 0]
@@ -94,11 +94,20 @@ def sinusoid_table(num_tokens: int, dim: int) -> torch.Tensor:
 
 
 class TinyT2TViT(nn.Module):
-    def __init__(self, research_blocks: bool = False, num_registers: int = 0, depth: int = 3):
+    """With ``class_token=False`` the first tokens are the registers and the head averages the
+    patch tokens (``pool='avg'``)."""
+
+    def __init__(
+        self,
+        research_blocks: bool = False,
+        num_registers: int = 0,
+        depth: int = 3,
+        class_token: bool = True,
+    ):
         super().__init__()
         dim = 64
         self.tokens_to_token = TokensToToken(embed_dim=dim)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.cls_token = nn.Parameter(torch.randn(1, int(class_token), dim) * 0.5)
         self.registers = nn.Parameter(torch.randn(1, num_registers, dim) * 0.5)
         make_block = ResearchBlock if research_blocks else (lambda d, h: Block(d, h))
         self.blocks = nn.ModuleList(make_block(dim, 4) for _ in range(depth))
@@ -115,7 +124,12 @@ class TinyT2TViT(nn.Module):
         x = self.embed(images)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x)[:, 0])
+        return self.head(self.pool(self.norm(x)))
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cls_token.shape[1]:
+            return tokens[:, 0]
+        return tokens[:, self.registers.shape[1]:].mean(dim=1)
 
 
 def make_t2t(seed: int = 0, **kwargs) -> TinyT2TViT:
@@ -148,9 +162,10 @@ def explicit_attention(attention: nn.Module, z: torch.Tensor) -> Dict[str, torch
 
 
 def explicit_daam(
-    model: TinyT2TViT, images: torch.Tensor, grid: Tuple[int, int], target=None
+    model: TinyT2TViT, images: torch.Tensor, grid: Tuple[int, int], target=None, queries="class"
 ) -> Dict[str, object]:
     model = copy.deepcopy(model).double()
+    prefix = model.cls_token.shape[1] + model.registers.shape[1]
     with torch.enable_grad():
         x = model.embed(images.double())
         blocks = []
@@ -159,16 +174,22 @@ def explicit_daam(
             x = x + getattr(block, "ls1", nn.Identity())(record["out"])
             x = x + getattr(block, "ls2", nn.Identity())(block.mlp(block.norm2(x)))
             blocks.append(record)
-        logits = model.head(model.norm(x)[:, 0])
+        final = model.norm(x)
+        if model.cls_token.shape[1]:
+            pooled = final[:, 0]
+        else:
+            pooled = final[:, model.registers.shape[1]:].sum(dim=1) / (final.shape[1] - prefix)
+        logits = model.head(pooled)
         targets = resolve_targets(target, logits)
         score = logits[torch.arange(len(logits)), targets].sum()
         gradients = torch.autograd.grad(score, [record["pre_projection"] for record in blocks])
-    prefix = 1 + model.registers.shape[1]
-    maps = maps_from_explicit_blocks(blocks, gradients, prefix, grid)
+    reduce = maps_from_explicit_blocks if queries == "class" else maps_from_every_query_row
+    maps = reduce(blocks, gradients, prefix, grid)
     return dict(maps, logits=logits.detach(), targets=targets)
 
 
 def generic_daam(model: TinyT2TViT, **adapter_kwargs) -> DAAM:
+    adapter_kwargs.setdefault("head_queries", "class")
     adapter = GenericAdapter([block.attn for block in model.blocks], **adapter_kwargs)
     return DAAM(model, adapter=adapter)
 
@@ -233,7 +254,7 @@ def test_layer_takes_the_given_modules_in_block_order_and_names_them_in_errors()
     model = make_t2t()
     images = make_images(2, 64, 64)
     expected = explicit_daam(model, images, (8, 8), target=[1, 2])
-    adapter = GenericAdapter([block.attn for block in model.blocks])
+    adapter = GenericAdapter([block.attn for block in model.blocks], head_queries="class")
     chosen = [model.blocks[2].attn, model.blocks[0].attn]
     block_maps = DAAM(model, layer=chosen, adapter=adapter).attribute(
         images, target=[1, 2], return_flow=True, accumulate=False
@@ -248,7 +269,7 @@ def test_a_forward_function_with_a_generic_adapter():
     model = make_t2t(research_blocks=True)
     images = make_images(2, 64, 64)
     expected = explicit_daam(model, images, (8, 8), target=[0, 1])
-    adapter = GenericAdapter([block.attn for block in model.blocks])
+    adapter = GenericAdapter([block.attn for block in model.blocks], head_queries="class")
     flow = DAAM(lambda x: model(x * 1.0), adapter=adapter).attribute(
         images, target=[0, 1], return_flow=True
     )
@@ -281,11 +302,16 @@ def test_bad_generic_adapters_are_refused():
         GenericAdapter([nn.Linear(4, 4)])
     with pytest.raises(ValueError, match="at least one attention module"):
         GenericAdapter([])
-    with pytest.raises(ValueError, match="num_prefix_tokens >= 1"):
-        GenericAdapter([model.blocks[0].attn], num_prefix_tokens=0)
+    with pytest.raises(ValueError, match="num_prefix_tokens >= 0"):
+        GenericAdapter([model.blocks[0].attn], num_prefix_tokens=-1)
     with pytest.raises(ValueError, match="two positive ints"):
-        GenericAdapter([model.blocks[0].attn], grid_size=(8, 0))
-    single = GenericAdapter(model.blocks[0].attn)
+        GenericAdapter([model.blocks[0].attn], grid_size=(8, 0), head_queries="class")
+    for bad in ("cls", (1,), (0, 0), (0, 3), (), [0.0]):
+        with pytest.raises(ValueError, match="head_queries"):
+            GenericAdapter([model.blocks[0].attn], num_prefix_tokens=2, head_queries=bad)
+    with pytest.raises(ValueError, match="start with the \\[class\\] token"):
+        GenericAdapter([model.blocks[0].attn], num_prefix_tokens=0, head_queries="class")
+    single = GenericAdapter(model.blocks[0].attn, head_queries="class")
     assert single.attention_modules() == [model.blocks[0].attn]
 
 
@@ -308,7 +334,9 @@ def test_nothing_is_left_behind_when_the_forward_raises():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        DAAM(failing, adapter=GenericAdapter([b.attn for b in model.blocks])).attribute(
+        DAAM(
+            failing, adapter=GenericAdapter([b.attn for b in model.blocks], head_queries="class")
+        ).attribute(
             make_images(1, 64, 64), target=0
         )
     assert module_hook_count(model) == before
@@ -317,3 +345,38 @@ def test_nothing_is_left_behind_when_the_forward_raises():
         warnings.simplefilter("error")
         generic_daam(model).attribute(make_images(1, 64, 64), target=0)
     assert math.isfinite(float(generic_daam(model).attribute(make_images(1, 64, 64)).sum()))
+
+
+def test_a_model_whose_first_tokens_are_registers_must_say_what_its_head_reads():
+    """No [class] token: the first prefix token is a register. The adapter does not assume the
+    head reads it; told that the head pools, DAAM explains every row, as the reference does."""
+    model = make_t2t(num_registers=2, class_token=False)
+    images = make_images(2, 64, 64)
+    with pytest.raises(ValueError, match="cannot tell which tokens the model's head reads"):
+        GenericAdapter([block.attn for block in model.blocks], num_prefix_tokens=2)
+    adapter = GenericAdapter(
+        [block.attn for block in model.blocks], num_prefix_tokens=2, head_queries="all"
+    )
+    assert not adapter.has_class_token and adapter.head_queries is None
+    expected = explicit_daam(model, images, (8, 8), target=[4, 5], queries="all")
+    with torch.no_grad():
+        assert_close_relative(expected["logits"], model(images), 1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow = DAAM(model, adapter=adapter).attribute(images, target=[4, 5], return_flow=True)
+    assert_close_relative(flow, expected["flow"])
+    register_row = explicit_daam(model, images, (8, 8), target=[4, 5])["flow"]
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_close_relative(flow, register_row, 1e-2)  # not the first register's row
+    with pytest.raises(ValueError, match="Expected a model with a \\[class\\] token"):
+        DAAM(model, adapter=adapter).attribute(images, target=[4, 5], queries="class")
+    assert module_hook_count(model) == 0
+
+
+def test_without_prefix_tokens_every_row_is_explained_unasked():
+    model = make_t2t(class_token=False)
+    images = make_images(2, 64, 64)
+    adapter = GenericAdapter([block.attn for block in model.blocks], num_prefix_tokens=0)
+    expected = explicit_daam(model, images, (8, 8), target=None, queries="all")
+    flow = DAAM(model, adapter=adapter).attribute(images, return_flow=True)
+    assert_close_relative(flow, expected["flow"])

@@ -41,6 +41,7 @@ from helpers import (
 )
 from reference import (
     explicit_gradients,
+    maps_from_every_query_row,
     maps_from_explicit_blocks,
 )
 
@@ -140,14 +141,16 @@ def explicit_forward(model: NaFlexVit, images: Tensor) -> Dict[str, object]:
     return {"logits": logits, "blocks": records, "grid_size": tuple(int(side) for side in grid)}
 
 
-def explicit_daam(model, images, target=None) -> Dict[str, object]:
-    """Reference block maps and flow in float64; ``plain_flow`` from ``attn_plain``."""
+def explicit_daam(model, images, target=None, queries="class") -> Dict[str, object]:
+    """Reference block maps and flow in float64; ``plain_flow`` from ``attn_plain``. With
+    ``queries="all"``, from every query row (reference.maps_from_every_query_row)."""
     result, targets, gradients = explicit_gradients(explicit_forward, model, images, target)
     logits = result["logits"]
     grid, prefix = result["grid_size"], model.num_prefix_tokens
-    maps = maps_from_explicit_blocks(result["blocks"], gradients, prefix, grid)
+    reduce = maps_from_explicit_blocks if queries == "class" else maps_from_every_query_row
+    maps = reduce(result["blocks"], gradients, prefix, grid)
     plain_blocks = [dict(record, attn=record["attn_plain"]) for record in result["blocks"]]
-    plain = maps_from_explicit_blocks(plain_blocks, gradients, prefix, grid)
+    plain = reduce(plain_blocks, gradients, prefix, grid)
     return dict(
         maps,
         logits=logits.detach(),
@@ -474,12 +477,20 @@ def test_gradient_checkpointing_gives_the_same_maps():
     assert_close_relative(checkpointed, plain, 1e-6)
 
 
-def test_naflexvit_without_class_token_is_refused():
-    config = {**SMALL, "class_token": False, "global_pool": "avg"}
-    model = NaFlexVit(num_classes=NUM_CLASSES, reg_tokens=1, **config)
-    assert model.embeds.cls_token is None  # the reason given is true
-    with pytest.raises(TypeError, match="this NaFlexVit has none \\(built with class_token=False"):
-        DAAM(model)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("target", [TARGETS, None], ids=["targets", "predicted"])
+def test_naflexvit_without_class_token_is_explained_by_every_row(target, fused):
+    """The naflexvit_base_patch16_gap layout: a register, no [class] token, average pooling."""
+    model = small_naflexvit(class_token=False, global_pool="avg", reg_tokens=1)
+    set_fused_attention(model, fused)
+    assert model.embeds.cls_token is None
+    images = make_images(3, 32, 48)
+    expected = explicit_daam(model, images, target=target, queries="all")
+    with torch.no_grad():
+        assert_close_relative(expected["logits"], model(images), 1e-5)
+    flow = DAAM(model).attribute(images, target=target, return_flow=True)
+    assert flow.shape == (3, 3, 4, 6)
+    assert_close_relative(flow, expected["flow"])
 
 
 def test_foreign_attention_module_is_refused():
@@ -496,19 +507,16 @@ def test_foreign_attention_module_is_refused():
         DAAM(model)
 
 
-def test_every_registered_naflexvit_model_is_explained_or_refused_truly():
+def test_every_registered_naflexvit_model_is_taken_by_the_naflexvit_adapter():
     """Every registered NaFlexVit model, built on the meta device: the NaFlexVit adapter takes
-    it, or it is refused for having no [class] token (and it has none)."""
-    explained, refused = [], []
+    it and says truly whether it has a [class] token."""
+    explained, without_class_token = [], []
     for name in timm.list_models(module="naflexvit"):
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False)
-        if model.embeds.cls_token is None:
-            with pytest.raises(TypeError, match="has none \\(built with class_token=False"):
-                adapter_for(model)
-            refused.append(name)
-        else:
-            assert isinstance(adapter_for(model), TimmNaFlexVitAdapter), name
-            explained.append(name)
+        adapter = adapter_for(model)
+        assert isinstance(adapter, TimmNaFlexVitAdapter), name
+        assert adapter.has_class_token == (model.embeds.cls_token is not None), name
+        (explained if adapter.has_class_token else without_class_token).append(name)
     assert sorted(explained) == sorted(timm.list_models("naflexvit_*_radio_*"))
-    assert "naflexvit_base_patch16_siglip" in refused and len(explained) == 6
+    assert "naflexvit_base_patch16_siglip" in without_class_token and len(explained) == 6

@@ -42,6 +42,7 @@ from helpers import (
 )
 from reference import (
     explicit_gradients,
+    maps_from_every_query_row,
     maps_from_explicit_blocks,
 )
 
@@ -127,7 +128,8 @@ def explicit_forward(model: VisionTransformerRelPos, images: Tensor) -> Dict[str
     grid = tuple(model.patch_embed.grid_size)
     prefix = model.num_prefix_tokens
     x = model.patch_embed(images)
-    x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    if model.cls_token is not None:
+        x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
     shared_bias = relative_position_bias_by_hand(model.shared_rel_pos, grid, prefix)
     records = []
     for block in model.blocks:
@@ -146,14 +148,16 @@ def explicit_forward(model: VisionTransformerRelPos, images: Tensor) -> Dict[str
     return {"logits": model.forward_head(model.norm(x)), "blocks": records, "grid_size": grid}
 
 
-def explicit_daam(model, images, target=None) -> Dict[str, object]:
-    """Reference block maps and flow in float64; ``plain_flow`` from ``attn_plain``."""
+def explicit_daam(model, images, target=None, queries="class") -> Dict[str, object]:
+    """Reference block maps and flow in float64; ``plain_flow`` from ``attn_plain``. With
+    ``queries="all"``, from every query row (reference.maps_from_every_query_row)."""
     result, targets, gradients = explicit_gradients(explicit_forward, model, images, target)
     logits = result["logits"]
     grid, prefix = result["grid_size"], model.num_prefix_tokens
-    maps = maps_from_explicit_blocks(result["blocks"], gradients, prefix, grid)
+    reduce = maps_from_explicit_blocks if queries == "class" else maps_from_every_query_row
+    maps = reduce(result["blocks"], gradients, prefix, grid)
     plain_blocks = [dict(record, attn=record["attn_plain"]) for record in result["blocks"]]
-    plain = maps_from_explicit_blocks(plain_blocks, gradients, prefix, grid)
+    plain = reduce(plain_blocks, gradients, prefix, grid)
     return dict(
         maps,
         logits=logits.detach(),
@@ -432,11 +436,28 @@ def test_gradient_checkpointing_gives_the_same_maps():
     assert_close_relative(checkpointed, plain, 1e-6)
 
 
-def test_relpos_model_without_class_token_is_refused():
-    model = VisionTransformerRelPos(**{**SMALL, "class_token": False}, num_classes=NUM_CLASSES)
-    assert model.cls_token is None and model.num_prefix_tokens == 0  # the reason is true
-    with pytest.raises(TypeError, match="has none \\(built with class_token=False"):
-        DAAM(model)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("target", [TARGETS, None], ids=["targets", "predicted"])
+def test_relpos_model_without_class_token_is_explained_by_every_row(target, fused):
+    """The layout of most relpos models (vit_relpos_*_224, *_rpn_*): no [class] token, the
+    head averages the tokens; the relative position bias is in every row."""
+    torch.manual_seed(0)
+    model = prepare(
+        VisionTransformerRelPos(
+            **{**SMALL, "class_token": False}, global_pool="avg", num_classes=NUM_CLASSES
+        )
+    )
+    set_fused_attention(model, fused)
+    assert model.cls_token is None and model.num_prefix_tokens == 0
+    images = make_images(3, *SMALL_SIZE)
+    expected = explicit_daam(model, images, target=target, queries="all")
+    with torch.no_grad():
+        assert_close_relative(expected["logits"], model(images), 1e-5)
+    flow = DAAM(model).attribute(images, target=target, return_flow=True)
+    assert_close_relative(flow, expected["flow"])
+    plain = DAAM(model).attribute(images, target=target, return_flow=True)
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_close_relative(plain, expected["plain_flow"], 1e-2)  # the bias matters
 
 
 class OffsetBias(nn.Module):
@@ -479,24 +500,20 @@ def test_foreign_attention_module_is_refused():
         DAAM(model)
 
 
-def test_every_registered_relpos_model_is_explained_or_refused_truly():
-    """Every registered relpos model, built on the meta device: the relpos adapter takes it
-    (with the pooling warning for clsgap), or it is refused for having no [class] token (and
-    it has none)."""
-    explained, refused = [], []
+def test_every_registered_relpos_model_is_taken_by_the_relpos_adapter():
+    """Every registered relpos model, built on the meta device: the relpos adapter takes it and
+    says truly whether it has a [class] token."""
+    with_class_token, without = [], []
     for name in timm.list_models(module="vision_transformer_relpos"):
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False)
-        if model.cls_token is None:
-            with pytest.raises(TypeError, match="has none \\(built with class_token=False"):
-                adapter_for(model)
-            refused.append(name)
-        else:
-            assert isinstance(adapter_for(model), TimmRelPosAdapter), name
-            explained.append(name)
-    assert sorted(explained) == [
+        adapter = adapter_for(model)
+        assert isinstance(adapter, TimmRelPosAdapter), name
+        assert adapter.has_class_token == (model.cls_token is not None), name
+        (with_class_token if adapter.has_class_token else without).append(name)
+    assert sorted(with_class_token) == [
         "vit_relpos_base_patch16_cls_224",
         "vit_relpos_base_patch16_clsgap_224",
         "vit_relpos_medium_patch16_cls_224",
     ]
-    assert len(refused) == len(timm.list_models(module="vision_transformer_relpos")) - 3
+    assert len(without) == len(timm.list_models(module="vision_transformer_relpos")) - 3

@@ -346,10 +346,15 @@ def test_an_unsupported_model_names_the_supported_families(unsupported):
     assert module_hook_count(unsupported) == 0
 
 
-def test_a_vit_without_class_token_is_rejected():
-    model = make_model("vit_small_patch16_224", class_token=False, global_pool="avg")
-    with pytest.raises(TypeError, match="class_token=False"):
-        DAAM(model)
+def test_a_vit_without_class_token_is_explained_by_every_row_and_refuses_class_rows():
+    model = make_model(
+        "vit_small_patch16_224", img_size=64, depth=2, class_token=False, global_pool="avg"
+    )
+    daam = DAAM(model)
+    assert daam.attribute(make_images(1, 64, 64), target=0).shape == (1, 1, 4, 4)
+    with pytest.raises(ValueError, match="without one .*queries='all', its default"):
+        daam.attribute(make_images(1, 64, 64), target=0, queries="class")
+    assert module_hook_count(model) == 0
 
 
 def test_a_callable_without_adapter_is_rejected(model):

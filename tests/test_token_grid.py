@@ -279,7 +279,7 @@ def test_cait_self_attention_blocks_take_num_prefix_tokens_zero():
     assert_close_relative(cam, explicit_grad_cam(model, module, images, [3, 7], 0, (4, 4)), 1e-5)
 
 
-def test_model_without_adapter_needs_num_prefix_tokens():
+def test_a_model_without_class_token_takes_its_prefix_count_from_the_adapter():
     model = make_model(
         "vit_small_patch16_224",
         img_size=64,
@@ -289,17 +289,16 @@ def test_model_without_adapter_needs_num_prefix_tokens():
         global_pool="avg",
     )
     images = make_images(2, 64, 64)
-    with pytest.raises(TypeError, match="num_prefix_tokens="):
-        TokenGrid(model, model.blocks[-1])
     # An average-pooled model reads every patch token, so its last block is the one to take.
-    layer = TokenGrid(model, model.blocks[-1], num_prefix_tokens=0)
+    layer = TokenGrid(model, model.blocks[-1])
+    assert layer.num_prefix_tokens == 0
     cam = LayerGradCam(model, layer).attribute(images, target=[3, 7], relu_attributions=True)
     expected = explicit_grad_cam(model, model.blocks[-1], images, [3, 7], 0, (4, 4))
     assert_close_relative(cam, expected, 1e-5)
 
 
 def test_adapter_given_explicitly_for_a_wrapped_model(vit, images):
-    adapter = GenericAdapter([block.attn for block in vit.blocks])
+    adapter = GenericAdapter([block.attn for block in vit.blocks], head_queries="class")
     normalised = nn.Sequential(nn.BatchNorm2d(3).eval(), vit)
     module = vit.blocks[1]
     with warnings.catch_warnings():
@@ -373,7 +372,8 @@ class TupleViT(nn.Module):
 def test_tuple_output_whose_first_element_is_the_tokens(vit, images):
     model = TupleViT(vit)
     plain = model(images)
-    layer = TokenGrid(model, model.wrapped, adapter=GenericAdapter([vit.blocks[0].attn]))
+    adapter = GenericAdapter([vit.blocks[0].attn], head_queries="class")
+    layer = TokenGrid(model, model.wrapped, adapter=adapter)
     cam = LayerGradCam(model, layer).attribute(images, target=TARGETS, relu_attributions=True)
     expected = explicit_grad_cam(model, model.wrapped, images, TARGETS, 1, (4, 4))
     assert_close_relative(cam, expected, 1e-5)

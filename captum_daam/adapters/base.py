@@ -23,6 +23,7 @@ from typing import (
     Sequence,
     Tuple,
     Type,
+    Union,
 )
 
 import torch
@@ -154,19 +155,27 @@ class BlockRecord:
 
 
 class BlockLayout(NamedTuple):
-    """Where one block's [class] query reads its patch tokens.
+    """Where one block's queries read their patch tokens.
 
     Attributes:
-        grid: (gh, gw) the patch grid of the tokens the block's [class] query attends to,
-            row-major after the prefix tokens; None when only the forward pass tells (the
-            token count then gives it, see :meth:`ViTAdapter.grid_from_tokens`).
+        grid: (gh, gw) the patch grid of the tokens the block's queries attend to (its keys
+            and values), row-major after the prefix tokens unless ``positions`` says
+            otherwise; None when only the forward pass tells (the token count then gives
+            it, see :meth:`ViTAdapter.grid_from_tokens`).
         branch: which branch of the model the block is in. Blocks of one branch run one after
             another; blocks of different branches (CrossViT's two) may run side by side,
             neither feeding the other before the branches are fused.
+        positions: None, or (W, N) long: for a module called on W windows of N tokens per
+            image (its batch is B * W, an image's windows consecutive), the cell of ``grid``
+            (row-major) each token lies on, -1 for a token that is no patch (a prefix token,
+            window padding). None: one window of the adapter's ``num_prefix_tokens`` prefix
+            tokens, then the grid row by row. See
+            :func:`~captum_daam.decompose.place_on_grid`.
     """
 
     grid: Optional[Tuple[int, int]]
     branch: int = 0
+    positions: Optional[Tensor] = None
 
 
 class Hook(NamedTuple):
@@ -204,8 +213,10 @@ class ViTAdapter(ABC):
     ``layer_example`` (how a user reaches one block's attention module), and implement
     :meth:`supports`, :meth:`attention_modules`, :attr:`num_prefix_tokens`,
     :meth:`grid_size` and :meth:`block_hooks`. They may override :meth:`block_layouts` (for
-    models whose grid changes between blocks), :attr:`reads_class_token` (for models whose
-    head pools the tokens), :attr:`in_channels`,
+    models whose grid changes between blocks, or whose attention reads windows),
+    :attr:`has_class_token`, :attr:`reads_class_token` and :attr:`head_queries` (for models
+    without a [class] token or whose head pools the tokens), :meth:`latent_query_modules`
+    (for attention-pool heads), :attr:`in_channels`,
     :attr:`num_outputs` (for checks before the forward pass), :attr:`outputs_features` (for
     backbones without a classifier head), :meth:`grid_from_tokens` (for a grid known only from
     the token count) and :meth:`output_scores` (for models that return an output object rather
@@ -267,12 +278,36 @@ class ViTAdapter(ABC):
         return [BlockLayout(grid) for _ in attention_modules]
 
     @property
+    def has_class_token(self) -> bool:
+        """Whether the first token is a [class] token, whose query rows the paper's DAAM
+        explains (``queries='class'``). False for models without one (e.g. timm's
+        ``class_token=False``, whose first tokens may be registers or patches)."""
+        return True
+
+    @property
     def reads_class_token(self) -> bool:
         """Whether the model's output is read from the [class] token (the head takes its
         last state), so that the [class] query rows explain the decision in full. False for
-        a head that pools the tokens (e.g. timm's ``global_pool='avg'``); DAAM then explains
-        every query row by default (``queries='all'``)."""
-        return True
+        a head that pools the tokens (e.g. timm's ``global_pool='avg'``) and for a model
+        without a [class] token; DAAM then explains every query row by default
+        (``queries='all'``)."""
+        return self.has_class_token
+
+    @property
+    def head_queries(self) -> Optional[Tuple[int, ...]]:
+        """The tokens whose last state the model's head reads, as query rows: (0,) for a head
+        on the [class] token, (0, 1) for DeiT's distilled head (the mean of its [class] and
+        [dist] heads); None for a head that pools every token. DAAM's ``queries='head'``
+        explains these rows in every block."""
+        return (0,) if self.reads_class_token else None
+
+    def latent_query_modules(self) -> List[nn.Module]:
+        """The attention modules of the flow whose queries are no tokens: an attention-pool
+        head's learned latent queries (timm's ``AttentionPoolLatent``), a class-attention
+        block at the end of the flow. Every query row of theirs is explained, whatever
+        ``queries``; attention rollouts leave them out (their attention is not square).
+        The default is none."""
+        return []
 
     def grid_from_tokens(self, num_patches: int) -> Tuple[int, int]:
         """The patch grid of a forward pass that left ``num_patches`` patch tokens, used when
@@ -341,15 +376,16 @@ class ViTAdapter(ABC):
         self,
         attention_modules: Sequence[nn.Module],
         on_gradient: Optional[Callable[[BlockRecord], None]] = None,
-        full: bool = False,
+        full: Union[bool, Sequence[bool]] = False,
         on_attention: Optional[Callable[[BlockRecord], None]] = None,
     ) -> Iterator[List[BlockRecord]]:
         """Hooks on ``attention_modules`` for the duration of the block; always removed.
 
-        ``on_gradient``, ``full`` and ``on_attention`` are given to every record (see
-        :class:`BlockRecord`).
+        ``on_gradient`` and ``on_attention`` are given to every record, ``full`` to every
+        record or, as a sequence, one per module (see :class:`BlockRecord`).
         """
-        records = [BlockRecord(on_gradient, full, on_attention) for _ in attention_modules]
+        fulls = [full] * len(attention_modules) if isinstance(full, bool) else list(full)
+        records = [BlockRecord(on_gradient, each, on_attention) for each in fulls]
         owner_thread = threading.get_ident()
         handles: List[RemovableHandle] = []
         try:
@@ -492,7 +528,7 @@ def explained_model(model: nn.Module) -> nn.Module:
         f"{families}. For a model built from timm-style attention modules (a qkv and a proj "
         f"linear layer, e.g. T2T-ViT or research code), pass "
         f"adapter=captum_daam.adapters.GenericAdapter(attention_modules=[...], "
-        f"num_prefix_tokens=1) to DAAM. For another architecture, subclass "
+        f"num_prefix_tokens=1, head_queries='class') to DAAM. For another architecture, subclass "
         f"captum_daam.adapters.ViTAdapter and register it with "
         f"@captum_daam.adapters.register_adapter."
     )

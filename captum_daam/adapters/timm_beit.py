@@ -99,5 +99,5 @@ class TimmBeitAdapter(TimmAdapter):
     def supports(cls, model: nn.Module) -> bool:
         return isinstance(model, Beit)
 
-    def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+    def attention_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
         return beit_attention_hooks(attention, record)

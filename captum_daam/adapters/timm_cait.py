@@ -69,7 +69,7 @@ class ClassAttentionAdapter(TimmAdapter):
                 f"(the default)."
             )
 
-    def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+    def attention_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
         return class_attention_hooks(attention, record)
 
 

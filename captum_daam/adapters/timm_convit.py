@@ -57,6 +57,6 @@ class TimmConvitAdapter(TimmAdapter):
     def attention_modules(self) -> List[nn.Module]:
         return [block.attn for block in self.model.blocks[self.model.local_up_to_layer :]]
 
-    def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+    def attention_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
         # MHSA has timm Attention's qkv / proj / num_heads / scale layout, without norms.
         return timm_attention_hooks(attention, record)

@@ -1,13 +1,16 @@
 """timm ``Eva`` with ``EvaAttention`` (EVA, EVA-02, DINOv3-style and other rotary-embedding
-ViTs in timm's eva.py that keep a [class] token) or timm's ``AttentionRope`` (attn_type='rope':
-the vit_*_rope_* RoPE-ViTs, Perception Encoder): fused or separate q / k / v projections,
-grouped-query attention (``AttentionRope`` with fewer key / value heads), qk_norm, scale_norm,
-gated output, register tokens, rotary position embedding (per block for mixed RoPE),
-attention masks, fixed or dynamic image size.
+ViTs in timm's eva.py, with or without a [class] token) or timm's ``AttentionRope``
+(attn_type='rope': the vit_*_rope_* RoPE-ViTs, Perception Encoder): fused or separate
+q / k / v projections, grouped-query attention (``AttentionRope`` with fewer key / value
+heads), qk_norm, scale_norm, gated output, register tokens, rotary position embedding (per
+block for mixed RoPE), attention masks, fixed or dynamic image size.
 
 The [class] query is a prefix token, which the rotary embedding leaves alone, but the keys of
 the patch tokens are rotated: the recorded row uses the keys as the module rotates them,
-with timm's own ``apply_rot_embed_cat``.
+with timm's own ``apply_rot_embed_cat`` (every row, for a model without a [class] token or
+with a pooling head, rotates the patch queries too). An attention-pool head
+(``global_pool='map'``, Perception Encoder) reads every token, prefix tokens included, and is
+the last block of the flow.
 """
 
 from typing import List, Optional, Tuple, Union
@@ -118,17 +121,16 @@ def eva_attention_hooks(
 
 @register_adapter
 class TimmEvaAdapter(TimmAdapter):
-    """timm ``Eva`` with a [class] token and, in every block, ``EvaAttention``
-    (attn_type='eva') or timm's ``AttentionRope`` (attn_type='rope': RoPE-ViT vit_*_rope_*,
-    Perception Encoder vit_pe_*).
-
-    Eva models built with class_token=False (vit_*_rope_reg*_gap_*) are refused.
+    """timm ``Eva`` with, in every block, ``EvaAttention`` (attn_type='eva') or timm's
+    ``AttentionRope`` (attn_type='rope': RoPE-ViT vit_*_rope_*, Perception Encoder vit_pe_*).
+    Models without a [class] token (vit_*_rope_reg*_gap_*) are explained from every query
+    row; an attention-pool head is the flow's last block.
     """
 
     family = "timm EVA"
     examples = (
         "eva02_*, eva_giant_*, vit_*_dinov3, "
-        "vit_*_rope_*, vit_pe_*, Eva with class_token=True and attn_type='eva' or 'rope'"
+        "vit_*_rope_*, vit_*_rope_reg*_gap_*, vit_pe_*, Eva with attn_type='eva' or 'rope'"
     )
     attention_types = (EvaAttention, AttentionRope)
 
@@ -136,5 +138,5 @@ class TimmEvaAdapter(TimmAdapter):
     def supports(cls, model: nn.Module) -> bool:
         return isinstance(model, Eva)
 
-    def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+    def attention_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
         return eva_attention_hooks(attention, record)

@@ -1,6 +1,7 @@
-"""timm ``NaFlexVit`` with a [class] token, explained on image tensors (B, C, H, W): the
-C-RADIO models (naflexvit_*_radio_v3 / v4) and any timm ViT or EVA created with
-``use_naflex=True`` (or TIMM_USE_NAFLEXVIT=true) that keeps its [class] token. Its blocks may
+"""timm ``NaFlexVit``, explained on image tensors (B, C, H, W): the C-RADIO models
+(naflexvit_*_radio_v3 / v4), the naflexvit_base / so150m2 / so400m models (no [class] token:
+every query row; 'map' heads: an attention pool, the flow's last block) and any timm ViT or
+EVA created with ``use_naflex=True`` (or TIMM_USE_NAFLEXVIT=true). Its blocks may
 run timm's ``Attention`` (standard blocks), ``EvaAttention`` or ``AttentionRope`` (EVA blocks,
 with rotary position embedding: axial, mixed, DINOv3); convolutional or linear (patchified)
 patch embedding; learned, factorized or no absolute position embedding, interpolated to any
@@ -31,17 +32,14 @@ from .timm_vit import TimmAdapter, timm_attention_hooks
 
 @register_adapter
 class TimmNaFlexVitAdapter(TimmAdapter):
-    """timm ``NaFlexVit`` with a [class] token and timm ``Attention``, ``EvaAttention`` or
-    ``AttentionRope`` in every block, on image tensors (B, C, H, W).
-
-    The naflexvit_base / so150m2 / so400m models (gap, map, siglip) have no [class] token and
-    are refused.
-    """
+    """timm ``NaFlexVit`` with timm ``Attention``, ``EvaAttention`` or ``AttentionRope`` in
+    every block, on image tensors (B, C, H, W); with or without a [class] token, pooled by
+    the [class] token, by averaging or by an attention pool (``global_pool='map'``)."""
 
     family = "timm NaFlexVit"
     examples = (
-        "naflexvit_*_radio_v3, naflexvit_*_radio_v4, timm ViT / EVA models with a [class] "
-        "token created with use_naflex=True"
+        "naflexvit_*_radio_v3, naflexvit_*_radio_v4, naflexvit_base_*, naflexvit_so400m_*, "
+        "timm ViT / EVA models created with use_naflex=True"
     )
     attention_types = (Attention, EvaAttention, AttentionRope)
 
@@ -64,7 +62,7 @@ class TimmNaFlexVitAdapter(TimmAdapter):
             )
         return tuple(embeds.dynamic_feat_size((height, width)))
 
-    def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+    def attention_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
         if isinstance(attention, Attention):
             return timm_attention_hooks(attention, record)
         return eva_attention_hooks(attention, record)

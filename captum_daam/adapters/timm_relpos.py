@@ -1,8 +1,8 @@
-"""timm ``VisionTransformerRelPos`` with a [class] token (vit_relpos_medium_patch16_cls_224,
-vit_relpos_base_patch16_cls_224, vit_relpos_base_patch16_clsgap_224, and any relpos ViT built
-with class_token=True), with ``RelPosAttention`` in every block: fused or not, qk_norm, a
-per-block relative position bias (``RelPosBias`` tables or ``RelPosMlp`` log-coordinate MLP)
-or one shared by all blocks, pre-norm or residual post-norm blocks.
+"""timm ``VisionTransformerRelPos`` (vit_relpos_*, vit_srelpos_*, *_rpn_*; with a [class]
+token: vit_relpos_medium_patch16_cls_224, vit_relpos_base_patch16_cls_224,
+vit_relpos_base_patch16_clsgap_224), with ``RelPosAttention`` in every block: fused or not,
+qk_norm, a per-block relative position bias (``RelPosBias`` tables or ``RelPosMlp``
+log-coordinate MLP) or one shared by all blocks, pre-norm or residual post-norm blocks.
 
 ``RelPosAttention`` adds a relative position bias to its logits. With a [class] token,
 ``RelPosBias`` has learned [class] rows and columns in its table; ``RelPosMlp`` pads its bias
@@ -46,17 +46,16 @@ def relpos_attention_hooks(attention: RelPosAttention, record: BlockRecord) -> L
 
 @register_adapter
 class TimmRelPosAdapter(TimmAdapter):
-    """timm ``VisionTransformerRelPos`` with a [class] token and ``RelPosAttention`` in every
-    block (a fixed image size: the relative position biases are built for one patch grid).
-
-    Most relpos models (vit_relpos_*_224, *_rpn_*, vit_srelpos_*) have no [class] token and
-    are refused; so is a block whose ``rel_pos`` is not timm's ``RelPosBias`` or ``RelPosMlp``.
+    """timm ``VisionTransformerRelPos`` with ``RelPosAttention`` in every block (a fixed image
+    size: the relative position biases are built for one patch grid). Most relpos models
+    (vit_relpos_*_224, *_rpn_*, vit_srelpos_*) have no [class] token and pool the tokens:
+    every query row is explained, the bias in every row. A block whose ``rel_pos`` is not
+    timm's ``RelPosBias`` or ``RelPosMlp`` is refused.
     """
 
     family = "timm VisionTransformerRelPos"
     examples = (
-        "vit_relpos_medium_patch16_cls_224, vit_relpos_base_patch16_cls_224, "
-        "vit_relpos_base_patch16_clsgap_224, class_token=True"
+        "vit_relpos_*, vit_srelpos_*, vit_relpos_*_rpn_*, vit_relpos_*_cls_224"
     )
     attention_types = (RelPosAttention,)
 
@@ -82,5 +81,5 @@ class TimmRelPosAdapter(TimmAdapter):
     def supports(cls, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformerRelPos)
 
-    def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+    def attention_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
         return relpos_attention_hooks(attention, record)

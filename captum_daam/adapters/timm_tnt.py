@@ -71,7 +71,7 @@ class TimmTntAdapter(TimmAdapter):
     def block_attention(self, block: nn.Module) -> List[Optional[nn.Module]]:
         return [getattr(block, "attn_out", None)]  # the inner attention has no [class] token
 
-    def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+    def attention_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
         return tnt_attention_hooks(attention, record)
 
     def grid_size(self, image_size: Tuple[int, int]) -> Tuple[int, int]:

@@ -1,11 +1,21 @@
 """timm ``VisionTransformer`` and its subclasses (ViT, DeiT, DeiT-III, DINO, distilled DeiT,
-register-token models), with timm's standard ``Attention``: fused or not, qk_norm, scale_norm,
-gated, with an attention mask or causal, fixed or dynamic image size.
+register-token models, SigLIP / SigLIP2, AIMv2, the gap ViTs), with timm's standard
+``Attention``: fused or not, qk_norm, scale_norm, gated, with an attention mask or causal,
+fixed or dynamic image size; with or without a [class] token.
+
+Which query rows explain the output follows the head: the [class] row for
+``global_pool='token'``; every row for 'avg', 'max', 'avgmax' and for models without a
+[class] token; for ``global_pool='map'`` the attention-pool head (timm's
+``AttentionPoolLatent``) is the last block of the flow, explained from its latent rows over
+the tokens it reads (:mod:`~captum_daam.adapters.timm_attention_pool`). A distilled DeiT's head
+reads the [class] and [dist] tokens (``head_queries`` (0, 1)). The convolution stems of
+hybrids (ViT-hybrid, ViTamin) are not blocks of the flow.
 
 The hooks here also serve :class:`~captum_daam.adapters.GenericAdapter`, for any model built
 from timm-style attention (older timm and research code without q_norm / k_norm / norm).
 """
 
+from abc import abstractmethod
 from typing import Callable, ClassVar, List, Optional, Sequence, Tuple
 
 from timm.layers import Attention
@@ -15,10 +25,12 @@ from timm.models.vision_transformer import (
     ParallelThingsBlock,
     VisionTransformer,
 )
+from timm.models.deit import VisionTransformerDistilled
 from torch import Tensor, nn
 
 from ..decompose import attention_probabilities, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, ViTAdapter, register_adapter
+from .timm_attention_pool import AttentionPoolLatent, attention_pool_hooks, attention_pool_layout
 
 
 def timm_attention_hooks(
@@ -107,17 +119,12 @@ class TimmAdapter(ViTAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         name = type(model).__name__
-        if self.class_token() is None:
-            raise TypeError(
-                f"DAAM explains the [class] token, but this {name} has none (built with "
-                f"class_token=False, or without a head). Use a model with a [class] token."
-            )
         blocks = getattr(model, self.blocks_name, None)
         if blocks is None:
             raise TypeError(
-                f"DAAM explains the [class] token in {name}.{self.blocks_name}, but this model "
-                f"has none (its head was pruned, e.g. by prune_intermediate_layers). Use the "
-                f"model as created."
+                f"DAAM explains the blocks in {name}.{self.blocks_name}, but this model has "
+                f"none (its head was pruned, e.g. by prune_intermediate_layers). Use the model "
+                f"as created."
             )
         allowed = " or ".join(
             f"{cls.__module__}.{cls.__qualname__}" for cls in self.attention_types
@@ -152,17 +159,77 @@ class TimmAdapter(ViTAdapter):
         return getattr(self.model, "cls_token", None)
 
     def check_pooling(self) -> None:
-        """Called by the constructor: refuses a pooling the adapter cannot explain. Every
-        pooling is explained here ([class] rows for ``global_pool='token'``, every query row
-        otherwise, see :attr:`reads_class_token`)."""
+        """Called by the constructor: refuses a pooling the adapter cannot explain. Explained
+        here: ``global_pool='token'`` ([class] rows), 'avg', 'max', 'avgmax' (every query
+        row, see :attr:`reads_class_token`) and 'map' (timm's ``AttentionPoolLatent``, the
+        last block of the flow); refused: another attention-pool head (``'prr'``)."""
+        pool = getattr(self.model, "attn_pool", None)
+        if pool is not None and not isinstance(pool, AttentionPoolLatent):
+            raise TypeError(
+                f"This {type(self.model).__name__} pools its tokens with "
+                f"{type(pool).__name__} (global_pool={self.model.global_pool!r}), an attention "
+                f"pool the {self.family} adapter does not hook; it explains global_pool "
+                f"'token', 'avg', 'max', 'avgmax' and 'map' (timm's AttentionPoolLatent). "
+                f"Build the model with one of those."
+            )
+
+    def attention_pool(self) -> Optional[AttentionPoolLatent]:
+        """The model's attention-pool head (``global_pool='map'``), or None."""
+        pool = getattr(self.model, "attn_pool", None)
+        return pool if isinstance(pool, AttentionPoolLatent) else None
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.class_token() is not None
 
     @property
     def reads_class_token(self) -> bool:
-        return getattr(self.model, "global_pool", "token") == "token"
+        pooling = getattr(self.model, "global_pool", "token")
+        return self.has_class_token and pooling == "token" and self.attention_pool() is None
 
     def attention_modules(self) -> List[nn.Module]:
         blocks = getattr(self.model, self.blocks_name)
-        return [attention for block in blocks for attention in self.block_attention(block)]
+        modules = [attention for block in blocks for attention in self.block_attention(block)]
+        pool = self.attention_pool()
+        return modules + ([pool] if pool is not None else [])
+
+    def latent_query_modules(self) -> List[nn.Module]:
+        pool = self.attention_pool()
+        return [pool] if pool is not None else []
+
+    def block_layouts(
+        self, attention_modules: Sequence[nn.Module], image_size: Tuple[int, int]
+    ) -> List[BlockLayout]:
+        """Every block reads :meth:`grid_size`'s grid after the prefix tokens, in the branch
+        :meth:`branch_of` gives; an attention-pool head reads the same tokens, or (timm's
+        ``pool_include_prefix=False``) the patch tokens alone."""
+        grid = self.grid_size(image_size)
+        pool = self.attention_pool()
+        return [
+            attention_pool_layout(
+                grid, self.num_prefix_tokens, getattr(self.model, "pool_include_prefix", True)
+            )
+            if module is pool
+            else BlockLayout(grid, self.branch_of(module))
+            for module in attention_modules
+        ]
+
+    def branch_of(self, attention: nn.Module) -> int:
+        """The branch of a block's attention module (see :class:`BlockLayout`): 0, one
+        branch, unless a family's blocks run attention side by side."""
+        return 0
+
+    def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+        """The hooks of an attention-pool head here; a family's blocks in
+        :meth:`attention_hooks`."""
+        if attention is self.attention_pool():
+            return attention_pool_hooks(attention, record)
+        return self.attention_hooks(attention, record)
+
+    @abstractmethod
+    def attention_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+        """The hooks that fill ``record`` when one block's ``attention`` runs (see
+        :meth:`ViTAdapter.block_hooks`)."""
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -270,16 +337,16 @@ def parallel_scaling_hooks(block: ParallelScalingBlock, record: BlockRecord) -> 
 
 @register_adapter
 class TimmVisionTransformerAdapter(TimmAdapter):
-    """timm ``VisionTransformer`` with a [class] token and timm ``Attention`` in every block,
-    or parallel blocks: ``ParallelThingsBlock`` (several ``Attention`` side by side, each a
-    block of the flow, in branches of their own) and ``ParallelScalingBlock`` (attention in
-    the block's own forward; the block is the flow's module)."""
+    """timm ``VisionTransformer`` with timm ``Attention`` in every block, or parallel blocks:
+    ``ParallelThingsBlock`` (several ``Attention`` side by side, each a block of the flow, in
+    branches of their own) and ``ParallelScalingBlock`` (attention in the block's own forward;
+    the block is the flow's module)."""
 
     family = "timm VisionTransformer"
     examples = (
         "vit_*, deit_*, deit3_*, deit_*_distilled_*, DINO vit_*.dino, vit_*_reg4_dinov2, "
-        "qk_norm / scale_norm variants, dynamic_img_size, parallel blocks (vit_*_18x2_224, "
-        "vit_*_xp_224)"
+        "SigLIP / SigLIP2 vit_*_siglip_*, aimv2_*, vit_*_gap_*, qk_norm / scale_norm variants, "
+        "dynamic_img_size, parallel blocks (vit_*_18x2_224, vit_*_xp_224)"
     )
     attention_types = (Attention, ParallelScalingBlock)
 
@@ -294,19 +361,23 @@ class TimmVisionTransformerAdapter(TimmAdapter):
             return [block]
         return super().block_attention(block)
 
-    def block_layouts(
-        self, attention_modules: Sequence[nn.Module], image_size: Tuple[int, int]
-    ) -> List[BlockLayout]:
+    @property
+    def head_queries(self) -> Optional[Tuple[int, ...]]:
+        if isinstance(self.model, VisionTransformerDistilled):
+            return (0, 1)  # in eval mode the output is the mean of the [class] and [dist] heads
+        return super().head_queries
+
+    def branch_of(self, attention: nn.Module) -> int:
         # The attentions of a ParallelThingsBlock read the same input side by side, neither
         # feeding the other: the i-th of each block is in branch i.
-        grid = self.grid_size(image_size)
-        branch_of = {}
         for block in getattr(self.model, self.blocks_name):
-            for branch, attention in enumerate(self.block_attention(block)):
-                branch_of[id(attention)] = branch
-        return [BlockLayout(grid, branch_of.get(id(module), 0)) for module in attention_modules]
+            if isinstance(block, ParallelThingsBlock):
+                for branch, candidate in enumerate(self.block_attention(block)):
+                    if candidate is attention:
+                        return branch
+        return 0
 
-    def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+    def attention_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
         if isinstance(attention, ParallelScalingBlock):
             return parallel_scaling_hooks(attention, record)
         return timm_attention_hooks(attention, record)

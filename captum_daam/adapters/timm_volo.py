@@ -110,7 +110,7 @@ class TimmVoloAdapter(ClassAttentionAdapter):
         # constructor) averaged with the patch tokens.
         return True
 
-    def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
+    def attention_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
         return volo_class_attention_hooks(attention, record)
 
     @property

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .._targets import format_target
 from .._warnings import warn_user
 from ..adapters import BlockLayout, BlockRecord, ViTAdapter, adapter_for, forward_module
-from ..decompose import resample_to_grid, tokens_to_grid
+from ..decompose import place_on_grid, resample_to_grid, tokens_to_grid
 
 __all__ = ["ViTLayerAttribution", "backward_to_records"]
 
@@ -79,7 +79,7 @@ class ViTLayerAttribution(LayerAttribution):
             warn_user(
                 f"{type(self).__name__}'s maps are zero everywhere for {len(empty)} of "
                 f"{maps.shape[0]} examples ({listed}): no block contributes positively to "
-                f"the target score through the [class] token's attention. A classifier "
+                f"the target score through the attention rows explained. A classifier "
                 f"initialised to zero (torchvision's, before training) gives this."
             )
 
@@ -152,15 +152,29 @@ class ViTLayerAttribution(LayerAttribution):
             )
         return tuple(grid)
 
-    def _grids(self, layouts: Sequence[BlockLayout], token_counts: Sequence[int]) -> List[
-        Tuple[int, int]
-    ]:
-        """Each block's patch grid: its layout's, checked against the tokens its [class] query
-        read, or the one those tokens give."""
-        return [
-            self._patch_grid(layout.grid, tokens)
-            for layout, tokens in zip(layouts, token_counts)
-        ]
+    def _on_grids(
+        self, token_maps: Sequence[Tensor], layouts: Sequence[BlockLayout], batch_size: int
+    ) -> List[Tensor]:
+        """Block maps over the tokens each block's queries read, (B * W, N_l) each, as maps
+        over their own patch grids (B, gh_l, gw_l): the prefix tokens dropped and the patches
+        laid row by row, or each token placed where its layout's ``positions`` say."""
+        block_maps = []
+        for index, (tokens, layout) in enumerate(zip(token_maps, layouts)):
+            if layout.positions is None:
+                grid = self._patch_grid(layout.grid, tokens.shape[-1])
+                block_maps.append(tokens_to_grid(tokens, self.adapter.num_prefix_tokens, grid))
+                continue
+            windows, per_window = layout.positions.shape
+            if tuple(tokens.shape) != (batch_size * windows, per_window):
+                raise ValueError(
+                    f"Expected block {index}'s attention to read {windows} window(s) of "
+                    f"{per_window} tokens per image ({batch_size * windows} x {per_window} for "
+                    f"{batch_size} images), as its adapter laid it out, got "
+                    f"{tokens.shape[0]} x {tokens.shape[1]}. Check the adapter's "
+                    f"block_layouts."
+                )
+            block_maps.append(place_on_grid(tokens, layout.positions, layout.grid))
+        return block_maps
 
     def _check_inputs(self, inputs: Union[Tensor, Tuple[Tensor]]) -> Tuple[Tensor, bool]:
         """The image batch, checked against the model (which must have values, and take the
@@ -315,15 +329,6 @@ def flow_grid(grids: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
     """The grid of the flow: the finest of the blocks' grids (the most cells; the first of
     equals)."""
     return max(grids, key=lambda grid: grid[0] * grid[1])
-
-
-def maps_on_grids(
-    token_maps: Sequence[Tensor], num_prefix_tokens: int, grids: Sequence[Tuple[int, int]]
-) -> List[Tensor]:
-    """Block maps over tokens, (B, N_l) each, as maps over their own patch grids (B, gh_l, gw_l)."""
-    return [
-        tokens_to_grid(tokens, num_prefix_tokens, grid) for tokens, grid in zip(token_maps, grids)
-    ]
 
 
 def on_one_grid(block_maps: Sequence[Tensor]) -> Tensor:

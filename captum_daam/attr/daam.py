@@ -13,20 +13,25 @@ from ..adapters import BlockLayout, BlockRecord, ViTAdapter
 from ..decompose import accumulate as accumulate_maps
 from ..decompose import all_queries_block_map, block_map
 from ..ssl import MemoryBank
+from .._warnings import warn_user
 from .base import (
     ViTLayerAttribution,
     backward_to_records,
     check_output_options,
     chunks,
     format_attributions,
-    maps_on_grids,
     on_one_grid,
     split_forward_args,
 )
 
-_QUERIES = ("class", "all")
+_QUERIES = ("class", "head", "all")
 
 __all__ = ["DAAM"]
+
+
+def queries_name(queries: Union[str, Tuple[int, ...]]) -> str:
+    """How a resolved ``queries`` reads in a message."""
+    return f"{queries!r}" if isinstance(queries, str) else f"'head' (rows {queries})"
 
 
 class DAAM(ViTLayerAttribution, GradientAttribution):
@@ -58,9 +63,15 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
     their own grids.
 
     For models whose head pools the tokens instead of reading the [class] token
-    (``global_pool='avg'``), every query row of the attention output is split over the
+    (``global_pool='avg'``), and for models without a [class] token (SigLIP, the gap and
+    register-gap ViTs, AIMv2), every query row of the attention output is split over the
     tokens it reads and weighted by its own gradient (``queries='all'``, the default there):
-    cam[n] = relu(sum_i sum_h A[h, i, n] <v[h, n], relu(g[h, i])>).
+    cam[n] = relu(sum_i sum_h A[h, i, n] <v[h, n], relu(g[h, i])>). Prefix tokens (registers,
+    [class], [dist]) are read as every other token but are never part of the grid. An
+    attention-pool head (timm's ``global_pool='map'``: SigLIP, AIMv2, Perception Encoder) is
+    the last block of the flow, explained from its latent query rows over the tokens it
+    reads, so the flow has one map more than the model has blocks. Convolution stems of
+    hybrid models are not blocks of the flow.
 
     Attributions are raw: non-negative and unnormalised, on the input's device and dtype,
     shaped like a layer attribution over the patch grid, (B, 1, gh, gw), so
@@ -181,11 +192,20 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
                         models whose head reads the [class] token. "all": every row,
                         each weighted by the gradient at its own output, cam[n] =
                         relu(sum_i sum_h A[h, i, n] <v[h, n], relu(g[h, i])>), for models
-                        whose head pools the tokens (``global_pool='avg'``); it forms one
-                        block's full (B, H, N, N) attention at a time, in the backward pass.
+                        whose head pools the tokens (``global_pool='avg'``) and models
+                        without a [class] token; it forms one block's full (B, H, N, N)
+                        attention at a time, in the backward pass. "head": the rows of the
+                        tokens the model's head reads (``adapter.head_queries``): the [class]
+                        and [dist] rows of a distilled DeiT, whose output is the mean of
+                        its two heads; "class" or "all" for other models. An attention-pool
+                        head (``global_pool='map'``) is the last block of the flow, explained
+                        from all its latent query rows whatever ``queries``.
                         Default: None, "class" where the head reads the [class] token and
-                        "all" where it pools (``adapter.reads_class_token``) and the blocks
-                        have full attention matrices (``adapter.self_attention``).
+                        "all" where it pools or there is no [class] token
+                        (``adapter.reads_class_token``) and the blocks have full attention
+                        matrices (``adapter.self_attention``). For a distilled DeiT the
+                        default is the paper's [class] row, with a warning that the [dist]
+                        row's share is left out.
             block_grids (bool, optional): Return the block maps cam_l each on its own
                         patch grid, unresampled: a list of L tensors (B, 1, gh_l, gw_l), one
                         per block of the flow, as Captum returns one attribution per layer
@@ -231,7 +251,7 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
         images, is_tuple = self._check_inputs(inputs)
         check_output_options(internal_batch_size, input_shaped, interpolate_mode, return_flow)
         _check_block_grids(block_grids, accumulate, return_flow, input_shaped)
-        queries = self._check_queries(queries)
+        queries_given, queries = queries, self._check_queries(queries)
         layouts = self.adapter.block_layouts(self.layer, tuple(images.shape[-2:]))
         if importance is not None:
             if target is not None:
@@ -248,6 +268,8 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
             self._warn_if_explaining_a_feature(target)
         if queries == "class":
             self._warn_if_class_token_unread()
+            if queries_given is None:
+                self._warn_if_other_head_rows()
 
         chunk_maps = [
             self._block_maps(
@@ -274,20 +296,47 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
             maps = maps[:, -1:]
         return format_attributions(maps, images, is_tuple, input_shaped, interpolate_mode)
 
-    def _check_queries(self, queries: Optional[str]) -> str:
-        """``queries`` checked against the model, or its default for the model."""
+    def _check_queries(self, queries: Optional[str]) -> Union[str, Tuple[int, ...]]:
+        """``queries`` checked against the model, or its default for the model: "class",
+        "all", or the head's rows (a tuple) for ``queries='head'`` where they are others."""
+        adapter = self.adapter
         if queries is None:
-            pooled = not self.adapter.reads_class_token and self.adapter.self_attention
+            pooled = not adapter.reads_class_token and adapter.self_attention
             return "all" if pooled else "class"
         if queries not in _QUERIES:
-            raise ValueError(f"Expected queries to be 'class' or 'all', got {queries!r}.")
-        if queries == "all" and not self.adapter.self_attention:
             raise ValueError(
-                f"Expected queries='class' for this model ({self.adapter.family}): its blocks "
+                f"Expected queries to be 'class', 'head' or 'all', got {queries!r}."
+            )
+        if queries == "head":
+            rows = adapter.head_queries
+            queries = "all" if rows is None else "class" if tuple(rows) == (0,) else tuple(rows)
+        if queries == "class" and not adapter.has_class_token:
+            default = "'all', its default" if adapter.self_attention else "another model"
+            raise ValueError(
+                f"Expected a model with a [class] token for queries='class', got a "
+                f"{type(adapter.model).__name__} without one ({adapter.family}). Use "
+                f"queries={default}."
+            )
+        if queries != "class" and not adapter.self_attention:
+            raise ValueError(
+                f"Expected queries='class' for this model ({adapter.family}): its blocks "
                 f"give attention weights for the [class] query only (class-attention blocks, "
-                f"or factorised attention), not full attention matrices, got queries='all'."
+                f"or factorised attention), not full attention matrices, got "
+                f"queries={queries_name(queries)}."
             )
         return queries
+
+    def _warn_if_other_head_rows(self) -> None:
+        """Warn that the head also reads other tokens than the [class] token (distilled
+        DeiT), whose rows the default leaves out."""
+        rows = self.adapter.head_queries
+        if rows is not None and tuple(rows) != (0,):
+            warn_user(
+                f"This {type(self.adapter.model).__name__}'s head reads tokens {tuple(rows)}, "
+                f"not the [class] token alone (a distilled DeiT averages its [class] and "
+                f"[dist] heads): the default, the paper's [class] rows, leaves out the other "
+                f"rows' share of the output. Pass queries='head' to explain all of them."
+            )
 
     def _block_maps(
         self,
@@ -297,28 +346,41 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
         importance: Optional[Union[Tensor, MemoryBank, Callable[[Tensor], Tensor]]],
         relu_gradients: bool,
         layouts: List[BlockLayout],
-        queries: str,
+        queries: Union[str, Tuple[int, ...]],
     ) -> List[Tensor]:
         """One forward and one backward pass: the block maps cam_l, (B, gh_l, gw_l) each."""
+        latent = {id(module) for module in self.adapter.latent_query_modules()}
+        # Per block, the query rows explained: None for every row, else their indices.
+        rows = [
+            None if id(module) in latent or queries == "all"
+            else (0,) if queries == "class" else queries
+            for module in self.layer
+        ]
         token_maps = {}
+        rows_of = {}
 
         def reduce_record(record: BlockRecord) -> None:
             # Runs in the backward pass: the map is formed and the values freed at once.
-            if queries == "all":
-                # The block's full attention exists only here, one block at a time.
-                token_maps[id(record)] = all_queries_block_map(
-                    record.attention(), record.values, record.gradient, relu_gradients
-                )
-                record.attention = record.gradient = None
-            else:
+            record_rows = rows_of[id(record)]
+            if record_rows == (0,):
                 token_maps[id(record)] = block_map(
                     record.class_attention, record.values, record.class_gradient, relu_gradients
                 )
+            else:
+                # The block's full attention exists only here, one block at a time.
+                attention, gradient = record.attention(), record.gradient
+                if record_rows is not None:
+                    attention, gradient = attention[:, :, record_rows], gradient[:, record_rows]
+                token_maps[id(record)] = all_queries_block_map(
+                    attention, record.values, gradient, relu_gradients
+                )
+                record.attention = record.gradient = None
             record.values = None
 
         with torch.enable_grad(), self.adapter.record(
-            self.layer, reduce_record, full=queries == "all"
+            self.layer, reduce_record, full=[block_rows != (0,) for block_rows in rows]
         ) as records:
+            rows_of.update((id(record), block_rows) for record, block_rows in zip(records, rows))
             output = self._scores(
                 _run_forward(self.forward_func, images, None, additional_forward_args)
             )
@@ -329,8 +391,7 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
             backward_to_records(score, records, layouts)
 
         block_maps = [token_maps[id(record)] for record in records]
-        grids = self._grids(layouts, [block.shape[-1] for block in block_maps])
-        return maps_on_grids(block_maps, self.adapter.num_prefix_tokens, grids)
+        return self._on_grids(block_maps, layouts, images.shape[0])
 
     @property
     def multiplies_by_inputs(self) -> bool:

@@ -51,6 +51,21 @@ class _RolloutBase(ViTLayerAttribution):
                         XCiT) are refused.
         """
         ViTLayerAttribution.__init__(self, model, layer, adapter)
+        if not self.adapter.has_class_token:
+            raise TypeError(
+                f"{type(self).__name__} gives the [class] token's row of the rollout, but this "
+                f"model has no [class] token ({self.adapter.family}). Use DAAM, which explains "
+                f"every query row of such a model."
+            )
+        latent = {id(module) for module in self.adapter.latent_query_modules()}
+        if layer is None:
+            self.layer = [module for module in self.layer if id(module) not in latent]
+        elif any(id(module) in latent for module in self.layer):
+            raise ValueError(
+                f"Expected layer to hold the attention modules of the model's blocks, got its "
+                f"attention-pool head, whose learned queries are no tokens: "
+                f"{type(self).__name__} multiplies square attention matrices. Leave it out."
+            )
         if not self.adapter.self_attention:
             raise TypeError(
                 f"{type(self).__name__} needs full self-attention matrices, but the blocks of "
@@ -64,7 +79,16 @@ class _RolloutBase(ViTLayerAttribution):
         between blocks (the rollout multiplies the blocks' attention matrices, which must be
         square and of one size: a model that pools tokens anywhere is refused, whichever
         blocks ``layer`` picks)."""
-        layouts = self.adapter.block_layouts(self.adapter.attention_modules(), image_size)
+        latent = {id(module) for module in self.adapter.latent_query_modules()}
+        blocks = [module for module in self.adapter.attention_modules() if id(module) not in latent]
+        layouts = self.adapter.block_layouts(blocks, image_size)
+        if any(layout.positions is not None for layout in layouts):
+            raise ValueError(
+                f"{type(self).__name__} multiplies the attention matrices of consecutive "
+                f"blocks over one sequence of tokens, but the blocks of this model "
+                f"({self.adapter.family}) attend within windows or read their tokens in "
+                f"another order. Use DAAM, which places each block's tokens on the grid."
+            )
         grids = {layout.grid for layout in layouts}
         if len(grids) > 1 or len({layout.branch for layout in layouts}) > 1:
             listed = ", ".join(
