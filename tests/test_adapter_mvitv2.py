@@ -19,6 +19,7 @@ and seeded noise on the position tables, so that a missing bias or pooling shows
 """
 
 import copy
+import warnings
 from typing import Dict, Optional, Tuple
 
 import pytest
@@ -70,17 +71,21 @@ def depthwise_convolution(patch_map: Tensor, conv: nn.Conv2d) -> Tensor:
 
 
 def pooled(
-    tokens: Tensor, grid: Tuple[int, int], pool: Optional[nn.Module], norm: Optional[nn.Module]
+    tokens: Tensor,
+    grid: Tuple[int, int],
+    pool: Optional[nn.Module],
+    norm: Optional[nn.Module],
+    prefix: int = 1,
 ) -> Tuple[Tensor, Tuple[int, int]]:
-    """(B, H, 1 + h * w, d) tokens, [class] first then row-major patches, pooled over the grid
-    by ``pool`` (per head, channels = d; a convolution written out by hand) and normed: the
-    [class] token passes unpooled."""
+    """(B, H, prefix + h * w, d) tokens, the [class] token first (``prefix`` 1, or 0 without
+    one) then row-major patches, pooled over the grid by ``pool`` (per head, channels = d; a
+    convolution written out by hand) and normed: the [class] token passes unpooled."""
     if pool is not None:
         batch, heads, _, width = tokens.shape
         rows, columns = grid
         # Patch r * columns + c is row r, column c: lay them out as (B * H, d, rows, columns).
         index = torch.tensor([[r * columns + c for c in range(columns)] for r in range(rows)])
-        patch_map = tokens[:, :, 1:][:, :, index].permute(0, 1, 4, 2, 3)
+        patch_map = tokens[:, :, prefix:][:, :, index].permute(0, 1, 4, 2, 3)
         patch_map = patch_map.reshape(batch * heads, width, rows, columns)
         if isinstance(pool, nn.Conv2d):
             patch_map = depthwise_convolution(patch_map, pool)
@@ -88,14 +93,14 @@ def pooled(
             patch_map = pool(patch_map)
         grid = tuple(patch_map.shape[-2:])
         patches = patch_map.reshape(batch, heads, width, grid[0] * grid[1]).transpose(-2, -1)
-        tokens = torch.cat((tokens[:, :, :1], patches), dim=2)
+        tokens = torch.cat((tokens[:, :, :prefix], patches), dim=2)
     if norm is not None:
         tokens = norm(tokens)
     return tokens, grid
 
 
 def relative_position_bias(
-    attention: MultiScaleAttention, q: Tensor, query_grid, key_grid
+    attention: MultiScaleAttention, q: Tensor, query_grid, key_grid, prefix: int = 1
 ) -> Tensor:
     """The decomposed relative position bias (B, H, Nq - 1, Nk - 1) of patch query (i, j) over
     patch key (m, n): <q[(i, j)], R_h[d_h(i, m)]> + <q[(i, j)], R_w[d_w(j, n)]>, with
@@ -112,7 +117,7 @@ def relative_position_bias(
             ]
         )
         per_axis.append(table[distance])  # (queries, keys, d)
-    q_grid = q[:, :, 1:].reshape(batch, heads, query_grid[0], query_grid[1], width)
+    q_grid = q[:, :, prefix:].reshape(batch, heads, query_grid[0], query_grid[1], width)
     rows = torch.einsum("bhijc,imc->bhijm", q_grid, per_axis[0])  # by query row i, key row m
     columns = torch.einsum("bhijc,jnc->bhijn", q_grid, per_axis[1])  # by column j, key column n
     bias = rows[..., :, None] + columns[..., None, :]  # (B, H, qh, qw, kh, kw)
@@ -128,14 +133,15 @@ def explicit_attention(
     if attention.qkv.bias is not None:
         qkv = qkv + attention.qkv.bias
     q, k, v = qkv.reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    q, query_grid = pooled(q, grid, attention.pool_q, attention.norm_q)
-    k, key_grid = pooled(k, grid, attention.pool_k, attention.norm_k)
-    v, _ = pooled(v, grid, attention.pool_v, attention.norm_v)
+    prefix = int(attention.has_cls_token)
+    q, query_grid = pooled(q, grid, attention.pool_q, attention.norm_q, prefix)
+    k, key_grid = pooled(k, grid, attention.pool_k, attention.norm_k, prefix)
+    v, _ = pooled(v, grid, attention.pool_v, attention.norm_v, prefix)
     logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     plain = logits.softmax(dim=-1)
     if attention.rel_pos_type == "spatial":
-        bias = relative_position_bias(attention, q, query_grid, key_grid)
-        logits = logits + F.pad(bias, (1, 0, 1, 0))  # none on the [class] row and column
+        bias = relative_position_bias(attention, q, query_grid, key_grid, prefix)
+        logits = logits + F.pad(bias, (prefix, 0, prefix, 0))  # none on [class] row, column
     probabilities = logits.softmax(dim=-1)
     output = probabilities @ v
     if attention.residual_pooling:
@@ -156,8 +162,9 @@ def explicit_attention(
 def explicit_forward(model: MultiScaleVit, images: Tensor) -> Dict[str, object]:
     patch_map = model.patch_embed.proj(images)
     grid = tuple(patch_map.shape[-2:])
-    x = torch.cat((model.cls_token.expand(len(images), -1, -1),
-                   patch_map.flatten(2).transpose(1, 2)), dim=1)
+    x = patch_map.flatten(2).transpose(1, 2)
+    if model.cls_token is not None:
+        x = torch.cat((model.cls_token.expand(len(images), -1, -1), x), dim=1)
     if model.pos_embed is not None:
         x = x + model.pos_embed
     records = []
@@ -182,8 +189,9 @@ def explicit_daam(model, images, target=None, queries="class") -> Dict[str, obje
     logits = result["logits"]
     reduce = maps_from_explicit_blocks if queries == "class" else maps_from_every_query_row
     grids = [record["key_grid"] for record in result["blocks"]]
+    prefix = model.num_prefix_tokens
     block_maps = [
-        reduce([record], [gradient], 1, grid)["block_maps"][:, 0]
+        reduce([record], [gradient], prefix, grid)["block_maps"][:, 0]
         for record, gradient, grid in zip(result["blocks"], gradients, grids)
     ]
     finest = max(grids, key=lambda grid: grid[0] * grid[1])
@@ -407,23 +415,40 @@ def test_layer_restricts_the_flow_to_those_blocks_on_their_finest_grid():
     assert_close_relative(flow, stacked.cumsum(dim=1))
 
 
-def test_registered_models_get_the_adapter_or_are_refused_for_lack_of_a_class_token():
+def test_every_registered_model_gets_the_adapter():
     """Built on the meta device (no memory, no weights): the adapter only reads structure."""
     names = timm.list_models("mvitv2*")
     assert len(names) == 8
     for name in names:
         with torch.device("meta"):
             model = timm.create_model(name)
-        if name.endswith("_cls"):
-            adapter = adapter_for(model)
-            assert isinstance(adapter, TimmMvitv2Adapter)
-            layouts = adapter.block_layouts(adapter.attention_modules(), (224, 224))
-            assert {layout.grid for layout in layouts} == {(28, 28), (14, 14), (7, 7)}
-            assert adapter.grid_size((224, 224)) == (28, 28)
-        else:
-            assert model.cls_token is None and model.num_prefix_tokens == 0  # the message's claim
-            with pytest.raises(TypeError, match="has none \\(built with use_cls_token=False"):
-                adapter_for(model)
+        adapter = adapter_for(model)
+        assert isinstance(adapter, TimmMvitv2Adapter)
+        assert adapter.has_class_token == name.endswith("_cls")
+        layouts = adapter.block_layouts(adapter.attention_modules(), (224, 224))
+        assert {layout.grid for layout in layouts} == {(28, 28), (14, 14), (7, 7)}
+        assert adapter.grid_size((224, 224)) == (28, 28)
+
+
+@pytest.mark.parametrize("target", [[4, 5, 1], None], ids=["targets", "predicted"])
+@pytest.mark.parametrize("relative", ["spatial", ""], ids=["relative_bias", "no_bias"])
+def test_without_class_token_every_row_equals_the_reference(relative, target):
+    """mvitv2_tiny / small / base / large: no [class] token, the head averages; the relative
+    position bias is in every row."""
+    model = small_mvit(use_cls_token=False, rel_pos_type=relative, global_pool="avg")
+    images = make_images(3, 64, 64)
+    expected = explicit_daam(model, images, target, queries="all")
+    with torch.no_grad():
+        assert_close_relative(expected["logits"], model(images), 1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        daam = DAAM(model)
+        blocks = daam.attribute(images, target=target, block_grids=True, accumulate=False)
+        flow = daam.attribute(images, target=target, return_flow=True)
+    for block, reference_map in zip(blocks, expected["block_maps"]):
+        assert_close_relative(block[:, 0], reference_map)
+    assert_close_relative(flow, expected["flow"])
+    assert float(expected["block_maps"][-1].amax()) > 0
 
 
 def test_pool_first_attention_is_refused():

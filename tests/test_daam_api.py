@@ -446,3 +446,22 @@ def test_maps_that_are_zero_everywhere_warn_at_the_callers_line():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             method(model).attribute(images, target=[2, 3, 2])
+
+
+def test_a_model_without_attention_is_refused_as_such_and_one_with_unknown_attention_named():
+    convolutional = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
+    with pytest.raises(TypeError, match="has no attention module .*a convolutional or MLP"):
+        DAAM(convolutional)
+
+    class Mixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, tokens):
+            return self.mix(tokens, tokens, tokens)[0].mean(1)
+
+    with pytest.raises(TypeError, match="Its attention modules \\(MultiheadAttention\\) are of no"):
+        DAAM(Mixer())

@@ -12,6 +12,7 @@ from captum_daam.decompose import (
     class_token_contributions,
     paper_display_mapping,
     per_map_scaling,
+    place_on_grid,
     scale_flow,
     resample_to_grid,
     shared_linear_scaling,
@@ -74,6 +75,17 @@ def test_tokens_to_grid_drops_prefix_tokens_row_major():
     assert torch.equal(grid[0], torch.tensor([[2.0, 3.0, 4.0], [5.0, 6.0, 7.0]]))
     with pytest.raises(ValueError, match="2 x 2 = 4 patch tokens after 2 prefix tokens, got 6"):
         tokens_to_grid(maps, num_prefix_tokens=2, grid_size=(2, 2))
+
+
+def test_place_on_grid_lays_window_tokens_on_their_cells_and_drops_padding():
+    # Two images, two windows of three tokens on a 1 x 4 grid: window 0 holds cells 2, 3 and
+    # a padding token; window 1 holds cells 1, 0 and a prefix token.
+    positions = torch.tensor([[2, 3, -1], [1, 0, -1]])
+    maps = torch.tensor([[1.0, 2.0, 9.0], [3.0, 4.0, 9.0], [5.0, 6.0, 9.0], [7.0, 8.0, 9.0]])
+    grid = place_on_grid(maps, positions, (1, 4))
+    assert grid.tolist() == [[[4.0, 3.0, 1.0, 2.0]], [[8.0, 7.0, 5.0, 6.0]]]
+    with pytest.raises(ValueError, match="3 tokens in a multiple of 2 windows, got shape"):
+        place_on_grid(maps[:3], positions, (1, 4))
 
 
 def test_accumulate_is_the_running_sum_over_blocks():

@@ -17,6 +17,7 @@ from .base import (
 )
 from .generic import GenericAdapter
 from .hf_vit import HFViTAdapter
+from .pooled import PooledAdapter
 from .timm_beit import TimmBeitAdapter
 from .timm_cait import TimmCaitAdapter
 from .timm_coat import TimmCoatAdapter
@@ -26,11 +27,15 @@ from .timm_eva import TimmEvaAdapter
 from .timm_mvitv2 import TimmMvitv2Adapter
 from .timm_naflexvit import TimmNaFlexVitAdapter
 from .timm_pit import TimmPitAdapter
+from .timm_pvt_v2 import TimmPvtV2Adapter
 from .timm_relpos import TimmRelPosAdapter
+from .timm_sam import TimmSamAdapter
+from .timm_swin import TimmSwinAdapter
 from .timm_tnt import TimmTntAdapter
 from .timm_vit import TimmAdapter, TimmVisionTransformerAdapter
 from .timm_volo import TimmVoloAdapter
 from .timm_xcit import TimmXcitAdapter
+from .torchvision_swin import TorchvisionSwinAdapter
 from .torchvision_vit import TorchvisionVisionTransformerAdapter
 
 __all__ = [
@@ -45,6 +50,7 @@ __all__ = [
     "supported_families",
     "GenericAdapter",
     "HFViTAdapter",
+    "PooledAdapter",
     "TimmAdapter",
     "TimmBeitAdapter",
     "TimmCaitAdapter",
@@ -55,10 +61,14 @@ __all__ = [
     "TimmMvitv2Adapter",
     "TimmNaFlexVitAdapter",
     "TimmPitAdapter",
+    "TimmPvtV2Adapter",
     "TimmRelPosAdapter",
+    "TimmSamAdapter",
+    "TimmSwinAdapter",
     "TimmTntAdapter",
     "TimmVisionTransformerAdapter",
     "TimmVoloAdapter",
     "TimmXcitAdapter",
+    "TorchvisionSwinAdapter",
     "TorchvisionVisionTransformerAdapter",
 ]

@@ -126,7 +126,10 @@ class BlockRecord:
             tensor: the pre-projection attention output, or any tensor from which the
                 gradient at the pre-projection [class] row follows.
             to_pre_projection: maps the gradient at ``tensor`` (..., C') to the gradient at
-                the pre-projection output (..., C), row by row; identity when None.
+                the pre-projection output (..., C), row by row; identity when None. For a
+                ``full`` record it is given the whole gradient at ``tensor``, which may be laid
+                out otherwise (a windowed block's output grid), and returns the whole
+                (B', N, C) gradient at the pre-projection output.
 
         Returns:
             The tensor the forward pass must go on with: ``tensor`` itself, or, when nothing
@@ -142,9 +145,11 @@ class BlockRecord:
             if self.full:
                 mapped = gradient if to_pre_projection is None else to_pre_projection(gradient)
                 self.gradient = mapped
-            row = gradient[:, 0].clone()  # a copy, so the full (B, N, C) gradient can be freed
-            if to_pre_projection is not None:
-                row = to_pre_projection(row)
+                row = mapped[:, 0]
+            else:
+                row = gradient[:, 0].clone()  # a copy, so the (B, N, C) gradient can be freed
+                if to_pre_projection is not None:
+                    row = to_pre_projection(row)
             self.class_gradient = row
             if self.on_gradient is not None:
                 self.on_gradient(self)
@@ -523,15 +528,38 @@ def explained_model(model: nn.Module) -> nn.Module:
     if scripted:
         raise _jit_error(model)
     families = "; ".join(supported_families())
+    attention_types = _attention_module_types(model)
+    if attention_types:
+        found = (
+            f"Its attention modules ({', '.join(attention_types)}) are of no supported family."
+        )
+    else:
+        found = (
+            "It has no attention module (no module named for attention, no "
+            "nn.MultiheadAttention): a convolutional or MLP model, whose decision DAAM, an "
+            "explanation of attention, does not follow."
+        )
     raise TypeError(
-        f"DAAM has no adapter for a model of type {type(model).__name__}. Supported families: "
-        f"{families}. For a model built from timm-style attention modules (a qkv and a proj "
-        f"linear layer, e.g. T2T-ViT or research code), pass "
+        f"DAAM has no adapter for a model of type {type(model).__name__}. {found} Supported "
+        f"families: {families}. For a model built from timm-style attention modules (a qkv "
+        f"and a proj linear layer, e.g. T2T-ViT or research code), pass "
         f"adapter=captum_daam.adapters.GenericAdapter(attention_modules=[...], "
-        f"num_prefix_tokens=1, head_queries='class') to DAAM. For another architecture, subclass "
-        f"captum_daam.adapters.ViTAdapter and register it with "
+        f"num_prefix_tokens=1, head_queries='class') to DAAM. For another architecture, "
+        f"subclass captum_daam.adapters.ViTAdapter and register it with "
         f"@captum_daam.adapters.register_adapter."
     )
+
+
+def _attention_module_types(model: nn.Module) -> List[str]:
+    """The class names of the modules in ``model`` that are attention by their name (e.g.
+    ``WindowAttention``, ``BottleneckAttn``) or by their type (``nn.MultiheadAttention``)."""
+    names = {
+        type(module).__name__
+        for module in model.modules()
+        if isinstance(module, nn.MultiheadAttention)
+        or any(word in type(module).__name__.lower() for word in ("attention", "attn"))
+    }
+    return sorted(names)
 
 
 def _jit_error(model: nn.Module) -> TypeError:

@@ -1,5 +1,6 @@
-"""timm ``MultiScaleVit`` with a [class] token (MViTv2: mvitv2_small_cls, mvitv2_base_cls,
-mvitv2_large_cls, mvitv2_huge_cls).
+"""timm ``MultiScaleVit`` (MViTv2: mvitv2_tiny, mvitv2_small, mvitv2_base, mvitv2_large,
+without a [class] token, and mvitv2_small_cls, mvitv2_base_cls, mvitv2_large_cls,
+mvitv2_huge_cls, with one).
 
 In every block, timm's ``MultiScaleAttention`` projects the tokens to q, k and v and pools each
 of them over the patch grid with its own depthwise convolution (or max / average pooling),
@@ -23,8 +24,9 @@ output: the [class] row of the output before ``proj`` is sum_n A[0, n] v[n] + q[
 is no token's contribution and is not split over the grid; the block map is still
 relu(sum_h A <v, relu(g)>), with g the gradient at that output, q term included.
 
-Models without a [class] token (mvitv2_tiny, mvitv2_small, mvitv2_base, mvitv2_large) and
-models built with ``pool_first=True`` (timm's ``MultiScaleAttentionPoolFirst``, which no
+Models without a [class] token (mvitv2_tiny, mvitv2_small, mvitv2_base, mvitv2_large) average
+their tokens and are explained from every query row, the relative position bias then in every
+row. Models built with ``pool_first=True`` (timm's ``MultiScaleAttentionPoolFirst``, which no
 registered model uses) are refused.
 """
 
@@ -47,8 +49,8 @@ _PARTS = ("q", "k", "v")
 
 
 def mvitv2_attention_hooks(attention: MultiScaleAttention, record: BlockRecord) -> List[Hook]:
-    """Hooks that fill ``record`` from one call of timm's ``MultiScaleAttention`` with a
-    [class] token.
+    """Hooks that fill ``record`` from one call of timm's ``MultiScaleAttention``, with or
+    without a [class] token.
 
     The query, keys and values are read as the module uses them: from ``qkv``, then after
     ``pool_*`` (with the [class] token put back in front by timm's ``reshape_post_pool``), then
@@ -72,7 +74,7 @@ def mvitv2_attention_hooks(attention: MultiScaleAttention, record: BlockRecord) 
         def hook(module: nn.Module, args: tuple, pooled: Tensor) -> None:
             call["sizes"][part] = tuple(pooled.shape[-2:])  # (B * H, d, h, w)
             if not normed_later:
-                class_token = call[part][:, :, :1]
+                class_token = call[part][:, :, :1] if attention.has_cls_token else None
                 call[part] = reshape_post_pool(pooled.detach(), heads, class_token)[0]
 
         return hook
@@ -100,7 +102,7 @@ def mvitv2_attention_hooks(attention: MultiScaleAttention, record: BlockRecord) 
                     bias = cal_rel_pos_type(
                         zeros,
                         queries.to(dtype),
-                        True,
+                        attention.has_cls_token,
                         list(sizes["q"]),
                         list(sizes["k"]),
                         attention.rel_pos_h.detach().to(dtype),
@@ -125,25 +127,19 @@ def mvitv2_attention_hooks(attention: MultiScaleAttention, record: BlockRecord) 
 
 @register_adapter
 class TimmMvitv2Adapter(ViTAdapter):
-    """timm ``MultiScaleVit`` built with a [class] token (``use_cls_token=True``, the *_cls
-    models) and ``MultiScaleAttention`` in every block: pooling by convolution, max or average,
-    with or without the relative position bias and residual pooling; ``global_pool='token'``
-    (their default; the [class] rows explain it) or ``'avg'`` (every query row by default)."""
+    """timm ``MultiScaleVit`` with ``MultiScaleAttention`` in every block: pooling by
+    convolution, max or average, with or without the relative position bias and residual
+    pooling; with a [class] token (``use_cls_token=True``, the *_cls models) and
+    ``global_pool='token'`` (their default; the [class] rows explain it), or ``'avg'`` and
+    models without a [class] token (every query row by default)."""
 
-    family = "timm MViTv2 (with a [class] token)"
-    examples = "mvitv2_small_cls, mvitv2_base_cls, mvitv2_large_cls, mvitv2_huge_cls"
+    family = "timm MViTv2"
+    examples = "mvitv2_tiny, mvitv2_small, mvitv2_base, mvitv2_large, mvitv2_*_cls"
     layer_example = "model.stages[s].blocks[i].attn"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         name = type(model).__name__
-        if model.cls_token is None:
-            raise TypeError(
-                f"DAAM explains the [class] token, but this {name} has none (built with "
-                f"use_cls_token=False, as mvitv2_tiny, mvitv2_small, mvitv2_base and "
-                f"mvitv2_large are). Use a model with a [class] token: mvitv2_small_cls, "
-                f"mvitv2_base_cls, mvitv2_large_cls or mvitv2_huge_cls."
-            )
         if not model.global_pool:
             raise TypeError(
                 f"DAAM explains class scores (B, K), but this {name} has "
@@ -169,8 +165,12 @@ class TimmMvitv2Adapter(ViTAdapter):
         return isinstance(model, MultiScaleVit)
 
     @property
+    def has_class_token(self) -> bool:
+        return self.model.cls_token is not None
+
+    @property
     def reads_class_token(self) -> bool:
-        return self.model.global_pool == "token"
+        return self.has_class_token and self.model.global_pool == "token"
 
     def attention_modules(self) -> List[nn.Module]:
         return [block.attn for stage in self.model.stages for block in stage.blocks]
@@ -203,10 +203,11 @@ class TimmMvitv2Adapter(ViTAdapter):
                 f"Expected images large enough for at least one patch, got {height}x{width}. "
                 f"Use larger images."
             )
-        if model.pos_embed is not None and model.pos_embed.shape[1] != 1 + grid[0] * grid[1]:
+        prefix = model.num_prefix_tokens
+        if model.pos_embed is not None and model.pos_embed.shape[1] != prefix + grid[0] * grid[1]:
             raise ValueError(
                 f"This model's absolute position embedding holds "
-                f"{model.pos_embed.shape[1] - 1} patch positions, but {height}x{width} images "
+                f"{model.pos_embed.shape[1] - prefix} patch positions, but {height}x{width} images "
                 f"give a {grid[0]}x{grid[1]} patch grid. Use the image size the model was "
                 f"built for."
             )

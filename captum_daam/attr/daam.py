@@ -70,8 +70,12 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
     [class], [dist]) are read as every other token but are never part of the grid. An
     attention-pool head (timm's ``global_pool='map'``: SigLIP, AIMv2, Perception Encoder) is
     the last block of the flow, explained from its latent query rows over the tokens it
-    reads, so the flow has one map more than the model has blocks. Convolution stems of
-    hybrid models are not blocks of the flow.
+    reads, so the flow has one map more than the model has blocks. Windowed attention (Swin
+    V1 / V2, timm and torchvision; SAM's encoder) is explained row by row within each window,
+    and each window's tokens are laid back on their patches with the partition, padding and
+    cyclic shift undone. Attention over reduced keys and values (PVTv2, MViTv2's pooling) is
+    split over the keys it reads, on their grid. Convolution stems, patch merging and other
+    convolution stages of hybrid models are not blocks of the flow.
 
     Attributions are raw: non-negative and unnormalised, on the input's device and dtype,
     shaped like a layer attribution over the patch grid, (B, 1, gh, gw), so
@@ -102,12 +106,15 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
             layer (torch.nn.Module or list[torch.nn.Module], optional): Attention modules
                         of the blocks the flow runs over. They are taken in the model's block
                         order, whatever the order given. The flow has one map per module.
-                        Default: None, the attention modules of all blocks.
+                        Default: None, the attention modules of all blocks, and the
+                        attention-pool head where the model has one.
             adapter (ViTAdapter, optional): The adapter that knows where the model keeps
                         its attention. Default: None, the registered adapter of ``model``'s
                         family (``captum_daam.adapters.adapter_for``): timm ViT / DeiT /
-                        DINO, CaiT, XCiT, BEiT, EVA, RelPos, NaFlexViT, VOLO, ConViT, TNT,
-                        PiT, MViTv2, CrossViT, CoaT, torchvision and Hugging Face ViTs. For
+                        DINO, SigLIP, CaiT, XCiT, BEiT, EVA, RelPos, NaFlexViT, VOLO, ConViT,
+                        TNT, PiT, MViTv2, CrossViT, CoaT, Swin (timm, torchvision), SAM,
+                        PVTv2,
+                        torchvision and Hugging Face ViTs. For
                         other models built from timm-style attention (T2T-ViT, research
                         code), give ``captum_daam.adapters.GenericAdapter(attention_modules)``.
         """
