@@ -24,6 +24,7 @@ from .timm_coat import TimmCoatAdapter
 from .timm_convit import TimmConvitAdapter
 from .timm_crossvit import TimmCrossVitAdapter
 from .timm_eva import TimmEvaAdapter
+from .timm_levit import TimmLevitAdapter
 from .timm_mvitv2 import TimmMvitv2Adapter
 from .timm_naflexvit import TimmNaFlexVitAdapter
 from .timm_pit import TimmPitAdapter
@@ -32,6 +33,7 @@ from .timm_relpos import TimmRelPosAdapter
 from .timm_sam import TimmSamAdapter
 from .timm_swin import TimmSwinAdapter
 from .timm_tnt import TimmTntAdapter
+from .timm_twins import TimmTwinsAdapter
 from .timm_vit import TimmAdapter, TimmVisionTransformerAdapter
 from .timm_volo import TimmVoloAdapter
 from .timm_xcit import TimmXcitAdapter
@@ -58,6 +60,7 @@ __all__ = [
     "TimmConvitAdapter",
     "TimmCrossVitAdapter",
     "TimmEvaAdapter",
+    "TimmLevitAdapter",
     "TimmMvitv2Adapter",
     "TimmNaFlexVitAdapter",
     "TimmPitAdapter",
@@ -66,6 +69,7 @@ __all__ = [
     "TimmSamAdapter",
     "TimmSwinAdapter",
     "TimmTntAdapter",
+    "TimmTwinsAdapter",
     "TimmVisionTransformerAdapter",
     "TimmVoloAdapter",
     "TimmXcitAdapter",

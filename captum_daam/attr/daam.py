@@ -71,11 +71,12 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
     attention-pool head (timm's ``global_pool='map'``: SigLIP, AIMv2, Perception Encoder) is
     the last block of the flow, explained from its latent query rows over the tokens it
     reads, so the flow has one map more than the model has blocks. Windowed attention (Swin
-    V1 / V2, timm and torchvision; SAM's encoder) is explained row by row within each window,
-    and each window's tokens are laid back on their patches with the partition, padding and
-    cyclic shift undone. Attention over reduced keys and values (PVTv2, MViTv2's pooling) is
-    split over the keys it reads, on their grid. Convolution stems, patch merging and other
-    convolution stages of hybrid models are not blocks of the flow.
+    V1 / V2, timm and torchvision; SAM's encoder; Twins-SVT) is explained row by row within
+    each window, and each window's tokens are laid back on their patches with the partition,
+    padding and cyclic shift undone. Attention over reduced keys and values (PVTv2, Twins,
+    MViTv2) and LeViT's shrinking attention are split over the keys they read, on their grid.
+    Convolution stems, patch merging and other convolution stages of hybrid models are not
+    blocks of the flow.
 
     Attributions are raw: non-negative and unnormalised, on the input's device and dtype,
     shaped like a layer attribution over the patch grid, (B, 1, gh, gw), so
@@ -113,7 +114,7 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
                         family (``captum_daam.adapters.adapter_for``): timm ViT / DeiT /
                         DINO, SigLIP, CaiT, XCiT, BEiT, EVA, RelPos, NaFlexViT, VOLO, ConViT,
                         TNT, PiT, MViTv2, CrossViT, CoaT, Swin (timm, torchvision), SAM,
-                        PVTv2,
+                        PVTv2, Twins, LeViT,
                         torchvision and Hugging Face ViTs. For
                         other models built from timm-style attention (T2T-ViT, research
                         code), give ``captum_daam.adapters.GenericAdapter(attention_modules)``.
