@@ -2,6 +2,7 @@
 references live in reference.py and in each family's test file."""
 
 import contextlib
+import warnings
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import pytest
@@ -145,3 +146,24 @@ class ClassRows:
     def attribute(self, *args, **kwargs):
         with pooling_warning(self.model):
             return self.daam.attribute(*args, queries="class", **kwargs)
+
+
+def assert_maps_on_block_grids_match(
+    model: nn.Module, images: torch.Tensor, target, expected: Dict[str, object], rel: float = 1e-4
+) -> None:
+    """DAAM with its defaults, without a warning: the block maps on their own grids equal the
+    reference's ``block_maps`` (a list of (B, h_l, w_l)), each of which has a positive value,
+    and the flow equals its ``flow``; no hook is left on the model."""
+    from captum_daam import DAAM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        daam = DAAM(model)
+        blocks = daam.attribute(images, target=target, block_grids=True, accumulate=False)
+        flow = daam.attribute(images, target=target, return_flow=True)
+    assert len(blocks) == len(expected["block_maps"])
+    for block, reference_map in zip(blocks, expected["block_maps"]):
+        assert_close_relative(block[:, 0], reference_map, rel)
+        assert float(reference_map.amax()) > 0
+    assert_close_relative(flow, expected["flow"], rel)
+    assert module_hook_count(model) == 0

@@ -12,7 +12,6 @@ each map on its key grid and the flow on the finest by reference.area_resample.
 """
 
 import copy
-import warnings
 from typing import Dict, List, Tuple
 
 import pytest
@@ -23,7 +22,11 @@ from torch import Tensor, nn
 
 from captum_daam import DAAM
 from captum_daam.adapters import TimmLevitAdapter, adapter_for
-from helpers import assert_close_relative, make_images, module_hook_count
+from helpers import (
+    assert_close_relative,
+    assert_maps_on_block_grids_match,
+    make_images,
+)
 from reference import flow_on_the_finest_grid, maps_from_every_query_row, resolve_targets
 
 NUM_CLASSES = 7
@@ -136,17 +139,7 @@ def test_flow_and_block_maps_equal_explicit_reference(case, target):
     expected = explicit_daam(model, images, target)
     with torch.no_grad():
         assert_close_relative(expected["logits"], model(images).double(), 1e-5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        daam = DAAM(model)
-        blocks = daam.attribute(images, target=target, block_grids=True, accumulate=False)
-        flow = daam.attribute(images, target=target, return_flow=True)
-    assert len(blocks) == len(expected["block_maps"])
-    for block, reference_map in zip(blocks, expected["block_maps"]):
-        assert_close_relative(block[:, 0], reference_map)
-    assert_close_relative(flow, expected["flow"])
-    assert all(float(reference_map.amax()) > 0 for reference_map in expected["block_maps"])
-    assert module_hook_count(model) == 0
+    assert_maps_on_block_grids_match(model, images, target, expected)
 
 
 def test_another_image_size_is_refused_before_any_work():

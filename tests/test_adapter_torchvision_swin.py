@@ -14,7 +14,6 @@ padding by hand. The stages' maps are brought to the finest grid by reference.ar
 
 import copy
 import math
-import warnings
 from typing import Dict, List, Tuple
 
 import pytest
@@ -24,9 +23,12 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models import swin_transformer as tv_swin
 
-from captum_daam import DAAM
 from captum_daam.adapters import TorchvisionSwinAdapter, adapter_for
-from helpers import assert_close_relative, make_images, module_hook_count
+from helpers import (
+    assert_close_relative,
+    assert_maps_on_block_grids_match,
+    make_images,
+)
 from reference import flow_on_the_finest_grid, resolve_targets
 from test_adapter_swin import region_labels_by_hand, relative_index_by_hand, windowed_block_maps
 
@@ -149,16 +151,7 @@ def test_flow_and_block_maps_equal_explicit_reference(version, target, size):
     expected = explicit_daam(model, images, target)
     with torch.no_grad():
         assert_close_relative(expected["logits"], model(images).double(), 1e-5)
-    daam = DAAM(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        flow = daam.attribute(images, target=target, return_flow=True)
-    assert_close_relative(flow, expected["flow"])
-    blocks = daam.attribute(images, target=target, block_grids=True, accumulate=False)
-    for block, reference_map in zip(blocks, expected["block_maps"]):
-        assert_close_relative(block[:, 0], reference_map)
-    assert all(float(reference_map.amax()) > 0 for reference_map in expected["block_maps"])
-    assert module_hook_count(model) == 0
+    assert_maps_on_block_grids_match(model, images, target, expected)
 
 
 @pytest.mark.parametrize("name", ["swin_t", "swin_v2_t"])
