@@ -1,30 +1,34 @@
 """Census of timm: which models DAAM explains exactly, which it refuses and why.
 
 Every name ``timm.list_models()`` gives is built on the meta device first (no memory, no
-weights) to see whether it has a [class] token and how large it is. Models with a [class]
-token up to ``--max-params`` parameters are then built with random weights
-(``pretrained=False``: nothing is downloaded) and explained for one random image at the
-model's default input size, with DAAM's defaults (``queries='class'`` where the head reads
-the [class] token, ``'all'`` where it pools). Each model ends in one of:
+weights) to see whether it has a [class] token, how large it is and whether an adapter takes
+it. Models an adapter takes, up to ``--max-params`` parameters, are then built with random
+weights (``pretrained=False``: nothing is downloaded) and explained for one random image at
+the model's default input size, with DAAM's defaults (``queries='class'`` where the head
+reads the [class] token, ``'all'`` where it pools or there is none; an attention-pool head's
+latent rows). Each model ends in one of:
 
 - ``exact``: DAAM's block maps equal maps formed from an independent check of every block of
   the flow, to ``--tolerance`` (relative to the largest value): (1) the recorded decomposition
   adds up to the module's own attention output, read by a hook that is not the adapter's on
   the input of the module's output projection (``norm`` or ``proj``): the [class] row,
   sum_n A[h, 0, n] v[h, n], or with queries='all' every row, A @ v (plus the term the record
-  names as no token's, MViTv2's pooled query); (2) the maps formed from
-  that decomposition with the gradient autograd gives at the hooked tensor equal DAAM's.
+  names as no token's, MViTv2's pooled query); (2) the maps formed from that decomposition
+  with the gradient autograd gives at the hooked tensor, each token placed on the grid as
+  the adapter's layout says (windows), equal DAAM's.
   Each family's test file checks the same models' maps token by token against an explicit
   float64 reference; this census checks that every model name meets the decomposition.
 - ``runs``: DAAM explains the model, but a check above is off (the record says by how much).
-- ``refused``: DAAM raises a TypeError or ValueError before any work; the reason is its
-  message's first sentence.
+- ``refused``: DAAM raises a TypeError or ValueError before any work (no adapter takes the
+  model: its message says whether it has attention at all; or the model cannot take its
+  default input); the reason is its message's first sentences.
 - ``crashed``: any other exception (a bug: the goal is none).
-- ``not built``: larger than ``--max-params`` (the size is recorded), or no [class] token
-  (listed, and checked with the meta-device model that DAAM refuses it).
+- ``not built``: larger than ``--max-params`` (the size is recorded), or its check killed
+  the census process (out of memory); such a model is not tried again on resuming.
 
 Results go to ``--out`` as JSON (one record per model, written as it goes, so an interrupted
-census resumes where it stopped) and a Markdown summary.
+census resumes where it stopped; ``--recheck`` checks the named models again) and a Markdown
+summary of every model the JSON holds.
 
     python benchmarks/coverage.py                       # every timm model, up to 700M parameters
     python benchmarks/coverage.py --names 'pit_*' 'mvitv2_*_cls' --out /tmp/some
@@ -40,18 +44,29 @@ import time
 import traceback
 import warnings
 from collections import Counter, defaultdict
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import timm
 import torch
 from timm.data import resolve_data_config
+from timm.layers import Attention
+from timm.layers.attention import AttentionRope
+from timm.models.eva import EvaAttention
+from timm.models.vision_transformer_relpos import RelPosAttention
 from torch import Tensor, nn
 
 from captum_daam import DAAM
 from captum_daam.adapters import adapter_for
 from captum_daam.attr.base import on_one_grid
+from captum_daam.decompose import place_on_grid
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+#: The reason recorded for a model whose check ended the census process (the kernel's
+#: out-of-memory killer): written before the check, replaced by its result.
+DIED = (
+    "the census process was killed while checking it (out of this machine's memory at the "
+    "model's default input size)"
+)
 
 
 def has_class_token(model: nn.Module) -> bool:
@@ -60,17 +75,24 @@ def has_class_token(model: nn.Module) -> bool:
     return any("cls_token" in name for name, _ in model.named_parameters())
 
 
-def first_sentence(error: BaseException) -> str:
+def first_sentence(error: BaseException, count: int = 1) -> str:
+    """The first ``count`` sentences of the error's message."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text.split(". ")[0].rstrip(".") + "."
+    return ". ".join(text.split(". ")[:count]).rstrip(".") + "."
 
 
-def output_projection_input(attention: nn.Module, latent: bool = False) -> nn.Module:
+#: timm's attention layers whose ``norm`` takes the attention output (identity unless
+#: scale_norm), before ``proj``. Other layers' ``norm`` is elsewhere (PVTv2's norms the reduced
+#: keys; an attention-pool head's follows ``proj``).
+OUTPUT_NORMED = (Attention, AttentionRope, EvaAttention, RelPosAttention)
+
+
+def output_projection_input(attention: nn.Module) -> nn.Module:
     """Where the attention output enters the output projection in timm's attention layers:
-    ``norm`` where there is one (identity unless scale_norm), else ``proj``, or, in a block
-    that computes attention itself (timm's ParallelScalingBlock), ``attn_out_proj``. An
-    attention-pool head (``latent``) applies its ``norm`` after ``proj``: its ``proj``."""
-    for name in ("proj",) if latent else ("norm", "proj", "attn_out_proj"):
+    ``norm`` in the layers of ``OUTPUT_NORMED``, else ``proj``, or, in a block that computes
+    attention itself (timm's ParallelScalingBlock), ``attn_out_proj``."""
+    names = ("norm", "proj") if isinstance(attention, OUTPUT_NORMED) else ("proj", "attn_out_proj")
+    for name in names:
         module = getattr(attention, name, None)
         if isinstance(module, nn.Module):
             return module
@@ -80,6 +102,20 @@ def output_projection_input(attention: nn.Module, latent: bool = False) -> nn.Mo
 def relative_error(actual: Tensor, expected: Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def windows_on_grid(rebuilt: Tensor, gradient: Tensor, positions: Tensor):
+    """Window tokens (B * W, N_w, C) laid on the grid (B, N, C) by ``positions`` (W, N_w), and
+    the gradient on the grid (B, N, C) taken to the window tokens (padding zero)."""
+    positions = positions.to(rebuilt.device)
+    cells = positions.reshape(-1)
+    kept = cells >= 0
+    batch = gradient.shape[0]
+    tokens = rebuilt.reshape(batch, -1, rebuilt.shape[-1])  # (B, W * N_w, C)
+    on_grid = tokens.new_zeros(batch, gradient.shape[1], tokens.shape[-1])
+    on_grid[:, cells[kept]] = tokens[:, kept]
+    in_windows = gradient[:, cells.clamp(min=0)] * kept[:, None].to(gradient.dtype)
+    return on_grid, in_windows.reshape(rebuilt.shape[0], -1, gradient.shape[-1])
 
 
 def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
@@ -100,7 +136,7 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
     own: List[Tensor] = []
     with torch.enable_grad(), adapter.record(daam.layer, full=every_row) as records:
         handles = [
-            output_projection_input(attention, id(attention) in latent).register_forward_pre_hook(
+            output_projection_input(attention).register_forward_pre_hook(
                 lambda module, args: own.append(args[0])
             )
             for attention in daam.layer
@@ -114,12 +150,15 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
                 handle.remove()
 
     decomposition_error, map_error = 0.0, 0.0
-    for record, output, gradient, daam_map, all_rows in zip(
-        records, own, gradients, block_maps, every_row
+    layouts = adapter.block_layouts(daam.layer, tuple(images.shape[-2:]))
+    for record, output, gradient, daam_map, all_rows, layout in zip(
+        records, own, gradients, block_maps, every_row, layouts
     ):
         values = record.values.double()  # (B, H, N, d)
         heads, width = values.shape[1], values.shape[3]
         gradient = torch.zeros_like(output) if gradient is None else gradient
+        if output.dim() == 4:  # an NCHW attention (LeViT's conv layout): tokens row by row
+            output, gradient = (tensor.flatten(2).transpose(1, 2) for tensor in (output, gradient))
         residual = None if record.residual is None else record.residual.double()
         if not all_rows:
             rebuilt = (record.class_attention.double().unsqueeze(-1) * values).sum(2)
@@ -135,14 +174,23 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
             attention = record.attention().double()  # (B, H, Nq, N)
             rebuilt = attention @ values if residual is None else attention @ values + residual
             rebuilt = rebuilt.transpose(1, 2).flatten(2)
+            if rebuilt.shape[:2] != output.shape[:2]:
+                # The module merges its windows before the projection (Twins-SVT): compare on
+                # the grid, each window token on the cell its layout names, and take the
+                # gradient at the cells back to the window tokens.
+                rebuilt, gradient = windows_on_grid(rebuilt, gradient, layout.positions)
             decomposition_error = max(
                 decomposition_error, relative_error(rebuilt, output.detach())
             )
             weights = gradient.double().relu().unflatten(-1, (heads, width)).transpose(1, 2)
             cam = values * (attention.transpose(-2, -1) @ weights)
             cam = cam.sum(-1)
-        cam = cam.sum(1).relu()  # (B, N)
-        patches = cam[:, cam.shape[1] - daam_map[0, 0].numel():].reshape(daam_map.shape)
+        cam = cam.sum(1).relu()  # (B * windows, N)
+        if layout.positions is not None:  # windows, or tokens placed otherwise on the grid
+            patches = place_on_grid(cam, layout.positions.to(cam.device), layout.grid)
+            patches = patches.unsqueeze(1)
+        else:
+            patches = cam[:, cam.shape[1] - daam_map[0, 0].numel():].reshape(daam_map.shape)
         map_error = max(map_error, relative_error(daam_map, patches))
     return {
         "queries": queries,
@@ -157,7 +205,14 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
     }
 
 
-def census_one(name: str, max_params: float, tolerance: float) -> Dict[str, object]:
+def census_one(
+    name: str,
+    max_params: float,
+    tolerance: float,
+    before_building: Callable[[Dict[str, object]], None] = lambda record: None,
+) -> Dict[str, object]:
+    """The census record of one model; ``before_building`` is given the record so far (name,
+    family, size) just before the model is built with its weights and checked."""
     record: Dict[str, object] = {"name": name}
     try:
         with torch.device("meta"):
@@ -170,8 +225,8 @@ def census_one(name: str, max_params: float, tolerance: float) -> Dict[str, obje
     record["params"] = sum(parameter.numel() for parameter in skeleton.parameters())
     try:
         adapter_for(skeleton)  # the adapters refuse a model in their constructor, before any work
-    except TypeError as error:
-        return dict(record, status="refused", reason=first_sentence(error))
+    except TypeError as error:  # no adapter: the message's second sentence says if it has attention
+        return dict(record, status="refused", reason=first_sentence(error, 2))
     except Exception as error:  # noqa: BLE001
         return dict(record, status="crashed", reason=f"on the meta device: {type(error).__name__}: "
                     f"{first_sentence(error)}")
@@ -179,6 +234,7 @@ def census_one(name: str, max_params: float, tolerance: float) -> Dict[str, obje
         return dict(record, status="not built", reason=f"{record['params'] / 1e6:.0f}M "
                     f"parameters, above this census's {max_params / 1e6:.0f}M")
     del skeleton
+    before_building(record)
     started = time.perf_counter()
     try:
         torch.manual_seed(0)
@@ -209,9 +265,11 @@ def summary(records: List[Dict[str, object]], settings: Dict[str, object]) -> st
     counts = Counter(record["status"] for record in with_token)
     lines = [
         f"timm {timm.__version__}, torch {torch.__version__}, CPU; random weights, batch 1, "
-        f"default input size; tolerance {settings['tolerance']:.0e}, models up to "
-        f"{settings['max_params'] / 1e6:.0f}M parameters built. The seconds are per model, as "
-        f"measured in the run (resumable, so possibly in several pieces) that checked it.",
+        f"default input size; tolerance {settings['tolerance']:.0e}; models built up to the "
+        f"parameter limit of the run that checked them (the latest run's: "
+        f"{settings['max_params'] / 1e6:.0f}M; a model not built names its run's limit). The "
+        f"seconds are per model, as measured in the run (resumable, so possibly in several "
+        f"pieces) that checked it.",
         "",
         f"{len(records)} model names: "
         + ", ".join(f"{counts[status]} {status}" for status in
@@ -227,16 +285,39 @@ def summary(records: List[Dict[str, object]], settings: Dict[str, object]) -> st
     for family in sorted(by_family, key=lambda name: (-len(by_family[name]), name)):
         group = by_family[family]
         family_counts = Counter(record["status"] for record in group)
-        multi = any(len(record.get("grids", [])) > 1 for record in group)
+        built = [record for record in group if record.get("grids")]
+        multi = any(len(record["grids"]) > 1 for record in built)
+        grids = ("per block" if multi else "one") if built else "-"
         queries = sorted({record["queries"] for record in group if "queries" in record})
         lines.append(
             f"| {family} | {len(group)} | {sum(bool(r['class_token']) for r in group)} | "
             + " | ".join(str(family_counts[status]) for status in
                          ("exact", "runs", "refused", "crashed", "not built"))
-            + f" | {'per block' if multi else 'one'} | {', '.join(queries) or '-'} |"
+            + f" | {grids} | {', '.join(queries) or '-'} |"
         )
-    lines += ["", "Models not explained exactly, and why:", ""]
+    refused = [record for record in with_token if record["status"] == "refused"]
+    without_attention = [r for r in refused if "has no attention module" in r["reason"]]
+    unknown_attention = Counter(
+        r["family"] for r in refused if "Its attention modules" in r["reason"]
+    )
+    lines += [
+        "",
+        f"Refused: {len(without_attention)} models without attention (convolutional or MLP "
+        f"models, no module named for attention and no nn.MultiheadAttention); "
+        f"{sum(unknown_attention.values())} with attention modules of a family no adapter "
+        f"knows yet ("
+        + ", ".join(f"{family} {count}" for family, count in unknown_attention.most_common())
+        + f"); {len(refused) - len(without_attention) - sum(unknown_attention.values())} "
+        f"for another reason, listed below.",
+        "",
+        "Models not explained exactly and not refused for lacking attention or an adapter, "
+        "and why:",
+        "",
+    ]
     for record in with_token:
+        reason = record.get("reason", "")
+        if record["status"] == "refused" and reason.startswith("DAAM has no adapter"):
+            continue
         if record["status"] != "exact":
             lines.append(f"- {record['name']} ({record['family']}): {record['status']}: "
                          f"{record.get('reason', '')}")
@@ -274,7 +355,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="check the named models again even where --out has them")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = [name for name in timm.list_models()
+    every_name = timm.list_models()
+    names = [name for name in every_name
              if any(fnmatch.fnmatch(name, pattern) for pattern in args.names)]
     path = f"{args.out}.json"
     done: Dict[str, Dict[str, object]] = {}
@@ -283,19 +365,27 @@ def main(argv: Optional[List[str]] = None) -> int:
             done = {record["name"]: record for record in json.load(stored)["models"]}
     settings = {"max_params": args.max_params, "tolerance": args.tolerance,
                 "threads": args.threads, "timm": timm.__version__, "torch": torch.__version__}
-    for index, name in enumerate(names):
-        if name in done and not args.recheck:
-            continue
-        record = census_one(name, args.max_params, args.tolerance)
-        done[name] = record
-        print(f"[{index + 1}/{len(names)}] {name}: {record['status']} "
-              f"{record.get('reason', '')}", flush=True)
-        records = [done[key] for key in names if key in done]
+    def store() -> None:
+        records = [done[key] for key in every_name if key in done]
         with open(path + ".partial", "w") as stored:
             json.dump({"settings": settings, "models": records}, stored, indent=1)
         os.replace(path + ".partial", path)
+
+    def mark_as_died(record: Dict[str, object]) -> None:
+        # Stored before the check, so that a check the kernel kills (out of memory) leaves it.
+        done[record["name"]] = dict(record, status="not built", reason=DIED)
+        store()
+
+    for index, name in enumerate(names):
+        if name in done and not (args.recheck and done[name].get("reason") != DIED):
+            continue  # a model whose check killed the census is not tried again
+        record = census_one(name, args.max_params, args.tolerance, mark_as_died)
+        done[name] = record
+        print(f"[{index + 1}/{len(names)}] {name}: {record['status']} "
+              f"{record.get('reason', '')}", flush=True)
+        store()
         gc.collect()
-    records = [done[key] for key in names if key in done]
+    records = [done[key] for key in every_name if key in done]
     with open(f"{args.out}.md", "w") as table:
         table.write(summary(records, settings))
     crashed = [record["name"] for record in records if record["status"] == "crashed"]
