@@ -222,6 +222,9 @@ def test_a_run_stopped_by_a_signal_leaves_only_complete_pairs(
         [sys.executable, "-m", "captum_daam.cli", "explain", *images, "--model", "tiny-vit",
          "--out", str(out), "--no-progress"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # A shell's background job starts with SIGINT ignored, and its children inherit that:
+        # the run under test gets the default handling, however the tests were started.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
