@@ -167,3 +167,13 @@ def assert_maps_on_block_grids_match(
         assert float(reference_map.amax()) > 0
     assert_close_relative(flow, expected["flow"], rel)
     assert module_hook_count(model) == 0
+
+
+def add_parameter_noise(model: nn.Module, scale: float = 0.1, seed: int = 1) -> nn.Module:
+    """Seeded noise on every parameter, so that the biases, tables and heads a library starts
+    at constants (zeros, ones) matter in a test; returns the model in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return model.eval()

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from captum_daam import DAAM
 from captum_daam.adapters import TimmLevitAdapter, adapter_for
 from helpers import (
+    add_parameter_noise,
     assert_close_relative,
     assert_maps_on_block_grids_match,
     make_images,
@@ -114,11 +115,7 @@ def small_levit(name: str, **kwargs) -> nn.Module:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, img_size=96,
                               **kwargs)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
+    return add_parameter_noise(model)
 
 
 CASES = {

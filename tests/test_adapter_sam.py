@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from captum_daam import DAAM
 from captum_daam.adapters import TimmSamAdapter, adapter_for
-from helpers import assert_close_relative, make_images, module_hook_count, set_fused_attention
+from helpers import (
+    add_parameter_noise,
+    assert_close_relative,
+    make_images,
+    module_hook_count,
+    set_fused_attention,
+)
 from reference import resolve_targets
 from test_adapter_eva_rope import rotate_by_hand
 from test_adapter_swin import windowed_block_maps
@@ -116,11 +122,7 @@ def small_sam(**kwargs) -> VisionTransformerSAM:
         depth=4, num_heads=2, window_size=3, global_attn_indexes=(1, 3),
         num_classes=NUM_CLASSES, **kwargs,
     )
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
+    return add_parameter_noise(model)
 
 
 MODELS = {

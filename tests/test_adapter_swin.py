@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from captum_daam import DAAM, AttentionRollout
 from captum_daam.adapters import TimmSwinAdapter, adapter_for
 from helpers import (
+    add_parameter_noise,
     assert_close_relative,
     assert_maps_on_block_grids_match,
     make_images,
@@ -200,11 +201,7 @@ def windowed_block_maps(blocks: List[Dict], gradients) -> List[Tensor]:
 def prepare(model: nn.Module, seed: int = 0) -> nn.Module:
     """Seeded noise on every parameter (timm starts biases, tables and V2's post-norms at
     constants), so that every window, bias and mask matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
+    return add_parameter_noise(model, seed=seed)
 
 
 SMALL = dict(embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=NUM_CLASSES)

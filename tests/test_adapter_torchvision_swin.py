@@ -25,6 +25,7 @@ from torchvision.models import swin_transformer as tv_swin
 
 from captum_daam.adapters import TorchvisionSwinAdapter, adapter_for
 from helpers import (
+    add_parameter_noise,
     assert_close_relative,
     assert_maps_on_block_grids_match,
     make_images,
@@ -135,11 +136,7 @@ def small(constructor, **kwargs) -> nn.Module:
         num_classes=NUM_CLASSES, stochastic_depth_prob=0.0, block=block,
         downsample_layer=merging, **kwargs,
     )
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
+    return add_parameter_noise(model)
 
 
 @pytest.mark.parametrize("size", [(48, 48), (40, 56)], ids=["whole_windows", "padded"])

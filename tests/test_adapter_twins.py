@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from captum_daam.adapters import TimmTwinsAdapter, adapter_for
 from helpers import (
+    add_parameter_noise,
     assert_close_relative,
     assert_maps_on_block_grids_match,
     make_images,
@@ -131,11 +132,7 @@ def small_twins(name: str) -> nn.Module:
         embed_dims=(16, 32, 32, 64), num_heads=(1, 2, 2, 4), wss=(3, 3, 3, 3)
         if "svt" in name else None,
     )
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
+    return add_parameter_noise(model)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])

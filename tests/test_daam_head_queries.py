@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from captum_daam import DAAM
-from helpers import assert_close_relative, make_images, make_model, set_fused_attention
+from helpers import (
+    add_parameter_noise,
+    assert_close_relative,
+    make_images,
+    make_model,
+    set_fused_attention,
+)
 from reference import explicit_forward, explicit_gradients, maps_from_every_query_row
 
 TARGETS = [3, 7, 1]
@@ -25,11 +31,7 @@ def distilled(**kwargs):
         num_classes=10,
         **kwargs,
     )
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # timm starts both heads at zero: give them weights
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
+    return add_parameter_noise(model, 0.05, seed=0)  # timm starts both heads at zero
 
 
 def explicit_rows(model, images, target, rows):
