@@ -7,7 +7,6 @@ row's contributions weighted by its own gradient)."""
 import warnings
 
 import pytest
-import torch
 
 from captum_daam import DAAM
 from helpers import (
