@@ -1,11 +1,13 @@
-"""timm Swin Transformer V1 and V2: DAAM over windowed attention equals an explicit reference.
+"""timm Swin Transformer V1, V2 and V2-Cr: DAAM over windowed attention equals an explicit
+reference.
 
 The reference runs the model in float64 with every block's attention written out window by
 window: the cyclic shift (torch.roll), the zero padding to whole windows, each window cut out
 by slicing, the relative position index and the shift mask built by hand from their
 definitions, softmax(q k^T * scale + bias) formed as an explicit (B, H, N, N) matrix per window
 (V2: cosine attention, normalised q and k, the clamped per-head logit scale, the bias
-16 * sigmoid(MLP(table))). The gradient at every window's output before the projection is
+16 * sigmoid(MLP(table)); V2-Cr: the same cosine attention, the bias its MLP gives for the log
+relative coordinates of each pair). The gradient at every window's output before the projection is
 taken with plain autograd; every row of a window is split over the tokens it reads,
 F[i, n, (h, e)] = A[h, i, n] v[h, n, e], weighted by its own gradient, summed and relu'd, and
 each token's value is put back on its patch by undoing the padding and the shift by hand. No
@@ -22,6 +24,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.models import swin_transformer_v2 as swin_v2
+from timm.models import swin_transformer_v2_cr as swin_v2_cr
 from torch import Tensor, nn
 
 from captum_daam import DAAM, AttentionRollout
@@ -80,11 +83,16 @@ def explicit_window_attention(attention: nn.Module, tokens: Tensor, bias_mask: T
         qkv = attention.qkv(tokens)
     q, k, v = qkv.reshape(batch, count, 3, heads, -1).permute(2, 0, 3, 1, 4)
     index = relative_index_by_hand(window)
-    if isinstance(attention, swin_v2.WindowAttention):
-        scale = torch.clamp(attention.logit_scale, max=math.log(100.0)).exp()  # (H, 1, 1)
+    if isinstance(attention, (swin_v2.WindowAttention, swin_v2_cr.WindowMultiHeadAttention)):
+        scale = attention.logit_scale.reshape(heads, 1, 1)
+        scale = torch.clamp(scale, max=math.log(100.0)).exp()  # (H, 1, 1)
         logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * scale
-        table = attention.cpb_mlp(attention.relative_coords_table).reshape(-1, heads)
-        relative = 16 * torch.sigmoid(table[index].permute(2, 0, 1))
+        if isinstance(attention, swin_v2.WindowAttention):
+            table = attention.cpb_mlp(attention.relative_coords_table).reshape(-1, heads)
+            relative = 16 * torch.sigmoid(table[index].permute(2, 0, 1))
+        else:  # one bias per (query, key) pair, from the log of their relative coordinates
+            pairs = attention.meta_mlp(attention.relative_coordinates_log)  # (N * N, H)
+            relative = pairs.transpose(0, 1).reshape(heads, count, count)
     else:
         logits = q @ k.transpose(-2, -1) * attention.scale
         relative = attention.relative_position_bias_table[index].permute(2, 0, 1)
@@ -130,21 +138,29 @@ def explicit_swin_attention(block: nn.Module, x: Tensor) -> Tuple[Tensor, List[D
 
 
 def explicit_forward(model: nn.Module, images: Tensor) -> Dict[str, object]:
-    x = model.patch_embed(images)  # (B, H, W, C)
+    cr = isinstance(model, swin_v2_cr.SwinTransformerV2Cr)
+    x = model.patch_embed(images)  # (B, H, W, C); V2-Cr: (B, C, H, W)
+    if cr:
+        x = x.permute(0, 2, 3, 1)
+    post_norm = (swin_v2.SwinTransformerV2Block, swin_v2_cr.SwinTransformerV2CrBlock)
     blocks = []
-    for stage in model.layers:
+    for stage in model.stages if cr else model.layers:
         x = stage.downsample(x)
         for block in stage.blocks:
             batch, height, width, channels = x.shape
-            if isinstance(block, swin_v2.SwinTransformerV2Block):
+            if isinstance(block, post_norm):
                 attended, windows = explicit_swin_attention(block, x)
                 x = x + block.norm1(attended)
                 x = x + block.norm2(block.mlp(x))
+                if cr:
+                    x = block.norm3(x)
             else:
                 attended, windows = explicit_swin_attention(block, block.norm1(x))
                 x = x + attended
                 x = x + block.mlp(block.norm2(x))
             blocks.append(dict(windows=windows, grid=(height, width)))
+    if cr:
+        return {"logits": model.forward_head(x.permute(0, 3, 1, 2)), "blocks": blocks}
     return {"logits": model.forward_head(model.norm(x)), "blocks": blocks}
 
 
@@ -222,6 +238,7 @@ MODELS = {
     "v2_dynamic": lambda: timm.create_model(
         "swinv2_tiny_window8_256", img_size=48, window_size=4, strict_img_size=False, **SMALL
     ),
+    "v2_cr": lambda: timm.create_model("swinv2_cr_tiny_224", img_size=48, window_size=4, **SMALL),
 }
 IMAGE_SIZES = {"v1_padded_non_square": (40, 48), "v2_dynamic": (40, 56)}
 
@@ -302,7 +319,6 @@ def test_rollouts_are_refused_for_windowed_attention():
 
 def test_every_registered_swin_model_is_taken_by_the_swin_adapter():
     names = timm.list_models("swin_*") + timm.list_models("swinv2_*")
-    names = [name for name in names if not name.startswith("swinv2_cr")]
     for name in names:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False)
@@ -313,4 +329,4 @@ def test_every_registered_swin_model_is_taken_by_the_swin_adapter():
         for layout in layouts:  # every patch of the stage lies in exactly one window
             cells = layout.positions[layout.positions >= 0]
             assert sorted(cells.tolist()) == list(range(layout.grid[0] * layout.grid[1])), name
-    assert len(names) >= 20
+    assert len(names) >= 37

@@ -29,12 +29,15 @@ def patch_grid(patch_embed: nn.Module, image_size: Tuple[int, int]) -> Tuple[int
             f"{height}x{width}. Resize the images, or build the model with "
             f"strict_img_size=False (or call its set_input_size where it has one)."
         )
-    if not patch_embed.dynamic_img_pad and (height % patch_h or width % patch_w):
+    padded = getattr(patch_embed, "dynamic_img_pad", False)
+    if not padded and (height % patch_h or width % patch_w):
         raise ValueError(
             f"Expected image height and width divisible by the patch size "
             f"{patch_h}x{patch_w}, got {height}x{width}. Resize or pad the images."
         )
-    return tuple(patch_embed.dynamic_feat_size((height, width)))
+    return (-(-height // patch_h), -(-width // patch_w)) if padded else (
+        height // patch_h, width // patch_w
+    )
 
 
 class PooledAdapter(ViTAdapter):

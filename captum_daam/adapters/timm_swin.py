@@ -1,11 +1,13 @@
-"""timm ``SwinTransformer`` (Swin V1: swin_*) and ``SwinTransformerV2`` (swinv2_*, not the
-swinv2_cr_* family): windowed attention, no [class] token, the head averages the last stage.
+"""timm ``SwinTransformer`` (Swin V1: swin_*), ``SwinTransformerV2`` (swinv2_*) and
+``SwinTransformerV2Cr`` (swinv2_cr_*): windowed attention, no [class] token, the head averages
+the last stage.
 
 Every block attends within windows: it shifts its token grid cyclically (every other block),
 pads it at the bottom and right to whole windows and runs ``WindowAttention`` on a batch of
 B * W windows. The logits hold the relative position bias (V1: a learned table; V2: a
-continuous bias from an MLP, 16 * sigmoid(.)) and, in shifted blocks, the mask that keeps
-regions apart; V2's attention is cosine attention with a learned per-head scale. Each window's
+continuous bias from an MLP, 16 * sigmoid(.); V2-Cr: a bias from an MLP of log coordinates)
+and, in shifted blocks, the mask that keeps regions apart; V2's and V2-Cr's attention is cosine
+attention with a learned per-head scale. Each window's
 token map is laid back on the stage's grid with the shift and padding undone
 (:func:`~captum_daam.adapters.windows.window_positions`, which runs timm's own
 ``window_partition`` on a grid of cell indices). One grid per stage (the stem's patch grid,
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from timm.models import swin_transformer as swin_v1
 from timm.models import swin_transformer_v2 as swin_v2
+from timm.models import swin_transformer_v2_cr as swin_v2_cr
 from torch import Tensor, nn
 
 from ..decompose import attention_probabilities, class_attention_row
@@ -30,8 +33,19 @@ from .windows import window_positions
 
 __all__ = ["TimmSwinAdapter", "window_attention_hooks"]
 
-_BLOCKS = (swin_v1.SwinTransformerBlock, swin_v2.SwinTransformerV2Block)
-_ATTENTIONS = (swin_v1.WindowAttention, swin_v2.WindowAttention)
+_BLOCKS = (
+    swin_v1.SwinTransformerBlock, swin_v2.SwinTransformerV2Block,
+    swin_v2_cr.SwinTransformerV2CrBlock,
+)
+_ATTENTIONS = (
+    swin_v1.WindowAttention, swin_v2.WindowAttention, swin_v2_cr.WindowMultiHeadAttention
+)
+#: Each family's module, for its own window partition.
+_MODULE_OF_BLOCK = {
+    swin_v1.SwinTransformerBlock: swin_v1,
+    swin_v2.SwinTransformerV2Block: swin_v2,
+    swin_v2_cr.SwinTransformerV2CrBlock: swin_v2_cr,
+}
 
 
 def _window_bias(
@@ -58,17 +72,18 @@ def _v2_relative_bias(attention: swin_v2.WindowAttention) -> Tensor:
 
 def window_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook]:
     """Hooks that fill ``record`` from one call of timm's Swin V1 or V2 ``WindowAttention``
-    on B * W windows.
+    or V2-Cr ``WindowMultiHeadAttention`` on B * W windows.
 
-    The query, keys and values come from the module's qkv projection: V1's ``qkv`` output;
-    V2's, recomputed from the call's input with its q / v biases as its forward does (it calls
-    ``F.linear`` on ``qkv.weight``). V2's cosine attention is formed from the normalised
-    query, scaled per head by the clamped ``logit_scale``, and the normalised keys. The logit
-    bias is the relative position bias plus the call's ``mask``. The head-concatenated output
-    is watched where it enters ``proj``.
+    The query, keys and values come from the module's qkv projection: V1's and V2-Cr's
+    ``qkv`` output; V2's, recomputed from the call's input with its q / v biases as its
+    forward does (it calls ``F.linear`` on ``qkv.weight``). V2's and V2-Cr's cosine attention
+    is formed from the normalised query, scaled per head by the clamped ``logit_scale``, and
+    the normalised keys. The logit bias is the relative position bias plus the call's
+    ``mask``. The head-concatenated output is watched where it enters ``proj``.
     """
     heads = attention.num_heads
-    cosine = isinstance(attention, swin_v2.WindowAttention)
+    recomputed = isinstance(attention, swin_v2.WindowAttention)  # its qkv module is not called
+    cosine = recomputed or isinstance(attention, swin_v2_cr.WindowMultiHeadAttention)
     call: Dict[str, object] = {}
 
     def split(qkv: Tensor) -> None:
@@ -78,7 +93,7 @@ def window_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Ho
 
     def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
         call["mask"] = kwargs.get("mask", args[1] if len(args) > 1 else None)
-        if cosine:
+        if recomputed:
             with torch.no_grad():
                 tokens = args[0]
                 if attention.q_bias is None:
@@ -99,10 +114,14 @@ def window_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Ho
         mask = call.pop("mask")
         with torch.no_grad():
             if cosine:
-                logit_scale = torch.clamp(attention.logit_scale, max=math.log(1.0 / 0.01)).exp()
+                logit_scale = attention.logit_scale.reshape(heads, 1, 1)
+                logit_scale = torch.clamp(logit_scale, max=math.log(1.0 / 0.01)).exp()
                 queries = F.normalize(queries, dim=-1) * logit_scale
                 keys = F.normalize(keys, dim=-1)
-                relative_bias, scale = _v2_relative_bias(attention), 1.0
+                relative_bias, scale = (
+                    _v2_relative_bias(attention) if recomputed
+                    else attention._relative_positional_encodings()
+                ), 1.0
             else:
                 relative_bias, scale = attention._get_rel_pos_bias(), attention.scale
             bias = _window_bias(relative_bias.detach(), mask, queries.shape[0])
@@ -116,42 +135,49 @@ def window_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Ho
         return (record.watch(args[0]),) + tuple(args[1:])
 
     hooks = [Hook(attention, "pre_kwargs", on_call)]
-    if not cosine:
+    if not recomputed:
         hooks.append(Hook(attention.qkv, "forward", on_qkv))
     return hooks + [Hook(attention.proj, "pre", on_pre_projection)]
 
 
 @register_adapter
 class TimmSwinAdapter(PooledAdapter):
-    """timm ``SwinTransformer`` and ``SwinTransformerV2`` with their ``WindowAttention`` in
-    every block: shifted and unshifted windows, padding to whole windows, fixed
-    (``strict_img_size``) or any image size; every query row of every window explained, each
-    stage on its own grid."""
+    """timm ``SwinTransformer``, ``SwinTransformerV2`` and ``SwinTransformerV2Cr`` with their
+    window attention in every block: shifted and unshifted windows, padding to whole windows,
+    fixed (``strict_img_size``) or any image size; every query row of every window explained,
+    each stage on its own grid."""
 
-    family = "timm Swin Transformer (V1, V2)"
-    examples = "swin_*, swinv2_* (not swinv2_cr_*)"
+    family = "timm Swin Transformer (V1, V2, V2-Cr)"
+    examples = "swin_*, swinv2_*, swinv2_cr_*"
     layer_example = "model.layers[s].blocks[i].attn"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        for stage_index, stage in enumerate(model.layers):
+        for stage_index, stage in enumerate(self._stages()):
             for block_index, block in enumerate(stage.blocks):
                 attention = getattr(block, "attn", None)
                 if not isinstance(block, _BLOCKS) or not isinstance(attention, _ATTENTIONS):
                     raise TypeError(
-                        f"Block {block_index} of {type(model).__name__}.layers[{stage_index}] "
+                        f"Block {block_index} of {type(model).__name__} stage {stage_index} "
                         f"is a {type(block).__name__} with {type(attention).__name__}; the "
-                        f"{self.family} adapter supports timm's SwinTransformerBlock / "
-                        f"SwinTransformerV2Block with their WindowAttention. Write an adapter "
-                        f"for this block type."
+                        f"{self.family} adapter supports timm's SwinTransformerBlock, "
+                        f"SwinTransformerV2Block and SwinTransformerV2CrBlock with their window "
+                        f"attention. Write an adapter for this block type."
                     )
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        return isinstance(model, (swin_v1.SwinTransformer, swin_v2.SwinTransformerV2))
+        return isinstance(
+            model,
+            (swin_v1.SwinTransformer, swin_v2.SwinTransformerV2, swin_v2_cr.SwinTransformerV2Cr),
+        )
+
+    def _stages(self) -> List[nn.Module]:
+        """The stages in order (``layers`` in V1 and V2, ``stages`` in V2-Cr)."""
+        return list(getattr(self.model, "layers", None) or self.model.stages)
 
     def attention_modules(self) -> List[nn.Module]:
-        return [block.attn for stage in self.model.layers for block in stage.blocks]
+        return [block.attn for stage in self._stages() for block in stage.blocks]
 
     def stage_grids(self, image_size: Tuple[int, int]) -> List[Tuple[int, int]]:
         """The token grid of every stage for images of ``image_size``: the patch grid, halved
@@ -162,7 +188,7 @@ class TimmSwinAdapter(PooledAdapter):
         """
         grid = patch_grid(self.model.patch_embed, image_size)
         grids = []
-        for stage in self.model.layers:
+        for stage in self._stages():
             if not isinstance(stage.downsample, nn.Identity):
                 grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
             grids.append(grid)
@@ -170,9 +196,9 @@ class TimmSwinAdapter(PooledAdapter):
 
     def layouts(self, image_size: Tuple[int, int]) -> List[BlockLayout]:
         layouts = []
-        for stage, grid in zip(self.model.layers, self.stage_grids(image_size)):
+        for stage, grid in zip(self._stages(), self.stage_grids(image_size)):
             for block in stage.blocks:
-                module = swin_v2 if isinstance(block, swin_v2.SwinTransformerV2Block) else swin_v1
+                module = _MODULE_OF_BLOCK[type(block)]
                 positions = window_positions(
                     grid, tuple(block.window_size), tuple(block.shift_size),
                     module.window_partition,

@@ -71,7 +71,7 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
     attention-pool head (timm's ``global_pool='map'``: SigLIP, AIMv2, Perception Encoder) is
     the last block of the flow, explained from its latent query rows over the tokens it
     reads, so the flow has one map more than the model has blocks. Windowed attention (Swin
-    V1 / V2, timm and torchvision; SAM's encoder; Twins-SVT) is explained row by row within
+    V1 / V2 / V2-Cr, timm and torchvision; SAM's encoder; Twins-SVT) is explained row by row within
     each window, and each window's tokens are laid back on their patches with the partition,
     padding and cyclic shift undone. Attention over reduced keys and values (PVTv2, Twins,
     MViTv2) and LeViT's shrinking attention are split over the keys they read, on their grid.
