@@ -507,11 +507,14 @@ def test_sigterm_to_the_process_group_with_workers_gives_one_line(tmp_path):
     out = tmp_path / "m.zarr"
     run = subprocess.Popen(
         [sys.executable, "-m", "captum_daam.cli", "explain-dataset", "--model", "tiny-vit",
-         "--data", "shapes:4000", "--out", str(out), "--batch-size", "16", "--num-workers",
+         "--data", "shapes:16000", "--out", str(out), "--batch-size", "16", "--num-workers",
          "2", "--no-progress"],
         env=subprocess_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
+        # Far more images than run before the signal: the run must still be going when the
+        # first chunk is seen complete (once in seven suites, 4,000 were done before).
         wait_for_complete_chunks(out, 1, run, seconds=240)
+        assert run.poll() is None, "the run ended before a chunk was seen complete"
         os.killpg(run.pid, signal.SIGTERM)  # the main process and its DataLoader workers
         _, stderr = run.communicate(timeout=120)
     finally:
