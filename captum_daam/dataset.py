@@ -873,15 +873,17 @@ def _explain_chunks(
 
 
 def _quiet_on_sigterm(worker_id: int) -> None:
-    """In a DataLoader worker: SIGTERM ends the worker as torch ends it on SIGINT (quietly,
-    exit status 0), so that a SIGTERM to the whole process group (``kill -TERM -PGID``,
-    torchrun, a batch scheduler) gives the main process's one-line message, not a worker
-    traceback."""
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    """In a DataLoader worker: SIGTERM ends the worker at once and quietly (exit status 0),
+    so that a SIGTERM to the whole process group (``kill -TERM -PGID``, torchrun, a batch
+    scheduler) gives the main process's one-line message, not a worker traceback. A worker
+    holds nothing worth finishing: it loads images; the main process writes the store."""
+    signal.signal(signal.SIGTERM, _exit_quietly)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+def _exit_quietly(signum: int, frame: Any) -> None:
+    # Not sys.exit: the worker's exit would wait for its result queue's feeder thread, which
+    # waits for a main process that no longer reads.
+    os._exit(0)
 
 
 class _ChunkWriter:

@@ -503,23 +503,48 @@ def test_a_refusal_shows_values_not_addresses(model, shapes, tmp_path):
     assert " at 0x" not in str(error.value)
 
 
+# The run under test: the package's command line, with a stack dump of every thread of every
+# process of the run on SIGUSR1 (DataLoader workers are forked, so they inherit it).
+DUMPING_MAIN = ("import faulthandler, signal, sys; "
+                "faulthandler.register(signal.SIGUSR1, all_threads=True); "
+                "from captum_daam.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def default_signal_handling() -> None:
+    """In the child before it runs: SIGINT and SIGTERM handled by default and not blocked,
+    however the tests were started (a shell's background job ignores SIGINT; a runner may
+    block or ignore SIGTERM, and children inherit both)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def test_sigterm_to_the_process_group_with_workers_gives_one_line(tmp_path):
     out = tmp_path / "m.zarr"
     run = subprocess.Popen(
-        [sys.executable, "-m", "captum_daam.cli", "explain-dataset", "--model", "tiny-vit",
+        [sys.executable, "-c", DUMPING_MAIN, "explain-dataset", "--model", "tiny-vit",
          "--data", "shapes:16000", "--out", str(out), "--batch-size", "16", "--num-workers",
          "2", "--no-progress"],
-        env=subprocess_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
+        env=subprocess_env(), stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=default_signal_handling)
     try:
         # Far more images than run before the signal: the run must still be going when the
-        # first chunk is seen complete (once in seven suites, 4,000 were done before).
+        # first chunk is seen complete.
         wait_for_complete_chunks(out, 1, run, seconds=240)
         assert run.poll() is None, "the run ended before a chunk was seen complete"
         os.killpg(run.pid, signal.SIGTERM)  # the main process and its DataLoader workers
-        _, stderr = run.communicate(timeout=120)
+        try:
+            _, stderr = run.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGUSR1)  # where every process of the run is stuck
+            time.sleep(5)
+            os.killpg(run.pid, signal.SIGKILL)
+            _, stderr = run.communicate()
+            pytest.fail(f"the run did not end within 120 s of SIGTERM; its stacks:\n{stderr}")
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
     assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert stderr.strip().splitlines() == [
         "captum-daam: terminated (SIGTERM); the outputs already written are complete"], stderr
