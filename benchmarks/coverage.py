@@ -157,8 +157,11 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
         values = record.values.double()  # (B, H, N, d)
         heads, width = values.shape[1], values.shape[3]
         gradient = torch.zeros_like(output) if gradient is None else gradient
-        if output.dim() == 4:  # an NCHW attention (LeViT's conv layout): tokens row by row
+        if output.dim() == 4 and output.shape[1] == heads * width:
+            # An NCHW attention (LeViT's, CoAtNet's conv layout): tokens row by row.
             output, gradient = (tensor.flatten(2).transpose(1, 2) for tensor in (output, gradient))
+        elif output.dim() == 4:  # channels last on a window (MaxViT): tokens row by row
+            output, gradient = (tensor.flatten(1, 2) for tensor in (output, gradient))
         residual = None if record.residual is None else record.residual.double()
         if not all_rows:
             rebuilt = (record.class_attention.double().unsqueeze(-1) * values).sum(2)

@@ -168,14 +168,7 @@ def explicit_daam(model: nn.Module, images: Tensor, target=None) -> Dict[str, Te
     model = copy.deepcopy(model).double()
     with torch.enable_grad():
         result = explicit_forward(model, images.double())
-        logits = result["logits"]
-        targets = resolve_targets(target, logits)
-        score = logits[torch.arange(len(logits)), targets].sum()
-        outputs = [w["pre_projection"] for block in result["blocks"] for w in block["windows"]]
-        gradients = iter(torch.autograd.grad(score, outputs))
-    block_maps = windowed_block_maps(result["blocks"], gradients)
-    return dict(logits=logits.detach(), block_maps=block_maps,
-                flow=flow_on_the_finest_grid(block_maps))
+        return windowed_reference(result["blocks"], result["logits"], target)
 
 
 def windowed_block_maps(blocks: List[Dict], gradients) -> List[Tensor]:
@@ -207,6 +200,19 @@ def windowed_block_maps(blocks: List[Dict], gradients) -> List[Tensor]:
         assert bool((covered == 1).all())  # each patch in exactly one window of the block
         block_maps.append(cam)
     return block_maps
+
+
+def windowed_reference(blocks: List[Dict], logits: Tensor, target) -> Dict[str, object]:
+    """The reference's result from its windowed ``blocks`` (as windowed_block_maps takes them)
+    and the ``logits`` they led to, under enabled gradients: autograd's gradient of the target
+    scores at every window's output before the projection, the block maps (a list of
+    (B, h, w)) and the flow on the finest grid."""
+    targets = resolve_targets(target, logits)
+    score = logits[torch.arange(len(logits)), targets].sum()
+    outputs = [window["pre_projection"] for block in blocks for window in block["windows"]]
+    block_maps = windowed_block_maps(blocks, iter(torch.autograd.grad(score, outputs)))
+    return dict(logits=logits.detach(), block_maps=block_maps,
+                flow=flow_on_the_finest_grid(block_maps))
 
 
 # --------------------------------------------------------------------------- #

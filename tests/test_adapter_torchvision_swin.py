@@ -30,8 +30,11 @@ from helpers import (
     assert_maps_on_block_grids_match,
     make_images,
 )
-from reference import flow_on_the_finest_grid, resolve_targets
-from test_adapter_swin import region_labels_by_hand, relative_index_by_hand, windowed_block_maps
+from test_adapter_swin import (
+    region_labels_by_hand,
+    relative_index_by_hand,
+    windowed_reference,
+)
 
 NUM_CLASSES = 7
 TARGETS = [3, 6, 0]
@@ -116,13 +119,7 @@ def explicit_daam(model: nn.Module, images: Tensor, target=None) -> Dict[str, ob
                     x = x + block.mlp(block.norm2(x))
                 blocks.append(dict(windows=windows, grid=tuple(x.shape[1:3])))
         logits = model.head(model.norm(x).mean(dim=(1, 2)))
-        targets = resolve_targets(target, logits)
-        score = logits[torch.arange(len(logits)), targets].sum()
-        outputs = [w["pre_projection"] for block in blocks for w in block["windows"]]
-        gradients = iter(torch.autograd.grad(score, outputs))
-    block_maps = windowed_block_maps(blocks, gradients)
-    return dict(logits=logits.detach(), block_maps=block_maps,
-                flow=flow_on_the_finest_grid(block_maps))
+        return windowed_reference(blocks, logits, target)
 
 
 def small(constructor, **kwargs) -> nn.Module:

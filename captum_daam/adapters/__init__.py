@@ -25,6 +25,7 @@ from .timm_convit import TimmConvitAdapter
 from .timm_crossvit import TimmCrossVitAdapter
 from .timm_eva import TimmEvaAdapter
 from .timm_levit import TimmLevitAdapter
+from .timm_maxxvit import TimmMaxxVitAdapter
 from .timm_mvitv2 import TimmMvitv2Adapter
 from .timm_naflexvit import TimmNaFlexVitAdapter
 from .timm_pit import TimmPitAdapter
@@ -37,6 +38,7 @@ from .timm_twins import TimmTwinsAdapter
 from .timm_vit import TimmAdapter, TimmVisionTransformerAdapter
 from .timm_volo import TimmVoloAdapter
 from .timm_xcit import TimmXcitAdapter
+from .torchvision_maxvit import TorchvisionMaxVitAdapter
 from .torchvision_swin import TorchvisionSwinAdapter
 from .torchvision_vit import TorchvisionVisionTransformerAdapter
 
@@ -61,6 +63,7 @@ __all__ = [
     "TimmCrossVitAdapter",
     "TimmEvaAdapter",
     "TimmLevitAdapter",
+    "TimmMaxxVitAdapter",
     "TimmMvitv2Adapter",
     "TimmNaFlexVitAdapter",
     "TimmPitAdapter",
@@ -73,6 +76,7 @@ __all__ = [
     "TimmVisionTransformerAdapter",
     "TimmVoloAdapter",
     "TimmXcitAdapter",
+    "TorchvisionMaxVitAdapter",
     "TorchvisionSwinAdapter",
     "TorchvisionVisionTransformerAdapter",
 ]
