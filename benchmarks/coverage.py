@@ -15,7 +15,9 @@ latent rows). Each model ends in one of:
   sum_n A[h, 0, n] v[h, n], or with queries='all' every row, A @ v (plus the term the record
   names as no token's, MViTv2's pooled query); (2) the maps formed from that decomposition
   with the gradient autograd gives at the hooked tensor, each token placed on the grid as
-  the adapter's layout says (windows), equal DAAM's.
+  the adapter's layout says (windows), equal DAAM's. Weights a library starts at exactly
+  zero (a zero-initialised classifier) are given small seeded noise first, so that the maps
+  are not zero everywhere; each record says how many block maps have a positive value.
   Each family's test file checks the same models' maps token by token against an explicit
   float64 reference; this census checks that every model name meets the decomposition.
 - ``runs``: DAAM explains the model, but a check above is off (the record says by how much).
@@ -104,20 +106,6 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
-def windows_on_grid(rebuilt: Tensor, gradient: Tensor, positions: Tensor):
-    """Window tokens (B * W, N_w, C) laid on the grid (B, N, C) by ``positions`` (W, N_w), and
-    the gradient on the grid (B, N, C) taken to the window tokens (padding zero)."""
-    positions = positions.to(rebuilt.device)
-    cells = positions.reshape(-1)
-    kept = cells >= 0
-    batch = gradient.shape[0]
-    tokens = rebuilt.reshape(batch, -1, rebuilt.shape[-1])  # (B, W * N_w, C)
-    on_grid = tokens.new_zeros(batch, gradient.shape[1], tokens.shape[-1])
-    on_grid[:, cells[kept]] = tokens[:, kept]
-    in_windows = gradient[:, cells.clamp(min=0)] * kept[:, None].to(gradient.dtype)
-    return on_grid, in_windows.reshape(rebuilt.shape[0], -1, gradient.shape[-1])
-
-
 def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
     """DAAM on ``images`` with its defaults, and the two checks of the module docstring."""
     daam = DAAM(model)
@@ -144,24 +132,41 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
         try:
             scores = adapter.output_scores(model(images))
             score = scores[0, int(scores.argmax(1))]
-            gradients = torch.autograd.grad(score, own, allow_unused=True)
+            # Where the adapter watched a tensor of its own making (the module's output laid
+            # out as its records: MaxViT's window tokens, NesT's image blocks), the gradient
+            # there too.
+            anchors = [record.anchor for record in records]  # dropped when recording ends
+            views = [anchor for anchor, read in zip(anchors, own)
+                     if anchor is not None and anchor is not read]
+            gradients = torch.autograd.grad(score, own + views, allow_unused=True)
         finally:
             for handle in handles:
                 handle.remove()
+    view_gradients = iter(gradients[len(own):])
 
     decomposition_error, map_error = 0.0, 0.0
     layouts = adapter.block_layouts(daam.layer, tuple(images.shape[-2:]))
-    for record, output, gradient, daam_map, all_rows, layout in zip(
-        records, own, gradients, block_maps, every_row, layouts
+    for record, anchor, output, gradient, daam_map, all_rows, layout in zip(
+        records, anchors, own, gradients, block_maps, every_row, layouts
     ):
         values = record.values.double()  # (B, H, N, d)
         heads, width = values.shape[1], values.shape[3]
         gradient = torch.zeros_like(output) if gradient is None else gradient
-        if output.dim() == 4 and output.shape[1] == heads * width:
-            # An NCHW attention (LeViT's, CoAtNet's conv layout): tokens row by row.
+        if anchor is not None and anchor is not output:
+            # The adapter watched the module's output in its records' layout: it must hold the
+            # values the hook read (the same values, reordered), and its rows are compared,
+            # taken by the adapter's linear map where it has one (NesT's channel order).
+            view, view_gradient = anchor.detach(), next(view_gradients)
+            if not torch.equal(view.flatten().sort().values,
+                               output.detach().flatten().sort().values):
+                decomposition_error = float("inf")
+            output = view
+            gradient = torch.zeros_like(view) if view_gradient is None else view_gradient
+            to_rows = record.to_pre_projection
+            if to_rows is not None:
+                output, gradient = to_rows(output), to_rows(gradient)
+        elif output.dim() == 4:  # an NCHW attention (LeViT's conv layout): tokens row by row
             output, gradient = (tensor.flatten(2).transpose(1, 2) for tensor in (output, gradient))
-        elif output.dim() == 4:  # channels last on a window (MaxViT): tokens row by row
-            output, gradient = (tensor.flatten(1, 2) for tensor in (output, gradient))
         residual = None if record.residual is None else record.residual.double()
         if not all_rows:
             rebuilt = (record.class_attention.double().unsqueeze(-1) * values).sum(2)
@@ -178,10 +183,15 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
             rebuilt = attention @ values if residual is None else attention @ values + residual
             rebuilt = rebuilt.transpose(1, 2).flatten(2)
             if rebuilt.shape[:2] != output.shape[:2]:
-                # The module merges its windows before the projection (Twins-SVT): compare on
-                # the grid, each window token on the cell its layout names, and take the
-                # gradient at the cells back to the window tokens.
-                rebuilt, gradient = windows_on_grid(rebuilt, gradient, layout.positions)
+                # The module lays its rows out otherwise than window by window before the
+                # projection (Twins-SVT merges its windows onto the grid and crops the padding,
+                # Hiera interleaves its mask units): the output and the gradient are taken to
+                # the windows' rows by the adapter's own linear map, and a row that map fills
+                # from nothing (padding) is compared nowhere.
+                to_rows = record.to_pre_projection
+                real = to_rows(torch.ones_like(output)).abs().sum(-1, keepdim=True) > 0
+                output, gradient = to_rows(output.detach()), to_rows(gradient)
+                rebuilt = rebuilt * real
             decomposition_error = max(
                 decomposition_error, relative_error(rebuilt, output.detach())
             )
@@ -204,8 +214,27 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
         "prefix_tokens": adapter.num_prefix_tokens,
         "decomposition_error": decomposition_error,
         "map_error": map_error,
-        "final_map_positive": bool(flow[:, -1].amax() > 0),
+        # How many block maps have a positive value (check (2) compares zeros for the others)
+        # and whether the last block's does.
+        "blocks_with_positive_map": int((flow[0].flatten(1).amax(1) > 0).sum()),
+        "last_block_map_positive": bool(flow[:, -1].amax() > 0),
     }
+
+
+def noise_zero_weights(model: nn.Module, scale: float = 0.02) -> int:
+    """Seeded noise (std ``scale``, as timm's truncated-normal initialisation) on every
+    parameter but a bias that a library starts at exactly zero (classifiers initialised to
+    zero, as timm's Swin V2 and Hiera heads are; LeViT's zero BatchNorm scales at the end of
+    each residual branch; attention bias tables): otherwise no gradient reaches the attention,
+    every map is zero and check (2) compares zeros. Returns how many tensors."""
+    generator = torch.Generator().manual_seed(0)
+    count = 0
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not name.endswith("bias") and not parameter.any():
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+                count += 1
+    return count
 
 
 def census_one(
@@ -242,6 +271,7 @@ def census_one(
     try:
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False).eval()
+        record["zero_weights_noised"] = noise_zero_weights(model)
         _, height, width = resolve_data_config({}, model=model)["input_size"]
         record["input_size"] = [height, width]
         images = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))

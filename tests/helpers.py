@@ -177,3 +177,48 @@ def add_parameter_noise(model: nn.Module, scale: float = 0.1, seed: int = 1) -> 
         for parameter in model.parameters():
             parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
     return model.eval()
+
+
+def assert_family_matches_reference(
+    model: nn.Module, images: torch.Tensor, target, explicit_daam: Callable, blocks: int
+) -> None:
+    """A family's explicit reference, ``explicit_daam(model, images, target)``, runs the model
+    itself (its logits equal the model's to 1e-5) through ``blocks`` attention blocks, and
+    DAAM's block maps and flow equal the reference's (:func:`assert_maps_on_block_grids_match`)."""
+    expected = explicit_daam(model, images, target)
+    with torch.no_grad():
+        assert_close_relative(expected["logits"], model(images).double(), 1e-5)
+    assert len(expected["block_maps"]) == blocks
+    assert_maps_on_block_grids_match(model, images, target, expected)
+
+
+def assert_refused_before_any_work(model: nn.Module, images: torch.Tensor, match: str) -> None:
+    """DAAM refuses ``images`` for ``model`` with a ValueError matching ``match``, leaving no
+    hook on the model."""
+    from captum_daam import DAAM
+
+    with pytest.raises(ValueError, match=match):
+        DAAM(model).attribute(images, target=0)
+    assert module_hook_count(model) == 0
+
+
+def assert_each_cell_in_one_window(layout, name: str = "") -> None:
+    """Every cell of the block's grid is read by exactly one token of one window (padding,
+    -1, aside)."""
+    cells = layout.positions[layout.positions >= 0]
+    assert sorted(cells.tolist()) == list(range(layout.grid[0] * layout.grid[1])), name
+
+
+def registered_layouts(pattern, adapter_class, image_size=None):
+    """For every timm name matching ``pattern`` (built on the meta device, no weights): the
+    name and the layouts of its blocks for ``image_size`` (default: its pretrained input size),
+    from the adapter, which must be an ``adapter_class`` for a model without a [class] token."""
+    from captum_daam.adapters import adapter_for
+
+    for name in timm.list_models(pattern):
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+        adapter = adapter_for(model)
+        assert isinstance(adapter, adapter_class) and not adapter.has_class_token, name
+        size = image_size or tuple(model.pretrained_cfg["input_size"][1:])
+        yield name, adapter.block_layouts(adapter.attention_modules(), size)

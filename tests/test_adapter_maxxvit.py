@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from timm.models import maxxvit
 from torch import Tensor, nn
 
-from captum_daam import DAAM
 from captum_daam.adapters import TimmMaxxVitAdapter, adapter_for
 from helpers import (
     add_parameter_noise,
-    assert_close_relative,
-    assert_maps_on_block_grids_match,
+    assert_each_cell_in_one_window,
+    assert_family_matches_reference,
+    assert_refused_before_any_work,
     make_images,
-    module_hook_count,
+    registered_layouts,
     set_fused_attention,
 )
 from test_adapter_swin import windowed_reference
@@ -172,12 +172,9 @@ MODELS = {
 def test_flow_and_block_maps_equal_explicit_reference(key, target, fused):
     name, size, overrides = MODELS[key]
     model = set_fused_attention(small_maxxvit(name, size, **overrides), fused)
-    images = make_images(3, size, size)
-    expected = explicit_daam(model, images, target)
-    with torch.no_grad():
-        assert_close_relative(expected["logits"], model(images).double(), 1e-5)
-    assert len(expected["block_maps"]) == len(adapter_for(model).attention_modules())
-    assert_maps_on_block_grids_match(model, images, target, expected)
+    blocks = len(adapter_for(model).attention_modules())
+    assert_family_matches_reference(model, make_images(3, size, size), target, explicit_daam,
+                                    blocks)
 
 
 def test_parallel_block_and_grid_attention_are_two_branches():
@@ -189,28 +186,18 @@ def test_parallel_block_and_grid_attention_are_two_branches():
 
 def test_images_the_windows_do_not_divide_are_refused_before_any_work():
     name, size, overrides = MODELS["maxvit_rw"]
-    model = small_maxxvit(name, size, **overrides)
-    with pytest.raises(ValueError, match=r"2x2 windows and grids.*72x72 images.*multiples of "
-                                         r"64x64"):
-        DAAM(model).attribute(make_images(1, 72, 72), target=0)
+    assert_refused_before_any_work(small_maxxvit(name, size, **overrides), make_images(1, 72, 72),
+                                   r"2x2 windows and grids.*72x72 images.*multiples of 64x64")
     name, size, overrides = MODELS["coatnet"]
-    model = small_maxxvit(name, size, **overrides)
-    with pytest.raises(ValueError, match=r"Stage 2 .*whole 4x4 grid.*96x96 images give a "
-                                         r"6x6 grid.*64x64 images"):
-        DAAM(model).attribute(make_images(1, 96, 96), target=0)
-    assert module_hook_count(model) == 0
+    assert_refused_before_any_work(
+        small_maxxvit(name, size, **overrides), make_images(1, 96, 96),
+        r"Stage 2 .*whole 4x4 grid.*96x96 images give a 6x6 grid.*64x64 images")
 
 
 def test_every_registered_maxxvit_model_is_taken():
-    for name in timm.list_models(["maxvit*", "maxxvit*", "coatnet*", "coatnext*"]):
-        with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False)
-        adapter = adapter_for(model)
-        assert isinstance(adapter, TimmMaxxVitAdapter) and not adapter.has_class_token, name
-        size = tuple(model.img_size)
-        layouts = adapter.block_layouts(adapter.attention_modules(), size)
-        assert len(layouts) == len(adapter.attention_modules()) > 0, name
+    patterns = ["maxvit*", "maxxvit*", "coatnet*", "coatnext*"]
+    for name, layouts in registered_layouts(patterns, TimmMaxxVitAdapter):
+        assert len(layouts) > 0, name
         for layout in layouts:
-            if layout.positions is not None:  # every cell in exactly one window
-                cells = layout.positions.flatten()
-                assert sorted(cells.tolist()) == list(range(layout.grid[0] * layout.grid[1]))
+            if layout.positions is not None:
+                assert_each_cell_in_one_window(layout, name)

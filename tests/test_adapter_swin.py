@@ -173,22 +173,23 @@ def explicit_daam(model: nn.Module, images: Tensor, target=None) -> Dict[str, Te
 
 def windowed_block_maps(blocks: List[Dict], gradients) -> List[Tensor]:
     """Each block's map (B, h, w) from its windows: ``blocks`` holds per block its ``grid``
-    and ``windows`` (each with ``attn`` (B, H, N, N), ``v`` (B, H, N, d) and the ``cells`` of
-    its tokens, None for padding); ``gradients`` yields, window after window, the gradient
-    (B, N, C) at its output before the projection. Every row is split over the tokens it
-    reads, F[b, i, n, (h, e)] = A[b, h, i, n] v[b, h, n, e], weighted by the gradient at its
-    own row, summed over rows and channels and relu'd; each token's value goes to its cell."""
+    and ``windows`` (each with ``attn`` (B, H, Q, N), ``v`` (B, H, N, d) and the ``cells`` of
+    its N tokens, None for padding); ``gradients`` yields, window after window, the gradient
+    (B, Q, C) at its Q query rows' output before the projection. Every row is split over the
+    tokens it reads, F[b, i, n, (h, e)] = A[b, h, i, n] v[b, h, n, e], weighted by the gradient
+    at its own row, summed over rows and channels and relu'd; each token's value goes to its
+    cell."""
     block_maps = []
     for block in blocks:
         height, width = block["grid"]
         cam = None
         covered = torch.zeros(height, width, dtype=torch.long)
         for window in block["windows"]:
-            gradient = next(gradients).detach()  # (B, N, C), every row's own
+            gradient = next(gradients).detach()  # (B, Q, C), every row's own
             attention, values = window["attn"].detach(), window["v"].detach()
-            batch, heads, count, width_per_head = values.shape
+            batch, heads, _, width_per_head = values.shape
             contributions = attention.unsqueeze(-1) * values.unsqueeze(2)  # (B, H, Q, N, d)
-            weights = gradient.clamp(min=0).reshape(batch, count, heads, width_per_head)
+            weights = gradient.clamp(min=0).reshape(batch, -1, heads, width_per_head)  # Q rows
             weights = weights.permute(0, 2, 1, 3).unsqueeze(3)  # (B, H, Q, 1, d)
             per_token = (contributions * weights).sum(dim=(1, 2, 4)).clamp(min=0)  # (B, N)
             if cam is None:

@@ -21,14 +21,13 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models import maxvit as tv_maxvit
 
-from captum_daam import DAAM
 from captum_daam.adapters import TorchvisionMaxVitAdapter, adapter_for
 from helpers import (
     add_parameter_noise,
-    assert_close_relative,
-    assert_maps_on_block_grids_match,
+    assert_each_cell_in_one_window,
+    assert_family_matches_reference,
+    assert_refused_before_any_work,
     make_images,
-    module_hook_count,
 )
 from test_adapter_maxxvit import window_cells
 from test_adapter_swin import windowed_reference
@@ -102,21 +101,15 @@ def small_maxvit(seed: int = 21) -> nn.Module:
 
 @pytest.mark.parametrize("target", [TARGETS, None], ids=["targets", "predicted"])
 def test_flow_and_block_maps_equal_explicit_reference(target):
-    model = small_maxvit()
-    images = make_images(3, 64, 64)  # stage grids 16x16 and 8x8, windows and grids of 2x2
-    expected = explicit_daam(model, images, target)
-    with torch.no_grad():
-        assert_close_relative(expected["logits"], model(images).double(), 1e-5)
-    assert len(expected["block_maps"]) == 6
-    assert_maps_on_block_grids_match(model, images, target, expected)
+    # stage grids 16x16 and 8x8, windows and grids of 2x2
+    assert_family_matches_reference(small_maxvit(), make_images(3, 64, 64), target,
+                                    explicit_daam, 6)
 
 
 def test_another_image_size_than_built_for_is_refused_before_any_work():
-    model = small_maxvit()
-    with pytest.raises(ValueError, match=r"built for images whose stage grids are "
-                                         r"\[\(16, 16\), \(8, 8\)\].*got 96x96 images"):
-        DAAM(model).attribute(make_images(1, 96, 96), target=0)
-    assert module_hook_count(model) == 0
+    assert_refused_before_any_work(
+        small_maxvit(), make_images(1, 96, 96),
+        r"built for images whose stage grids are \[\(16, 16\), \(8, 8\)\].*got 96x96 images")
 
 
 def test_maxvit_t_is_taken_with_every_cell_in_one_window():
@@ -129,5 +122,4 @@ def test_maxvit_t_is_taken_with_every_cell_in_one_window():
     assert [layout.grid for layout in layouts[::2]] == [(56, 56)] * 2 + [(28, 28)] * 2 + [
         (14, 14)] * 5 + [(7, 7)] * 2
     for layout in layouts:
-        assert sorted(layout.positions.flatten().tolist()) == list(
-            range(layout.grid[0] * layout.grid[1]))
+        assert_each_cell_in_one_window(layout)

@@ -23,18 +23,25 @@ from .timm_cait import TimmCaitAdapter
 from .timm_coat import TimmCoatAdapter
 from .timm_convit import TimmConvitAdapter
 from .timm_crossvit import TimmCrossVitAdapter
+from .timm_efficientformer import TimmEfficientFormerAdapter
 from .timm_eva import TimmEvaAdapter
+from .timm_gcvit import TimmGcVitAdapter
+from .timm_hiera import TimmHieraAdapter
+from .timm_hieradet import TimmHieraDetAdapter
 from .timm_levit import TimmLevitAdapter
 from .timm_maxxvit import TimmMaxxVitAdapter
 from .timm_mvitv2 import TimmMvitv2Adapter
 from .timm_naflexvit import TimmNaFlexVitAdapter
+from .timm_nest import TimmNestAdapter
 from .timm_pit import TimmPitAdapter
 from .timm_pvt_v2 import TimmPvtV2Adapter
 from .timm_relpos import TimmRelPosAdapter
 from .timm_sam import TimmSamAdapter
 from .timm_swin import TimmSwinAdapter
+from .timm_tiny_vit import TimmTinyVitAdapter
 from .timm_tnt import TimmTntAdapter
 from .timm_twins import TimmTwinsAdapter
+from .timm_visformer import TimmVisformerAdapter
 from .timm_vit import TimmAdapter, TimmVisionTransformerAdapter
 from .timm_volo import TimmVoloAdapter
 from .timm_xcit import TimmXcitAdapter
@@ -61,19 +68,26 @@ __all__ = [
     "TimmCoatAdapter",
     "TimmConvitAdapter",
     "TimmCrossVitAdapter",
+    "TimmEfficientFormerAdapter",
     "TimmEvaAdapter",
+    "TimmGcVitAdapter",
+    "TimmHieraAdapter",
+    "TimmHieraDetAdapter",
     "TimmLevitAdapter",
     "TimmMaxxVitAdapter",
     "TimmMvitv2Adapter",
     "TimmNaFlexVitAdapter",
+    "TimmNestAdapter",
     "TimmPitAdapter",
     "TimmPvtV2Adapter",
     "TimmRelPosAdapter",
     "TimmSamAdapter",
     "TimmSwinAdapter",
+    "TimmTinyVitAdapter",
     "TimmTntAdapter",
     "TimmTwinsAdapter",
     "TimmVisionTransformerAdapter",
+    "TimmVisformerAdapter",
     "TimmVoloAdapter",
     "TimmXcitAdapter",
     "TorchvisionMaxVitAdapter",

@@ -63,6 +63,8 @@ class BlockRecord:
         gradient: with ``full``, (B, N, C) the gradient at the pre-projection output.
         on_attention: called with the record as soon as the attention is set, during the
             forward pass.
+        to_pre_projection: the function given to :meth:`watch` that takes a gradient at the
+            watched tensor to the pre-projection rows of the records' layout, or None.
         residual: None, or (B, H, Nq, d) the part of the attention output before the output
             projection that is no token's contribution, in the heads layout of ``values``
             (MViTv2's residual pooling adds the pooled query): the output is then
@@ -86,6 +88,7 @@ class BlockRecord:
         self.gradient: Optional[Tensor] = None
         self.on_attention = on_attention
         self.residual: Optional[Tensor] = None
+        self.to_pre_projection: Optional[Callable[[Tensor], Tensor]] = None
 
     def close(self) -> None:
         """Record nothing more: a checkpointed backward pass re-runs the forward."""
@@ -155,7 +158,7 @@ class BlockRecord:
                 self.on_gradient(self)
 
         tensor.register_hook(keep_class_row)
-        self.anchor = tensor
+        self.anchor, self.to_pre_projection = tensor, to_pre_projection
         return tensor
 
 

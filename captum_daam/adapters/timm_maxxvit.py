@@ -42,19 +42,23 @@ def _to_tokens(x: Tensor, channels_first: bool) -> Tensor:
 
 
 def maxxvit_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook]:
-    """Hooks that fill ``record`` from one call of timm's ``Attention2d`` or ``AttentionCl``
-    on B' windows (or whole grids) of N tokens: q, k, v from ``qkv`` (per head, q k v in a
-    row with ``head_first``, else all queries, then keys, then values), the logit bias from
-    the module's ``rel_pos.get_bias()`` or the call's ``shared_rel_pos``, the output watched,
-    as (B', N, C) tokens, where it enters ``proj``."""
-    heads, channels_first = attention.num_heads, isinstance(attention, maxxvit.Attention2d)
-    split = (heads, 3, -1) if attention.head_first else (3, heads, -1)
-    order = (3, 0, 2, 1, 4) if attention.head_first else (2, 0, 3, 1, 4)
+    """Hooks that fill ``record`` from one call of timm's ``Attention2d`` or ``AttentionCl``,
+    or of an attention laid out as they are (Visformer's), on B' windows (or whole grids) of N
+    tokens: q, k, v from ``qkv`` (a 1x1 convolution on NCHW tokens or a Linear on channels-last
+    ones; per head, q k v in a row with ``head_first``, else all queries, then keys, then
+    values), the logit bias from the module's ``rel_pos.get_bias()`` or the call's
+    ``shared_rel_pos`` where it has them, the output watched, as (B', N, C) tokens, where it
+    enters ``proj``."""
+    heads, channels_first = attention.num_heads, isinstance(attention.qkv, nn.Conv2d)
+    head_first = getattr(attention, "head_first", False)
+    relative = getattr(attention, "rel_pos", None)
+    split = (heads, 3, -1) if head_first else (3, heads, -1)
+    order = (3, 0, 2, 1, 4) if head_first else (2, 0, 3, 1, 4)
     call: Dict[str, Optional[Tensor]] = {}
 
     def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
         shared = kwargs.get("shared_rel_pos", args[1] if len(args) > 1 else None)
-        bias = attention.rel_pos.get_bias() if attention.rel_pos is not None else shared
+        bias = relative.get_bias() if relative is not None else shared
         call["bias"] = None if bias is None else bias.detach()
 
     def on_qkv(module: nn.Module, args: tuple, qkv: Tensor) -> None:
