@@ -91,9 +91,11 @@ OUTPUT_NORMED = (Attention, AttentionRope, EvaAttention, RelPosAttention)
 
 def output_projection_input(attention: nn.Module) -> nn.Module:
     """Where the attention output enters the output projection in timm's attention layers:
+    ``sub_norm`` in differential attention (the per-head norm before ``norm`` and ``proj``),
     ``norm`` in the layers of ``OUTPUT_NORMED``, else ``proj``, or, in a block that computes
     attention itself (timm's ParallelScalingBlock), ``attn_out_proj``."""
     names = ("norm", "proj") if isinstance(attention, OUTPUT_NORMED) else ("proj", "attn_out_proj")
+    names = ("sub_norm",) + names
     for name in names:
         module = getattr(attention, name, None)
         if isinstance(module, nn.Module):

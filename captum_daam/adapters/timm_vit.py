@@ -19,6 +19,7 @@ from abc import abstractmethod
 from typing import Callable, ClassVar, List, Optional, Sequence, Tuple
 
 from timm.layers import Attention
+from timm.layers.diff_attention import DiffAttention
 from timm.layers.attention import resolve_self_attn_mask
 from timm.models.vision_transformer import (
     ParallelScalingBlock,
@@ -277,6 +278,61 @@ class TimmAdapter(ViTAdapter):
         return tuple(patch_embed.grid_size)
 
 
+def diff_attention_hooks(attention: DiffAttention, record: BlockRecord) -> List[Hook]:
+    """Hooks that fill ``record`` from one call of timm's ``DiffAttention`` (differential
+    attention): each head's attention is the difference of two softmax maps,
+    A = softmax(q1 k1^T * scale + mask) - lambda * softmax(q2 k2^T * scale + mask), over values
+    twice the query width, so the output A @ v is linear in the values once A is held fixed.
+    q and k come after ``q_norm`` / ``k_norm`` (2 H heads of width d, each head's pair
+    consecutive), v from ``qkv`` (H heads of width 2 d), lambda from the module's own
+    ``_compute_lambda``; the output A @ v is watched where it enters ``sub_norm`` (the
+    per-head RMSNorm before the projection), as (B, N, H * 2 d) rows."""
+    heads = attention.num_heads
+    scale = attention.scale
+    call: dict = {}
+
+    def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = args[0]
+        attn_mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
+        is_causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
+        bias = resolve_self_attn_mask(tokens.shape[1], tokens, attn_mask, is_causal)
+        call["bias"] = None if bias is None else bias.detach()
+
+    def on_qkv(module: nn.Module, args: tuple, qkv: Tensor) -> None:
+        values = qkv.detach().chunk(3, dim=-1)[2]  # (B, N, C) -> (B, H, N, 2 d)
+        call["values"] = values.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    def on_query(module: nn.Module, args: tuple, queries: Tensor) -> None:
+        call["queries"] = queries.detach()
+
+    def on_keys(module: nn.Module, args: tuple, keys: Tensor) -> None:
+        # (B, 2 H, N, d) -> the pair (B, H, N, d), (B, H, N, d) of each head.
+        (q1, q2), (k1, k2) = (part.unflatten(1, (heads, 2)).unbind(2)
+                              for part in (call.pop("queries"), keys.detach()))
+        bias, weight = call.pop("bias"), attention._compute_lambda().detach().type_as(q1)
+        row = class_attention_row(q1[:, :, 0], k1, scale, _class_row(bias)) - (
+            weight * class_attention_row(q2[:, :, 0], k2, scale, _class_row(bias)))
+
+        def full_attention() -> Tensor:
+            return attention_probabilities(q1, k1, scale, bias) - weight * (
+                attention_probabilities(q2, k2, scale, bias))
+
+        record.set_attention(row, call.pop("values"), full_attention)
+
+    def on_sub_norm(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
+        output = args[0]  # (B, H, N, 2 d)
+        watched = record.watch(output.transpose(1, 2).flatten(2))
+        return (watched.unflatten(2, (heads, -1)).transpose(1, 2),) + tuple(args[1:])
+
+    return [
+        Hook(attention, "pre_kwargs", on_call),
+        Hook(attention.qkv, "forward", on_qkv),
+        Hook(attention.q_norm, "forward", on_query),
+        Hook(attention.k_norm, "forward", on_keys),
+        Hook(attention.sub_norm, "pre", on_sub_norm),
+    ]
+
+
 def parallel_scaling_hooks(block: ParallelScalingBlock, record: BlockRecord) -> List[Hook]:
     """Hooks that fill ``record`` from one call of timm's ``ParallelScalingBlock`` (ViT-22B
     style: one ``in_proj`` gives the MLP's input and q, k, v; attention runs in the block's
@@ -346,9 +402,10 @@ class TimmVisionTransformerAdapter(TimmAdapter):
     examples = (
         "vit_*, deit_*, deit3_*, deit_*_distilled_*, DINO vit_*.dino, vit_*_reg4_dinov2, "
         "SigLIP / SigLIP2 vit_*_siglip_*, aimv2_*, vit_*_gap_*, qk_norm / scale_norm variants, "
-        "dynamic_img_size, parallel blocks (vit_*_18x2_224, vit_*_xp_224)"
+        "dynamic_img_size, parallel blocks (vit_*_18x2_224, vit_*_xp_224), differential "
+        "attention (vit_d*_patch16_reg1_gap_256)"
     )
-    attention_types = (Attention, ParallelScalingBlock)
+    attention_types = (Attention, ParallelScalingBlock, DiffAttention)
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -380,4 +437,6 @@ class TimmVisionTransformerAdapter(TimmAdapter):
     def attention_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
         if isinstance(attention, ParallelScalingBlock):
             return parallel_scaling_hooks(attention, record)
+        if isinstance(attention, DiffAttention):
+            return diff_attention_hooks(attention, record)
         return timm_attention_hooks(attention, record)
