@@ -34,6 +34,15 @@ from .base import BlockLayout, BlockRecord, Hook, ViTAdapter, register_adapter
 from .timm_attention_pool import AttentionPoolLatent, attention_pool_hooks, attention_pool_layout
 
 
+def _mask_of_call(args: tuple, kwargs: dict) -> Optional[Tensor]:
+    """The additive mask a timm attention call applies, from its ``attn_mask`` and
+    ``is_causal`` arguments, resolved as timm resolves them (None for none)."""
+    tokens = args[0]
+    attn_mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
+    is_causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
+    return resolve_self_attn_mask(tokens.shape[1], tokens, attn_mask, is_causal)
+
+
 def timm_attention_hooks(
     attention: nn.Module,
     record: BlockRecord,
@@ -60,13 +69,7 @@ def timm_attention_hooks(
     call: dict = {}
 
     def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if call_bias is not None:
-            bias = call_bias(args, kwargs)
-        else:
-            tokens = args[0]
-            attn_mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
-            is_causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
-            bias = resolve_self_attn_mask(tokens.shape[1], tokens, attn_mask, is_causal)
+        bias = (call_bias or _mask_of_call)(args, kwargs)
         call["bias"] = None if bias is None else bias.detach()
 
     def on_qkv(module: nn.Module, args: tuple, qkv: Tensor) -> None:
@@ -292,10 +295,7 @@ def diff_attention_hooks(attention: DiffAttention, record: BlockRecord) -> List[
     call: dict = {}
 
     def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        tokens = args[0]
-        attn_mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
-        is_causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
-        bias = resolve_self_attn_mask(tokens.shape[1], tokens, attn_mask, is_causal)
+        bias = _mask_of_call(args, kwargs)
         call["bias"] = None if bias is None else bias.detach()
 
     def on_qkv(module: nn.Module, args: tuple, qkv: Tensor) -> None:
@@ -352,10 +352,7 @@ def parallel_scaling_hooks(block: ParallelScalingBlock, record: BlockRecord) -> 
         return tokens.detach().transpose(1, 2)
 
     def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        tokens = args[0]
-        attn_mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
-        is_causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
-        bias = resolve_self_attn_mask(tokens.shape[1], tokens, attn_mask, is_causal)
+        bias = _mask_of_call(args, kwargs)
         call["bias"] = None if bias is None else bias.detach()
 
     def on_in_projection(module: nn.Module, args: tuple, projected: Tensor) -> None:
