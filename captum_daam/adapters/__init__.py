@@ -23,6 +23,7 @@ from .timm_cait import TimmCaitAdapter
 from .timm_coat import TimmCoatAdapter
 from .timm_convit import TimmConvitAdapter
 from .timm_crossvit import TimmCrossVitAdapter
+from .timm_davit import TimmDaVitAdapter
 from .timm_efficientformer import TimmEfficientFormerAdapter
 from .timm_eva import TimmEvaAdapter
 from .timm_gcvit import TimmGcVitAdapter
@@ -68,6 +69,7 @@ __all__ = [
     "TimmCoatAdapter",
     "TimmConvitAdapter",
     "TimmCrossVitAdapter",
+    "TimmDaVitAdapter",
     "TimmEfficientFormerAdapter",
     "TimmEvaAdapter",
     "TimmGcVitAdapter",
