@@ -25,6 +25,7 @@ from .timm_convit import TimmConvitAdapter
 from .timm_crossvit import TimmCrossVitAdapter
 from .timm_davit import TimmDaVitAdapter
 from .timm_efficientformer import TimmEfficientFormerAdapter
+from .timm_efficientvit_msra import TimmEfficientVitMsraAdapter
 from .timm_eva import TimmEvaAdapter
 from .timm_gcvit import TimmGcVitAdapter
 from .timm_hiera import TimmHieraAdapter
@@ -71,6 +72,7 @@ __all__ = [
     "TimmCrossVitAdapter",
     "TimmDaVitAdapter",
     "TimmEfficientFormerAdapter",
+    "TimmEfficientVitMsraAdapter",
     "TimmEvaAdapter",
     "TimmGcVitAdapter",
     "TimmHieraAdapter",
