@@ -51,14 +51,11 @@ from typing import Callable, Dict, List, Optional
 import timm
 import torch
 from timm.data import resolve_data_config
-from timm.layers import Attention
-from timm.layers.attention import AttentionRope
-from timm.models.eva import EvaAttention
-from timm.models.vision_transformer_relpos import RelPosAttention
 from torch import Tensor, nn
 
 from captum_daam import DAAM
 from captum_daam.adapters import adapter_for
+from captum_daam.adapters.verify import as_recorded_rows, output_projection_input
 from captum_daam.attr.base import on_one_grid
 from captum_daam.decompose import place_on_grid
 
@@ -81,26 +78,6 @@ def first_sentence(error: BaseException, count: int = 1) -> str:
     """The first ``count`` sentences of the error's message."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ". ".join(text.split(". ")[:count]).rstrip(".") + "."
-
-
-#: timm's attention layers whose ``norm`` takes the attention output (identity unless
-#: scale_norm), before ``proj``. Other layers' ``norm`` is elsewhere (PVTv2's norms the reduced
-#: keys; an attention-pool head's follows ``proj``).
-OUTPUT_NORMED = (Attention, AttentionRope, EvaAttention, RelPosAttention)
-
-
-def output_projection_input(attention: nn.Module) -> nn.Module:
-    """Where the attention output enters the output projection in timm's attention layers:
-    ``sub_norm`` in differential attention (the per-head norm before ``norm`` and ``proj``),
-    ``norm`` in the layers of ``OUTPUT_NORMED``, else ``proj``, or, in a block that computes
-    attention itself (timm's ParallelScalingBlock), ``attn_out_proj``."""
-    names = ("norm", "proj") if isinstance(attention, OUTPUT_NORMED) else ("proj", "attn_out_proj")
-    names = ("sub_norm",) + names
-    for name in names:
-        module = getattr(attention, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise LookupError(f"{type(attention).__name__} has neither norm nor proj")
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:
@@ -148,29 +125,23 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
 
     decomposition_error, map_error = 0.0, 0.0
     layouts = adapter.block_layouts(daam.layer, tuple(images.shape[-2:]))
-    for record, anchor, output, gradient, daam_map, all_rows, layout in zip(
+    for record, anchor, read, gradient, daam_map, all_rows, layout in zip(
         records, anchors, own, gradients, block_maps, every_row, layouts
     ):
         values = record.values.double()  # (B, H, N, d)
         heads, width = values.shape[1], values.shape[3]
-        gradient = torch.zeros_like(output) if gradient is None else gradient
-        if anchor is not None and anchor is not output:
-            # The adapter watched the module's output in its records' layout: it must hold the
-            # values the hook read (the same values, reordered), and its rows are compared,
-            # taken by the adapter's linear map where it has one (NesT's channel order).
-            view, view_gradient = anchor.detach(), next(view_gradients)
-            if not torch.equal(view.flatten().sort().values,
-                               output.detach().flatten().sort().values):
-                decomposition_error = float("inf")
-            output = view
-            gradient = torch.zeros_like(view) if view_gradient is None else view_gradient
-            to_rows = record.to_pre_projection
-            if to_rows is not None:
-                output, gradient = to_rows(output), to_rows(gradient)
-        elif output.dim() == 4:  # an NCHW attention (LeViT's conv layout): tokens row by row
-            output, gradient = (tensor.flatten(2).transpose(1, 2) for tensor in (output, gradient))
+        at_read = torch.zeros_like(read) if gradient is None else gradient
+        at_anchor = None
+        if anchor is not None and anchor is not read:  # the adapter's own view: its gradient
+            at_anchor = next(view_gradients)
+            at_anchor = torch.zeros_like(anchor) if at_anchor is None else at_anchor
         residual = None if record.residual is None else record.residual.double()
         if not all_rows:
+            try:
+                output, gradient, _ = as_recorded_rows(record, anchor, read, tuple(read.shape[:2]),
+                                                       at_read, at_anchor)
+            except ValueError:
+                decomposition_error, output, gradient = float("inf"), read, at_read
             rebuilt = (record.class_attention.double().unsqueeze(-1) * values).sum(2)
             if residual is not None:  # a term the model adds that is no token's (MViTv2)
                 rebuilt = rebuilt + residual[:, :, 0]
@@ -184,15 +155,12 @@ def check_model(model: nn.Module, images: Tensor) -> Dict[str, object]:
             attention = record.attention().double()  # (B, H, Nq, N)
             rebuilt = attention @ values if residual is None else attention @ values + residual
             rebuilt = rebuilt.transpose(1, 2).flatten(2)
-            if rebuilt.shape[:2] != output.shape[:2]:
-                # The module lays its rows out otherwise than window by window before the
-                # projection (Twins-SVT merges its windows onto the grid and crops the padding,
-                # Hiera interleaves its mask units): the output and the gradient are taken to
-                # the windows' rows by the adapter's own linear map, and a row that map fills
-                # from nothing (padding) is compared nowhere.
-                to_rows = record.to_pre_projection
-                real = to_rows(torch.ones_like(output)).abs().sum(-1, keepdim=True) > 0
-                output, gradient = to_rows(output.detach()), to_rows(gradient)
+            try:
+                output, gradient, real = as_recorded_rows(
+                    record, anchor, read, tuple(rebuilt.shape[:2]), at_read, at_anchor)
+            except ValueError:
+                decomposition_error, output, gradient, real = float("inf"), read, at_read, None
+            if real is not None:  # padding rows, cropped by the module: compared nowhere
                 rebuilt = rebuilt * real
             decomposition_error = max(
                 decomposition_error, relative_error(rebuilt, output.detach())

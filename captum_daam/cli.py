@@ -19,7 +19,7 @@ import threading
 import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from . import __version__
 
@@ -545,21 +545,55 @@ def _random_timm_model(name: str) -> nn.Module:
     return timm.create_model(name, pretrained=False).eval()
 
 
-def _pre_projection_input(attention: nn.Module) -> nn.Module:
-    """The module that takes the attention output before the output projection, in timm's
-    attention layers: ``norm`` where there is one (ViT's ``Attention`` and EVA's run it
-    just before ``proj``; it is usually an identity), else ``proj`` itself (CaiT's and
-    XCiT's ``ClassAttn``, BEiT's ``Attention``)."""
-    from torch import nn
+def _decomposition_error(adapter: Any, model: Any, images: Any) -> Tuple[float, str]:
+    """The decomposition of the flow's last attention block, checked against the model's own
+    output: a hook that is not the adapter's reads that block's output before its projection
+    (:func:`~captum_daam.adapters.verify.output_projection_input`), and the recorded
+    contributions of the tokens must add up to its [class] row, or, in a model without a
+    [class] token, to every query row (windows laid out as the records say). Returns the
+    relative error and which rows were compared."""
+    import torch
 
-    for name in ("norm", "proj"):
-        module = getattr(attention, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise UsageError(
-        f"check does not know where {type(attention).__name__} projects its output: expected "
-        f"timm's attention layout, a .proj layer (after an optional .norm)"
-    )
+    from . import class_token_contributions
+    from .adapters.verify import as_recorded_rows, output_projection_input
+
+    last_attention = adapter.attention_modules()[-1]
+    every_row = not adapter.has_class_token
+    try:
+        reader = output_projection_input(last_attention)
+    except LookupError as error:
+        raise UsageError(f"check does not know where {error}") from error
+    read: List[Any] = []
+    handle = reader.register_forward_pre_hook(lambda module, inputs: read.append(inputs[0]))
+    try:  # gradients on, so that the adapter's own view of the output is kept (its anchor)
+        with adapter.record([last_attention], full=every_row) as records, torch.enable_grad():
+            model(images)
+            anchor = records[0].anchor
+            attention = records[0].attention() if every_row else None
+    finally:
+        handle.remove()
+    if len(read) != 1:
+        raise UsageError(
+            f"check could not read the output of {type(last_attention).__name__} before its "
+            f"projection (seen {len(read)} times in one forward pass, expected once)"
+        )
+    record = records[0]
+    residual = record.residual
+    if every_row:
+        rebuilt = attention @ record.values if residual is None else (
+            attention @ record.values + residual)
+        rebuilt = rebuilt.transpose(1, 2).flatten(2)  # (B', N_q, C)
+        output, _, real = as_recorded_rows(record, anchor, read[0], tuple(rebuilt.shape[:2]))
+        rebuilt = rebuilt if real is None else rebuilt * real
+        description = "every query row's output"
+    else:
+        rebuilt = class_token_contributions(record.class_attention, record.values).sum(1)
+        if residual is not None:  # a term the model adds that is no token's (MViTv2)
+            rebuilt = rebuilt + residual[:, :, 0].flatten(1)
+        output, _, _ = as_recorded_rows(record, anchor, read[0], tuple(read[0].shape[:2]))
+        output, description = output[:, 0], "the [class] output"
+    error = float((rebuilt - output).abs().max() / output.abs().max())
+    return error, description
 
 
 def check(args: argparse.Namespace) -> int:
@@ -567,7 +601,7 @@ def check(args: argparse.Namespace) -> int:
     import torch
     from timm.data import resolve_data_config
 
-    from . import DAAM, class_token_contributions
+    from . import DAAM
     from .adapters import adapter_for
 
     torch.manual_seed(args.seed)
@@ -597,31 +631,11 @@ def check(args: argparse.Namespace) -> int:
         print(f"  D_{block:<2d} sum {float(accumulated.sum()):9.4f}   "
               f"max {float(accumulated.max()):8.4f}")
 
-    # The decomposition, checked against the model's own output: a hook that is not the
-    # adapter's reads the [class] row of the last flow block's output before its projection.
-    last_attention = adapter.attention_modules()[-1]
-    class_outputs = []
-    handle = _pre_projection_input(last_attention).register_forward_pre_hook(
-        lambda module, inputs: class_outputs.append(inputs[0][:, 0].detach())
-    )
-    try:
-        with adapter.record([last_attention]) as records, torch.no_grad():
-            model(images)
-    finally:
-        handle.remove()
-    if len(class_outputs) != 1:
-        raise UsageError(
-            f"check could not read the output of {type(last_attention).__name__} before its "
-            f"projection (seen {len(class_outputs)} times in one forward pass, expected once)"
-        )
-    rebuilt = class_token_contributions(records[0].class_attention, records[0].values).sum(1)
-    if records[0].residual is not None:  # a term the model adds that is no token's (MViTv2)
-        rebuilt = rebuilt + records[0].residual[:, :, 0].flatten(1)
-    error = float((rebuilt - class_outputs[0]).abs().max() / class_outputs[0].abs().max())
+    error, rows = _decomposition_error(adapter, model, images)
     checks = {
         "maps are non-negative": bool((flow >= 0).all()),
         "the flow only grows from block to block": bool((flow.diff(dim=1) >= 0).all()),
-        f"per-token contributions sum to the [class] output (relative error {error:.1e})": error
+        f"per-token contributions sum to {rows} (relative error {error:.1e})": error
         < 1e-4,
     }
     print("final map D_L (brighter = more attribution):")

@@ -287,6 +287,31 @@ def test_check_passes_on_families_whose_grid_changes(name, blocks, grid, capsys)
     assert printed.count("[ok]") == 3
 
 
+@pytest.mark.parametrize("name", ["levit_conv_128s", "hiera_tiny_224", "nest_tiny",
+                                  "efficientvit_m0"])
+def test_check_passes_on_models_without_a_class_token(name, capsys):
+    """Every query row of the last block checked against the module's own output, however
+    the module lays it out: NCHW (LeViT's conv layout), mask units interleaved (Hiera), image
+    blocks with heads merged channel-major (NesT), heads run one after another in windows
+    (EfficientViT)."""
+    assert main(["check", "--model", name]) == 0
+    printed = capsys.readouterr().out
+    assert "FAILED" not in printed
+    assert "[ok] per-token contributions sum to every query row's output" in printed
+
+
+def test_check_fails_when_every_row_does_not_add_up(capsys, monkeypatch):
+    """The every-row check is a real one: an output read off by a little is caught."""
+    from captum_daam.adapters import verify
+
+    real = verify.as_recorded_rows
+    monkeypatch.setattr(verify, "as_recorded_rows", lambda *args: (
+        lambda rows: (rows[0] * 1.001,) + tuple(rows[1:]))(real(*args)))
+    assert main(["check", "--model", "levit_conv_128s"]) == 1
+    assert "[FAILED] per-token contributions sum to every query row's" in (
+        capsys.readouterr().out)
+
+
 def test_check_fails_when_the_decomposition_does_not_add_up(capsys, monkeypatch):
     """The sum check is a real one: contributions that are off by a little are caught."""
     import captum_daam
