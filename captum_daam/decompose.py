@@ -4,7 +4,8 @@ Shapes use B (batch), H (heads), N (tokens), d (head width), C = H * d (channels
 L (blocks in the flow) and (gh, gw) (the patch grid).
 """
 
-from typing import Optional, Tuple
+from abc import ABC, abstractmethod
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -13,6 +14,9 @@ __all__ = [
     "class_attention_row",
     "factorized_class_coefficients",
     "attention_probabilities",
+    "Mixing",
+    "SoftmaxAttention",
+    "query_rows",
     "class_token_contributions",
     "block_map",
     "all_queries_block_map",
@@ -89,6 +93,136 @@ def attention_probabilities(
     return logits.softmax(dim=-1)
 
 
+class Mixing(ABC):
+    """A block's token mixing held as its factors rather than as a matrix: per head h, the
+    (Nq, N) weights with which each query row's output sums the N tokens' values.
+
+    Calling the object gives the full (B, H, Nq, N) matrix, so it stands wherever a function
+    forming the full attention is expected (attention rollouts, checks); DAAM needs only
+    :meth:`transposed_mix`, which a subclass computes without forming the whole matrix where
+    it can.
+    """
+
+    @property
+    @abstractmethod
+    def num_queries(self) -> int:
+        """Nq, the query rows."""
+
+    @abstractmethod
+    def __call__(self) -> Tensor:
+        """The full (B, H, Nq, N) mixing weights, in float32 at least."""
+
+    @abstractmethod
+    def transposed_mix(self, weights: Tensor) -> Tensor:
+        """A^T w per head: (B, H, Nq, e) weights of the query rows -> (B, H, N, e), in
+        float32 at least."""
+
+    def query_rows(self, rows: Sequence[int]) -> "Mixing":
+        """The mixing of the query rows ``rows`` only."""
+        return _QueryRows(self, rows)
+
+
+class _QueryRows(Mixing):
+    """Some query rows of a mixing: the other rows weighted by zero."""
+
+    def __init__(self, mixing: Mixing, rows: Sequence[int]) -> None:
+        self.mixing, self.rows = mixing, list(rows)
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.rows)
+
+    def __call__(self) -> Tensor:
+        return self.mixing()[:, :, self.rows]
+
+    def transposed_mix(self, weights: Tensor) -> Tensor:
+        every_row = weights.new_zeros(
+            (*weights.shape[:-2], self.mixing.num_queries, weights.shape[-1])
+        )
+        every_row[..., self.rows, :] = weights
+        return self.mixing.transposed_mix(every_row)
+
+
+class SoftmaxAttention(Mixing):
+    """Softmax attention held as its factors: the probabilities are formed only when called,
+    and :meth:`transposed_mix` gives A^T w a chunk of query rows at a time.
+
+    Calling the object gives the full (B, H, Nq, N) probabilities, as
+    :func:`attention_probabilities` does.
+
+    Args:
+        queries: (B, H, Nq, d) the queries, after any query norm or rotation.
+        keys: (B, H, N, d) the keys, likewise.
+        scale: the factor applied to the logits.
+        bias: optional additive logit bias broadcastable to (B, H, Nq, N).
+    """
+
+    #: Elements of one chunk of probabilities (6 MiB of float32), so that a chunk formed by
+    #: one matrix product is still in cache when the next product reads it.
+    chunk_elements: int = 3 << 19
+
+    def __init__(
+        self, queries: Tensor, keys: Tensor, scale: float, bias: Optional[Tensor] = None
+    ) -> None:
+        self.queries, self.keys, self.scale, self.bias = queries, keys, scale, bias
+
+    @property
+    def num_queries(self) -> int:
+        return self.queries.shape[-2]
+
+    def __call__(self) -> Tensor:
+        with torch.no_grad():
+            return attention_probabilities(self.queries, self.keys, self.scale, self.bias)
+
+    def query_rows(self, rows: Sequence[int]) -> "SoftmaxAttention":
+        """The attention of the query rows ``rows`` only."""
+        rows = list(rows)
+        bias = self.bias
+        if bias is not None and bias.dim() >= 2 and bias.shape[-2] != 1:
+            bias = bias[..., rows, :]
+        return SoftmaxAttention(self.queries[:, :, rows], self.keys, self.scale, bias)
+
+    def transposed_mix(self, weights: Tensor) -> Tensor:
+        """A^T w per head: (B, H, Nq, e) weights of the query rows -> (B, H, N, e), in
+        float32 at least.
+
+        The rows are taken a chunk at a time (logits, softmax, product), so the full
+        (B, H, Nq, N) probabilities never exist; each chunk's softmax is over all keys, so
+        the result equals ``attention().transpose(-2, -1) @ weights``.
+        """
+        with torch.no_grad():
+            return self._transposed_mix(weights)
+
+    def _transposed_mix(self, weights: Tensor) -> Tensor:
+        compute_dtype = torch.promote_types(self.keys.dtype, torch.float32)
+        *leading, rows, _ = self.queries.shape
+        tokens, width = self.keys.shape[-2], weights.shape[-1]
+        # Heads of all examples as one batch of matrices, for bmm and baddbmm.
+        queries = self.queries.to(compute_dtype) * self.scale
+        queries = queries.reshape(-1, *queries.shape[-2:])
+        keys_t = self.keys.to(compute_dtype).reshape(-1, tokens, self.keys.shape[-1]).mT
+        weights_t = weights.to(compute_dtype).reshape(-1, rows, width).mT  # (B * H, e, Nq)
+        bias = self.bias
+        row_bias = bias is not None and bias.dim() >= 2 and bias.shape[-2] != 1
+        step = max(1, self.chunk_elements // max(1, queries.shape[0] * tokens))
+        mixed = queries.new_zeros(queries.shape[0], width, tokens)
+        for start in range(0, rows, step):
+            logits = torch.bmm(queries[:, start:start + step], keys_t)
+            if bias is not None:
+                chunk_bias = bias[..., start:start + step, :] if row_bias else bias
+                logits.view(*leading, -1, tokens).add_(chunk_bias.to(compute_dtype))
+            mixed.baddbmm_(weights_t[..., start:start + step], logits.softmax(dim=-1))
+        return mixed.view(*leading, width, tokens).transpose(-2, -1)
+
+
+def query_rows(attention: Union[Tensor, Mixing], rows: Sequence[int]) -> Union[Tensor, Mixing]:
+    """The mixing of the query rows ``rows`` only, of a (B, H, Nq, N) matrix or a
+    :class:`Mixing`."""
+    if isinstance(attention, Mixing):
+        return attention.query_rows(rows)
+    return attention[:, :, list(rows)]
+
+
 def class_token_contributions(class_attention: Tensor, values: Tensor) -> Tensor:
     """The decomposition module: the [class] attention output split over source tokens.
 
@@ -134,7 +268,10 @@ def block_map(
 
 
 def all_queries_block_map(
-    attention: Tensor, values: Tensor, gradient: Tensor, relu_gradients: bool = True
+    attention: Union[Tensor, Mixing],
+    values: Tensor,
+    gradient: Tensor,
+    relu_gradients: bool = True,
 ) -> Tensor:
     """One block's map over all tokens from every query row, each weighted by its own gradient,
     for models whose head pools the tokens rather than reading the [class] token.
@@ -147,7 +284,9 @@ def all_queries_block_map(
     (B, N, N, C) contributions are never formed.
 
     Args:
-        attention: (B, H, Nq, N) the attention probabilities (Nq queries over N tokens).
+        attention: (B, H, Nq, N) the attention probabilities (Nq queries over N tokens), or
+            a :class:`Mixing` giving them (e.g. :class:`SoftmaxAttention`, whose A^T w is
+            formed chunk by chunk).
         values: (B, H, N, d) the values.
         gradient: (B, Nq, C) gradient of the objective with respect to the attention output
             before the output projection, every query row.
@@ -157,11 +296,14 @@ def all_queries_block_map(
         (B, N) non-negative map over all tokens (prefix tokens included).
     """
     batch, heads, tokens, width = values.shape
-    compute_dtype = torch.promote_types(attention.dtype, torch.float32)
     weights = gradient.relu() if relu_gradients else gradient
-    weights = weights.unflatten(-1, (heads, width)).transpose(1, 2).to(compute_dtype)
-    reaching = attention.to(compute_dtype).transpose(-2, -1) @ weights  # (B, H, N, d)
-    return (values.to(compute_dtype) * reaching).sum(-1).sum(dim=1).relu()
+    weights = weights.unflatten(-1, (heads, width)).transpose(1, 2)
+    if isinstance(attention, Mixing):
+        reaching = attention.transposed_mix(weights)  # (B, H, N, d)
+    else:
+        compute_dtype = torch.promote_types(attention.dtype, torch.float32)
+        reaching = attention.to(compute_dtype).transpose(-2, -1) @ weights.to(compute_dtype)
+    return (values.to(reaching.dtype) * reaching).sum(-1).sum(dim=1).relu()
 
 
 def tokens_to_grid(
@@ -193,19 +335,21 @@ def place_on_grid(token_maps: Tensor, positions: Tensor, grid_size: Tuple[int, i
     A module may read its tokens in another order than the grid's, or in windows: Swin's
     windows (after a cyclic shift, with padding) come as a batch of B * W windows of N tokens
     each. ``positions`` says where each token lies; tokens that are no patch (prefix tokens,
-    window padding) are dropped.
+    window padding) are dropped. A token made from several patches (NextViT's keys, each the
+    average of a run of tokens) lies on several cells and shares its value equally among them.
 
     Args:
         token_maps: (B * W, N) maps over the tokens of each of the W windows of every
             example, windows of one example consecutive (one window: W = 1).
         positions: (W, N) long, the grid cell (row-major index below gh * gw) of each token
-            of each window, or -1 for a token that is no patch.
+            of each window, or -1 for a token that is no patch; or (W, N, S), the S cells
+            each token covers (-1 for none), its value shared equally among those it has.
         grid_size: (gh, gw).
 
     Returns:
-        (B, gh, gw), each cell the sum of the tokens placed on it.
+        (B, gh, gw), each cell the sum of the tokens (or tokens' shares) placed on it.
     """
-    windows, tokens = positions.shape
+    windows, tokens = positions.shape[:2]
     if token_maps.dim() != 2 or token_maps.shape[1] != tokens or token_maps.shape[0] % windows:
         raise ValueError(
             f"Expected maps over {tokens} tokens in a multiple of {windows} windows, got "
@@ -213,7 +357,13 @@ def place_on_grid(token_maps: Tensor, positions: Tensor, grid_size: Tuple[int, i
         )
     rows, columns = grid_size
     flat_maps = token_maps.reshape(token_maps.shape[0] // windows, windows * tokens)
-    flat_positions = positions.reshape(-1).to(token_maps.device)
+    positions = positions.to(token_maps.device)
+    if positions.dim() == 3:  # each token's value shared among the cells it covers
+        covered = positions >= 0
+        shares = covered / covered.sum(-1, keepdim=True).clamp(min=1)  # (W, N, S)
+        flat_maps = (flat_maps.unsqueeze(-1) * shares.reshape(1, windows * tokens, -1).to(
+            flat_maps.dtype)).flatten(1)
+    flat_positions = positions.reshape(-1)
     patches = flat_positions >= 0
     grid = token_maps.new_zeros(flat_maps.shape[0], rows * columns)
     grid.index_add_(1, flat_positions[patches], flat_maps[:, patches])

@@ -5,6 +5,7 @@ import threading
 import warnings
 
 import pytest
+import timm
 import torch
 from captum.attr import GradientAttribution, LayerAttribution
 from torch import nn
@@ -465,3 +466,12 @@ def test_a_model_without_attention_is_refused_as_such_and_one_with_unknown_atten
 
     with pytest.raises(TypeError, match="Its attention modules \\(MultiheadAttention\\) are of no"):
         DAAM(Mixer())
+
+
+@pytest.mark.parametrize("name", ["resnest14d", "skresnet18", "edgenext_xx_small"])
+def test_a_model_whose_attention_weighs_channels_is_refused_for_mixing_no_tokens(name):
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    refusal = "Its attention modules mix no tokens \\(.*Attn: .*convolutional"
+    with pytest.raises(TypeError, match=refusal):
+        DAAM(model)

@@ -7,12 +7,11 @@ F[b, i, n, (h, e)] = A[b, h, i, n] * v[b, h, n, e], before weighting and summing
 """
 
 import warnings
-import weakref
 
 import pytest
 import torch
 
-import captum_daam.adapters.timm_vit as timm_vit
+import captum_daam.decompose as decompose
 from captum_daam import DAAM
 from helpers import (
     assert_attributions_match,
@@ -89,25 +88,38 @@ def test_internal_batch_size_gives_the_same_maps():
     assert_close_relative(chunked, whole, 1e-6)
 
 
-def test_one_blocks_full_attention_exists_at_a_time(monkeypatch):
-    """Each block's (B, H, N, N) attention is formed in the backward pass and freed before
-    the next block's is formed."""
-    formed = []
-    alive_when_forming = []
-    original = timm_vit.attention_probabilities
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, None], ids=["1 row", "3 rows", "default"])
+def test_no_blocks_full_attention_is_formed_and_the_maps_stay_exact(monkeypatch, rows_per_chunk):
+    """Every row of softmax attention is mixed a chunk of query rows at a time: the full
+    (B, H, N, N) probabilities are never formed by attention_probabilities, nor as one chunk
+    when the chunk is smaller, and the maps equal the explicit reference's, which forms them."""
 
-    def tracked(*args, **kwargs):
-        alive_when_forming.append(sum(ref() is not None for ref in formed))
-        attention = original(*args, **kwargs)
-        formed.append(weakref.ref(attention))
-        return attention
+    def refuse(*args, **kwargs):
+        raise AssertionError("a block's full attention was formed")
 
-    monkeypatch.setattr(timm_vit, "attention_probabilities", tracked)
+    monkeypatch.setattr(decompose, "attention_probabilities", refuse)
+    batch, heads, tokens = 2, 3, 17  # 16 patches and the [class] token
+    if rows_per_chunk is not None:
+        monkeypatch.setattr(
+            decompose.SoftmaxAttention, "chunk_elements", rows_per_chunk * batch * heads * tokens
+        )
+    chunk_shapes = []
+    original_softmax = torch.Tensor.softmax
+
+    def recording_softmax(tensor, *args, **kwargs):
+        chunk_shapes.append(tuple(tensor.shape))
+        return original_softmax(tensor, *args, **kwargs)
+
     model = small_vit(depth=4)
-    DAAM(model).attribute(make_images(2, 64, 64), target=[1, 2])
-    assert len(formed) == 4  # one per block, formed by DAAM
-    assert alive_when_forming == [0, 0, 0, 0]
-    assert all(ref() is None for ref in formed)
+    images = make_images(batch, 64, 64)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "softmax", recording_softmax)
+        flow = DAAM(model).attribute(images, target=[1, 2], return_flow=True)
+    expected = explicit_daam(model, images, target=[1, 2], queries="all")
+    assert_close_relative(flow, expected["flow"])
+    if rows_per_chunk is not None:  # the default chunk holds all 17 rows of this small model
+        assert (batch * heads, rows_per_chunk, tokens) in chunk_shapes
+        assert not any(shape[-2:] == (tokens, tokens) for shape in chunk_shapes)
 
 
 def test_every_row_is_refused_for_class_attention_blocks_before_any_work():

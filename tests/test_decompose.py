@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from captum_daam.decompose import (
+    SoftmaxAttention,
     accumulate,
     block_map,
     class_attention_row,
@@ -13,6 +14,7 @@ from captum_daam.decompose import (
     paper_display_mapping,
     per_map_scaling,
     place_on_grid,
+    query_rows,
     scale_flow,
     resample_to_grid,
     shared_linear_scaling,
@@ -86,6 +88,16 @@ def test_place_on_grid_lays_window_tokens_on_their_cells_and_drops_padding():
     assert grid.tolist() == [[[4.0, 3.0, 1.0, 2.0]], [[8.0, 7.0, 5.0, 6.0]]]
     with pytest.raises(ValueError, match="3 tokens in a multiple of 2 windows, got shape"):
         place_on_grid(maps[:3], positions, (1, 4))
+
+
+def test_place_on_grid_shares_a_token_equally_among_the_cells_it_covers():
+    # One window of three tokens on a 2 x 3 grid: token 0 covers cells 0, 1, 2 (a run that is
+    # one row), token 1 cells 3 and 4 (one slot unused), token 2 cell 5 and nothing else.
+    positions = torch.tensor([[[0, 1, 2], [3, 4, -1], [5, -1, -1]]])
+    maps = torch.tensor([[3.0, 4.0, 5.0], [6.0, 2.0, 1.0]])
+    grid = place_on_grid(maps, positions, (2, 3))
+    assert grid.tolist() == [[[1.0, 1.0, 1.0], [2.0, 2.0, 5.0]], [[2.0, 2.0, 2.0], [1.0, 1.0, 1.0]]]
+    assert torch.allclose(grid.sum(dim=(1, 2)), maps.sum(1))
 
 
 def test_accumulate_is_the_running_sum_over_blocks():
@@ -171,3 +183,50 @@ def test_resampling_a_coarse_map_to_twice_its_grid_gives_each_quarter_cell_a_qua
     expected = torch.tensor([[1.0, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]) / 4
     torch.testing.assert_close(resample_to_grid(maps, (4, 4)), expected)
     assert resample_to_grid(maps, (2, 2)) is maps
+
+
+def _explicit_probabilities(queries, keys, scale, bias):
+    """softmax(q k^T scale + bias) in float64, one row at a time."""
+    rows = []
+    for i in range(queries.shape[2]):
+        logits = (queries[:, :, i : i + 1].double() * keys.double()).sum(-1) * scale
+        if bias is not None:
+            row_bias = bias if bias.shape[-2] == 1 else bias[..., i : i + 1, :]
+            logits = logits + row_bias.double().squeeze(-2)
+        rows.append(logits.softmax(-1))
+    return torch.stack(rows, dim=2)
+
+
+BIASES = {
+    "none": None,
+    "one bias row": (2, 3, 1, 7),
+    "every row": (2, 3, 5, 7),
+    "shared by the batch": (1, 3, 5, 7),
+    "shared by batch and heads": (5, 7),
+}
+
+
+@pytest.mark.parametrize("bias_shape", BIASES.values(), ids=BIASES.keys())
+@pytest.mark.parametrize("chunk_rows", [1, 2, 5])
+def test_softmax_attention_transposed_mix_is_a_transposed_times_w(
+    monkeypatch, bias_shape, chunk_rows
+):
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(2, 3, 5, 4, generator=generator)  # 5 queries over 7 keys
+    keys = torch.randn(2, 3, 7, 4, generator=generator)
+    weights = torch.randn(2, 3, 5, 6, generator=generator)
+    bias = None if bias_shape is None else torch.randn(*bias_shape, generator=generator)
+    if bias is not None and bias.dim() == 4:
+        bias[..., -1] = float("-inf")  # a masked key
+    monkeypatch.setattr(SoftmaxAttention, "chunk_elements", chunk_rows * 2 * 3 * 7)
+    attention = SoftmaxAttention(queries, keys, 0.5, bias)
+    explicit = _explicit_probabilities(queries, keys, 0.5, bias)
+    expected = explicit.transpose(-2, -1) @ weights.double()
+    assert torch.allclose(attention.transposed_mix(weights).double(), expected, atol=1e-5)
+    assert torch.allclose(attention().double(), explicit, atol=1e-6)
+    rows = [4, 1]
+    selected = query_rows(attention, rows)
+    expected_rows = explicit[:, :, rows].transpose(-2, -1) @ weights[:, :, rows].double()
+    mixed_rows = selected.transposed_mix(weights[:, :, rows]).double()
+    assert torch.allclose(mixed_rows, expected_rows, atol=1e-5)
+    assert torch.equal(query_rows(explicit, rows), explicit[:, :, rows])

@@ -59,7 +59,10 @@ class BlockRecord:
         full: whether the caller needs full attention matrices (attention rollouts): then
             ``attention`` is kept and the whole gradient (B, N, C) is kept in ``gradient``.
         attention: with ``full``, a function giving the block's full attention probabilities
-            (B, H, N, N), formed only when called, so a caller can form one block's at a time.
+            (B, H, N, N), formed only when called, so a caller can form one block's at a time;
+            usually a :class:`~captum_daam.decompose.Mixing` (e.g.
+            :class:`~captum_daam.decompose.SoftmaxAttention`), whose A^T w DAAM takes without
+            forming the matrix.
         gradient: with ``full``, (B, N, C) the gradient at the pre-projection output.
         on_attention: called with the record as soon as the attention is set, during the
             forward pass.
@@ -102,7 +105,7 @@ class BlockRecord:
     ) -> None:
         """Store the [class] attention row and the values (both detached here), and, for a
         caller that asked for ``full`` records, ``attention``: a function forming the full
-        (B, H, N, N) attention probabilities (``decompose.attention_probabilities``)."""
+        (B, H, N, N) attention probabilities, best a :class:`~captum_daam.decompose.Mixing`."""
         if self.class_attention is not None:
             raise RuntimeError(
                 "An attention module ran twice in one forward pass; DAAM expects each "
@@ -177,8 +180,9 @@ class BlockLayout(NamedTuple):
             image (its batch is B * W, an image's windows consecutive), the cell of ``grid``
             (row-major) each token lies on, -1 for a token that is no patch (a prefix token,
             window padding). None: one window of the adapter's ``num_prefix_tokens`` prefix
-            tokens, then the grid row by row. See
-            :func:`~captum_daam.decompose.place_on_grid`.
+            tokens, then the grid row by row. (W, N, S): a token made from S patches (NextViT's
+            keys, each averaged over a run of tokens) lies on those S cells, sharing its value
+            equally. See :func:`~captum_daam.decompose.place_on_grid`.
     """
 
     grid: Optional[Tuple[int, int]]
@@ -532,7 +536,14 @@ def explained_model(model: nn.Module) -> nn.Module:
         raise _jit_error(model)
     families = "; ".join(supported_families())
     attention_types = _attention_module_types(model)
-    if attention_types:
+    if attention_types and all(name in _CHANNEL_ATTENTION for name in attention_types):
+        found = (
+            "Its attention modules mix no tokens ("
+            + "; ".join(f"{name}: {_CHANNEL_ATTENTION[name]}" for name in attention_types)
+            + "): in DAAM's terms a convolutional model, with no token mixing to split over "
+            "the patches."
+        )
+    elif attention_types:
         found = (
             f"Its attention modules ({', '.join(attention_types)}) are of no supported family."
         )
@@ -551,6 +562,14 @@ def explained_model(model: nn.Module) -> nn.Module:
         f"subclass captum_daam.adapters.ViTAdapter and register it with "
         f"@captum_daam.adapters.register_adapter."
     )
+
+
+#: Modules named for attention that weigh channels or kernel branches and mix no tokens.
+_CHANNEL_ATTENTION = {
+    "SplitAttn": "ResNeSt's split attention weighs channel groups from pooled features",
+    "SelectiveKernelAttn": "SKNet's selective kernels weigh convolution branches per channel",
+    "CrossCovarianceAttn": "EdgeNeXt's cross-covariance attention mixes channels",
+}
 
 
 def _attention_module_types(model: nn.Module) -> List[str]:

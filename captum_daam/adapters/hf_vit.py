@@ -14,7 +14,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockRecord, Hook, ViTAdapter, register_adapter
 
 _VIT_MODULE = "transformers.models.vit.modeling_vit"
@@ -87,7 +87,7 @@ def hf_vit_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Ho
         record.set_attention(
             row,
             call.pop("values"),
-            lambda: attention_probabilities(queries, keys, attention.scaling, bias),
+            SoftmaxAttention(queries, keys, attention.scaling, bias),
         )
         return (record.watch(args[0]),) + tuple(args[1:])
 

@@ -16,7 +16,7 @@ import torch
 from timm.layers import AttentionPoolLatent
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook
 
 __all__ = ["attention_pool_hooks", "attention_pool_layout", "AttentionPoolLatent"]
@@ -56,7 +56,7 @@ def attention_pool_hooks(pool: AttentionPoolLatent, record: BlockRecord) -> List
         record.set_attention(
             row,
             call.pop("values"),
-            lambda: attention_probabilities(queries, keys, pool.scale, bias),
+            SoftmaxAttention(queries, keys, pool.scale, bias),
         )
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.models.beit import Attention, Beit
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockRecord, Hook, register_adapter
 from .timm_vit import TimmAdapter
 
@@ -70,12 +70,11 @@ def beit_attention_hooks(attention: Attention, record: BlockRecord) -> List[Hook
                 class_query.unflatten(-1, (heads, -1)), keys, attention.scale, bias_row
             )
 
-        def full_attention() -> Tensor:  # every query, formed only for attention rollouts
-            with torch.no_grad():
+            full = None
+            if record.full:  # every query, formed only where every row is explained
                 queries = split_heads(F.linear(tokens, weight[:width], query_bias), heads)
-                return attention_probabilities(queries, keys, attention.scale, logit_bias)
-
-        record.set_attention(row, values, full_attention)
+                full = SoftmaxAttention(queries, keys, attention.scale, logit_bias)
+        record.set_attention(row, values, full)
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
         return (record.watch(args[0]),) + tuple(args[1:])

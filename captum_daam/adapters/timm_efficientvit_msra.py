@@ -23,7 +23,7 @@ from timm.models import efficientvit_msra as msra
 from timm.models.swin_transformer import window_partition
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
 from .pooled import PooledAdapter
 from .windows import window_positions
@@ -55,7 +55,7 @@ def cascaded_group_attention_hooks(attention: nn.Module, record: BlockRecord) ->
             row = class_attention_row(queries[:, :, 0], keys, scale, bias[:, 0])
             record.set_attention(
                 row, values,
-                lambda: attention_probabilities(queries, keys, scale, bias.unsqueeze(0)),
+                SoftmaxAttention(queries, keys, scale, bias.unsqueeze(0)),
             )
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:

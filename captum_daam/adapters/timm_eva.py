@@ -22,7 +22,7 @@ from timm.layers.attention import AttentionRope, resolve_self_attn_mask
 from timm.models.eva import Eva, EvaAttention
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockRecord, Hook, register_adapter
 from .timm_beit import qkv_weight_and_bias, split_heads
 from .timm_vit import TimmAdapter
@@ -99,12 +99,12 @@ def eva_attention_hooks(
             keys = query_heads(rotate(keys, rope))
             bias_row = None if bias is None else bias[..., 0, :]
             row = class_attention_row(queries[:, :, 0], keys, attention.scale, bias_row)
-
-        def full_attention() -> Tensor:  # every query, formed only for attention rollouts
-            with torch.no_grad():
-                return attention_probabilities(rotate(queries, rope), keys, attention.scale, bias)
-
-        record.set_attention(row, call.pop("values"), full_attention)
+            # Every query, rotated only where every row is explained (or for rollouts).
+            full = (
+                SoftmaxAttention(rotate(queries, rope), keys, attention.scale, bias)
+                if record.full else None
+            )
+        record.set_attention(row, call.pop("values"), full)
         return (record.watch(args[0]),) + tuple(args[1:])
 
     hooks = [Hook(attention, "pre_kwargs", on_call)]

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 from timm.models import gcvit
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
 from .pooled import PooledAdapter
 from .windows import window_positions
@@ -51,7 +51,7 @@ def global_window_attention_hooks(attention: nn.Module, record: BlockRecord) -> 
         bias, scale = attention.rel_pos.get_bias().detach(), attention.scale
         row = class_attention_row(queries[:, :, 0], keys, scale, bias[..., 0, :])
         record.set_attention(
-            row, values, lambda: attention_probabilities(queries, keys, scale, bias)
+            row, values, SoftmaxAttention(queries, keys, scale, bias)
         )
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:

@@ -19,7 +19,7 @@ import torch
 from timm.models.hiera import Hiera, MaskUnitAttention
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
 from .pooled import PooledAdapter
 
@@ -55,7 +55,7 @@ def mask_unit_attention_hooks(attention: MaskUnitAttention, record: BlockRecord)
         call["units"] = units
         row = class_attention_row(queries[:, :, 0], keys, attention.scale)
         record.set_attention(
-            row, values, lambda: attention_probabilities(queries, keys, attention.scale)
+            row, values, SoftmaxAttention(queries, keys, attention.scale)
         )
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:

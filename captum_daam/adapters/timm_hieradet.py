@@ -18,7 +18,7 @@ import torch
 from timm.models import hieradet_sam2
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
 from .pooled import PooledAdapter
 from .windows import window_positions
@@ -45,7 +45,7 @@ def multiscale_attention_hooks(attention: nn.Module, record: BlockRecord) -> Lis
         queries, keys, values = (part.transpose(1, 2) for part in (queries, keys, values))
         row = class_attention_row(queries[:, :, 0], keys, attention.scale)
         record.set_attention(
-            row, values, lambda: attention_probabilities(queries, keys, attention.scale)
+            row, values, SoftmaxAttention(queries, keys, attention.scale)
         )
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:

@@ -18,7 +18,7 @@ import torch
 from timm.models.levit import AttentionDownsample, Levit
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
 from .pooled import PooledAdapter
 
@@ -64,7 +64,7 @@ def levit_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hoo
             bias = attention.attention_biases[:, attention.attention_bias_idxs].detach()
             row = class_attention_row(queries[:, :, 0], keys, attention.scale, bias[:, 0])
         record.set_attention(
-            row, values, lambda: attention_probabilities(queries, keys, attention.scale, bias)
+            row, values, SoftmaxAttention(queries, keys, attention.scale, bias)
         )
         return (record.watch(args[0], tokens_first if use_conv else None),) + tuple(args[1:])
 

@@ -25,7 +25,7 @@ from timm.layers import to_2tuple
 from timm.models import maxxvit
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, register_adapter
 from .pooled import PooledAdapter
 from .windows import window_positions
@@ -70,7 +70,7 @@ def maxxvit_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[H
             queries[:, :, 0], keys, scale, None if bias is None else bias[..., 0, :]
         )
         record.set_attention(
-            row, values, lambda: attention_probabilities(queries, keys, scale, bias)
+            row, values, SoftmaxAttention(queries, keys, scale, bias)
         )
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:

@@ -19,7 +19,7 @@ from timm.models.nest import Nest
 from timm.models.swin_transformer import window_partition
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, register_adapter
 from .pooled import PooledAdapter, patch_grid
 from .windows import window_positions
@@ -39,7 +39,7 @@ def nest_attention_hooks(attention: NestAttention, record: BlockRecord) -> List[
             2, 0, 3, 1, 4)
         row = class_attention_row(queries[:, :, 0], keys, attention.scale)
         record.set_attention(
-            row, values, lambda: attention_probabilities(queries, keys, attention.scale)
+            row, values, SoftmaxAttention(queries, keys, attention.scale)
         )
 
     def heads_first(gradient: Tensor) -> Tensor:  # (..., d * H) -> (..., H * d)

@@ -17,7 +17,7 @@ from timm.models.pvt_v2 import Attention as PvtAttention
 from timm.models.pvt_v2 import PyramidVisionTransformerV2
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
 from .pooled import PooledAdapter
 
@@ -40,7 +40,7 @@ def pvt_attention_hooks(attention: PvtAttention, record: BlockRecord) -> List[Ho
         queries = call.pop("queries")
         row = class_attention_row(queries[:, :, 0], keys, attention.scale)
         record.set_attention(
-            row, values, lambda: attention_probabilities(queries, keys, attention.scale)
+            row, values, SoftmaxAttention(queries, keys, attention.scale)
         )
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:

@@ -21,7 +21,7 @@ from timm.models.vision_transformer_sam import Attention as SamAttention
 from timm.models.vision_transformer_sam import VisionTransformerSAM, get_decomposed_rel_pos_bias
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, register_adapter
 from .pooled import PooledAdapter, patch_grid
 from .windows import window_positions
@@ -75,11 +75,9 @@ def sam_attention_hooks(attention: SamAttention, record: BlockRecord) -> List[Ho
                 queries[:, :, 0], keys, attention.scale, None if bias is None else bias[..., 0, :]
             )
 
-        def full_attention() -> Tensor:  # every query of every window
-            with torch.no_grad():
-                return attention_probabilities(queries, keys, attention.scale, bias)
-
-        record.set_attention(row, values, full_attention)
+        record.set_attention(
+            row, values, SoftmaxAttention(queries, keys, attention.scale, bias)
+        )
         return (record.watch(args[0]),) + tuple(args[1:])
 
     return [

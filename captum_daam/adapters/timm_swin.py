@@ -26,7 +26,7 @@ from timm.models import swin_transformer_v2 as swin_v2
 from timm.models import swin_transformer_v2_cr as swin_v2_cr
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, register_adapter
 from .pooled import PooledAdapter, patch_grid
 from .windows import window_positions
@@ -127,11 +127,7 @@ def window_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Ho
             bias = _window_bias(relative_bias.detach(), mask, queries.shape[0])
             row = class_attention_row(queries[:, :, 0], keys, scale, bias[..., 0, :])
 
-        def full_attention() -> Tensor:  # every query of every window
-            with torch.no_grad():
-                return attention_probabilities(queries, keys, scale, bias)
-
-        record.set_attention(row, values, full_attention)
+        record.set_attention(row, values, SoftmaxAttention(queries, keys, scale, bias))
         return (record.watch(args[0]),) + tuple(args[1:])
 
     hooks = [Hook(attention, "pre_kwargs", on_call)]

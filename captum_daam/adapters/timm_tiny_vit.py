@@ -19,7 +19,7 @@ from timm.models.tiny_vit import Attention as TinyVitAttention
 from timm.models.tiny_vit import TinyVit, TinyVitBlock, TinyVitStage
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
 from .pooled import PooledAdapter
 from .windows import window_positions
@@ -42,7 +42,7 @@ def tiny_vit_attention_hooks(attention: TinyVitAttention, record: BlockRecord) -
         row = class_attention_row(queries[:, :, 0], keys, attention.scale, bias[:, 0])
         record.set_attention(
             row, values,
-            lambda: attention_probabilities(queries, keys, attention.scale, bias.unsqueeze(0)),
+            SoftmaxAttention(queries, keys, attention.scale, bias.unsqueeze(0)),
         )
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:

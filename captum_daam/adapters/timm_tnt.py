@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 from timm.models.tnt import TNT, Attention
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockRecord, Hook, register_adapter
 from .timm_beit import split_heads
 from .timm_vit import TimmAdapter
@@ -43,7 +43,7 @@ def tnt_attention_hooks(attention: Attention, record: BlockRecord) -> List[Hook]
         queries, keys = call.pop("queries"), call.pop("keys")
         row = class_attention_row(queries[:, :, 0], keys, attention.scale)
         record.set_attention(
-            row, call.pop("values"), lambda: attention_probabilities(queries, keys, attention.scale)
+            row, call.pop("values"), SoftmaxAttention(queries, keys, attention.scale)
         )
         return (record.watch(args[0]),) + tuple(args[1:])
 

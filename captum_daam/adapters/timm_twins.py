@@ -17,7 +17,7 @@ from timm.models.swin_transformer import window_partition
 from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, Twins
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
 from .pooled import PooledAdapter
 from .timm_pvt_v2 import pvt_attention_hooks
@@ -44,7 +44,7 @@ def grouped_attention_hooks(attention: LocallyGroupedAttn, record: BlockRecord) 
         queries, keys, values = parts.permute(3, 0, 1, 4, 2, 5).flatten(1, 2)
         row = class_attention_row(queries[:, :, 0], keys, attention.scale)
         record.set_attention(
-            row, values, lambda: attention_probabilities(queries, keys, attention.scale)
+            row, values, SoftmaxAttention(queries, keys, attention.scale)
         )
 
     def to_window_tokens(gradient: Tensor, positions: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from timm.models.vision_transformer import (
 from timm.models.deit import VisionTransformerDistilled
 from torch import Tensor, nn
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, attention_probabilities, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, ViTAdapter, register_adapter
 from .timm_attention_pool import AttentionPoolLatent, attention_pool_hooks, attention_pool_layout
 
@@ -89,7 +89,7 @@ def timm_attention_hooks(
         bias = call.pop("bias")
         row = class_attention_row(queries[:, :, 0], keys, scale, _class_row(bias))
         record.set_attention(
-            row, call.pop("values"), lambda: attention_probabilities(queries, keys, scale, bias)
+            row, call.pop("values"), SoftmaxAttention(queries, keys, scale, bias)
         )
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
@@ -368,7 +368,7 @@ def parallel_scaling_hooks(block: ParallelScalingBlock, record: BlockRecord) -> 
         record.set_attention(
             row,
             call.pop("values"),
-            lambda: attention_probabilities(queries, keys, block.scale, bias),
+            SoftmaxAttention(queries, keys, block.scale, bias),
         )
 
     def attention_channels(gradient: Tensor) -> Tensor:  # of out_proj's input [attention, MLP]

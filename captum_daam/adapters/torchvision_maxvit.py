@@ -21,7 +21,7 @@ from timm.models.maxxvit import grid_partition, window_partition
 from torch import Tensor, nn
 from torchvision.models import maxvit as tv_maxvit
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, register_adapter
 from .pooled import PooledAdapter
 from .windows import window_positions
@@ -41,7 +41,7 @@ def relative_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[
         bias, scale = attention.get_relative_positional_bias().detach(), attention.scale_factor
         row = class_attention_row(queries[:, :, 0], keys, scale, bias[..., 0, :])
         record.set_attention(
-            row, values, lambda: attention_probabilities(queries, keys, scale, bias)
+            row, values, SoftmaxAttention(queries, keys, scale, bias)
         )
 
     def on_merge(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:

@@ -23,7 +23,7 @@ from timm.models.swin_transformer import window_partition
 from torch import Tensor, nn
 from torchvision.models import swin_transformer as tv_swin
 
-from ..decompose import attention_probabilities, class_attention_row
+from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, register_adapter
 from .pooled import PooledAdapter
 from .windows import shift_mask, window_positions
@@ -82,11 +82,7 @@ def shifted_window_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook
         positions = window_positions((height, width), window, shift, window_partition, True)
         call["positions"] = positions.to(tokens.device)
 
-        def full_attention() -> Tensor:  # every query of every window
-            with torch.no_grad():
-                return attention_probabilities(queries, keys, scale, logit_bias)
-
-        record.set_attention(row, values, full_attention)
+        record.set_attention(row, values, SoftmaxAttention(queries, keys, scale, logit_bias))
 
     def to_pre_projection(gradient: Tensor, positions: Tensor) -> Tensor:
         # (B, H, W, C) at the output -> (B * W, N, C) before the projection, padding zero.

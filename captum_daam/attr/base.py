@@ -164,7 +164,7 @@ class ViTLayerAttribution(LayerAttribution):
                 grid = self._patch_grid(layout.grid, tokens.shape[-1])
                 block_maps.append(tokens_to_grid(tokens, self.adapter.num_prefix_tokens, grid))
                 continue
-            windows, per_window = layout.positions.shape
+            windows, per_window = layout.positions.shape[:2]
             if tuple(tokens.shape) != (batch_size * windows, per_window):
                 raise ValueError(
                     f"Expected block {index}'s attention to read {windows} window(s) of "

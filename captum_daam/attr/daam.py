@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..adapters import BlockLayout, BlockRecord, ViTAdapter
 from ..decompose import accumulate as accumulate_maps
-from ..decompose import all_queries_block_map, block_map
+from ..decompose import Mixing, all_queries_block_map, block_map, query_rows
 from ..ssl import MemoryBank
 from .._warnings import warn_user
 from .base import (
@@ -375,10 +375,14 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
                     record.class_attention, record.values, record.class_gradient, relu_gradients
                 )
             else:
-                # The block's full attention exists only here, one block at a time.
-                attention, gradient = record.attention(), record.gradient
+                # A Mixing is applied as its factors allow (softmax attention chunk by chunk);
+                # other attention is formed here, one block at a time.
+                attention, gradient = record.attention, record.gradient
+                if not isinstance(attention, Mixing):
+                    attention = attention()
                 if record_rows is not None:
-                    attention, gradient = attention[:, :, record_rows], gradient[:, record_rows]
+                    attention = query_rows(attention, record_rows)
+                    gradient = gradient[:, record_rows]
                 token_maps[id(record)] = all_queries_block_map(
                     attention, record.values, gradient, relu_gradients
                 )
