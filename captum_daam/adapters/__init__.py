@@ -25,6 +25,7 @@ from .timm_convit import TimmConvitAdapter
 from .timm_crossvit import TimmCrossVitAdapter
 from .timm_davit import TimmDaVitAdapter
 from .timm_efficientformer import TimmEfficientFormerAdapter
+from .timm_efficientformer_v2 import TimmEfficientFormerV2Adapter
 from .timm_efficientvit_msra import TimmEfficientVitMsraAdapter
 from .timm_eva import TimmEvaAdapter
 from .timm_gcvit import TimmGcVitAdapter
@@ -72,6 +73,7 @@ __all__ = [
     "TimmCrossVitAdapter",
     "TimmDaVitAdapter",
     "TimmEfficientFormerAdapter",
+    "TimmEfficientFormerV2Adapter",
     "TimmEfficientVitMsraAdapter",
     "TimmEvaAdapter",
     "TimmGcVitAdapter",

@@ -7,11 +7,13 @@ from typing import Optional, Tuple
 
 import torch
 from timm.layers import Attention, AttentionRope
+from timm.models.efficientformer_v2 import Attention2d, Attention2dDownsample
 from timm.models.eva import EvaAttention
 from timm.models.vision_transformer_relpos import RelPosAttention
 from torch import Tensor, nn
 
 from .base import BlockRecord
+from .timm_efficientformer_v2 import mixing_output_module
 
 __all__ = ["OUTPUT_NORMED", "output_projection_input", "as_recorded_rows"]
 
@@ -25,11 +27,15 @@ def output_projection_input(attention: nn.Module) -> nn.Module:
     """The module whose input is the attention output before the output projection:
     ``sub_norm`` in differential attention (the per-head norm before ``norm`` and ``proj``),
     ``norm`` in the layers of :data:`OUTPUT_NORMED`, else ``proj``, or, in a block that
-    computes attention itself (timm's ParallelScalingBlock), ``attn_out_proj``.
+    computes attention itself (timm's ParallelScalingBlock), ``attn_out_proj``; in
+    EfficientFormerV2, whose mixing output is upsampled and activated before ``proj``, the
+    module it enters first.
 
     Raises:
         LookupError: when the module has none of them.
     """
+    if isinstance(attention, (Attention2d, Attention2dDownsample)):
+        return mixing_output_module(attention)
     names = ("norm", "proj") if isinstance(attention, OUTPUT_NORMED) else ("proj", "attn_out_proj")
     for name in ("sub_norm",) + names:
         module = getattr(attention, name, None)
