@@ -36,6 +36,7 @@ from .timm_maxxvit import TimmMaxxVitAdapter
 from .timm_mvitv2 import TimmMvitv2Adapter
 from .timm_naflexvit import TimmNaFlexVitAdapter
 from .timm_nest import TimmNestAdapter
+from .timm_nextvit import TimmNextVitAdapter
 from .timm_pit import TimmPitAdapter
 from .timm_pvt_v2 import TimmPvtV2Adapter
 from .timm_relpos import TimmRelPosAdapter
@@ -84,6 +85,7 @@ __all__ = [
     "TimmMvitv2Adapter",
     "TimmNaFlexVitAdapter",
     "TimmNestAdapter",
+    "TimmNextVitAdapter",
     "TimmPitAdapter",
     "TimmPvtV2Adapter",
     "TimmRelPosAdapter",
