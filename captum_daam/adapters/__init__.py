@@ -28,11 +28,13 @@ from .timm_efficientformer import TimmEfficientFormerAdapter
 from .timm_efficientformer_v2 import TimmEfficientFormerV2Adapter
 from .timm_efficientvit_msra import TimmEfficientVitMsraAdapter
 from .timm_eva import TimmEvaAdapter
+from .timm_fastvit import TimmFastVitAdapter
 from .timm_gcvit import TimmGcVitAdapter
 from .timm_hiera import TimmHieraAdapter
 from .timm_hieradet import TimmHieraDetAdapter
 from .timm_levit import TimmLevitAdapter
 from .timm_maxxvit import TimmMaxxVitAdapter
+from .timm_metaformer import TimmMetaFormerAdapter
 from .timm_mvitv2 import TimmMvitv2Adapter
 from .timm_naflexvit import TimmNaFlexVitAdapter
 from .timm_nest import TimmNestAdapter
@@ -77,11 +79,13 @@ __all__ = [
     "TimmEfficientFormerV2Adapter",
     "TimmEfficientVitMsraAdapter",
     "TimmEvaAdapter",
+    "TimmFastVitAdapter",
     "TimmGcVitAdapter",
     "TimmHieraAdapter",
     "TimmHieraDetAdapter",
     "TimmLevitAdapter",
     "TimmMaxxVitAdapter",
+    "TimmMetaFormerAdapter",
     "TimmMvitv2Adapter",
     "TimmNaFlexVitAdapter",
     "TimmNestAdapter",
