@@ -165,6 +165,19 @@ class BlockRecord:
         return tensor
 
 
+def watch_first_input(
+    record: BlockRecord, to_pre_projection: Optional[Callable[[Tensor], Tensor]] = None
+) -> Callable:
+    """A forward pre-hook (for :class:`Hook` kind ``"pre"``) that watches its module's first
+    input in ``record`` (:meth:`BlockRecord.watch`): put on the module the attention output
+    enters (usually ``proj``)."""
+
+    def watch(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
+        return (record.watch(args[0], to_pre_projection),) + tuple(args[1:])
+
+    return watch
+
+
 class BlockLayout(NamedTuple):
     """Where one block's queries read their patch tokens.
 

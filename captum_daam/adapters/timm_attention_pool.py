@@ -17,7 +17,7 @@ from timm.layers import AttentionPoolLatent
 from torch import Tensor, nn
 
 from ..decompose import SoftmaxAttention, class_attention_row
-from .base import BlockLayout, BlockRecord, Hook
+from .base import BlockLayout, BlockRecord, Hook, watch_first_input
 
 __all__ = ["attention_pool_hooks", "attention_pool_layout", "AttentionPoolLatent"]
 
@@ -59,15 +59,12 @@ def attention_pool_hooks(pool: AttentionPoolLatent, record: BlockRecord) -> List
             SoftmaxAttention(queries, keys, pool.scale, bias),
         )
 
-    def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
-        return (record.watch(args[0]),) + tuple(args[1:])
-
     return [
         Hook(pool, "pre_kwargs", on_call),
         Hook(pool.kv, "forward", on_kv),
         Hook(pool.q_norm, "forward", on_query),
         Hook(pool.k_norm, "forward", on_keys),
-        Hook(pool.proj, "pre", on_pre_projection),
+        Hook(pool.proj, "pre", watch_first_input(record)),
     ]
 
 

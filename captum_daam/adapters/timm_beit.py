@@ -15,7 +15,7 @@ from timm.models.beit import Attention, Beit
 from torch import Tensor, nn
 
 from ..decompose import SoftmaxAttention, class_attention_row
-from .base import BlockRecord, Hook, register_adapter
+from .base import BlockRecord, Hook, register_adapter, watch_first_input
 from .timm_vit import TimmAdapter
 
 
@@ -76,12 +76,9 @@ def beit_attention_hooks(attention: Attention, record: BlockRecord) -> List[Hook
                 full = SoftmaxAttention(queries, keys, attention.scale, logit_bias)
         record.set_attention(row, values, full)
 
-    def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
-        return (record.watch(args[0]),) + tuple(args[1:])
-
     return [
         Hook(attention, "pre_kwargs", on_call),
-        Hook(attention.proj, "pre", on_pre_projection),
+        Hook(attention.proj, "pre", watch_first_input(record)),
     ]
 
 

@@ -34,7 +34,14 @@ from timm.models.coat import CoaT, FactorAttnConvRelPosEnc
 from torch import Tensor, nn
 
 from ..decompose import factorized_class_coefficients
-from .base import BlockLayout, BlockRecord, Hook, ViTAdapter, register_adapter
+from .base import (
+    BlockLayout,
+    BlockRecord,
+    Hook,
+    ViTAdapter,
+    register_adapter,
+    watch_first_input,
+)
 
 
 def factorized_attention_hooks(
@@ -53,10 +60,10 @@ def factorized_attention_hooks(
         row = factorized_class_coefficients(queries[:, :, 0], keys, attention.scale)
         record.set_attention(row, values)
 
-    def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
-        return (record.watch(args[0]),) + tuple(args[1:])
-
-    return [Hook(attention.qkv, "forward", on_qkv), Hook(attention.proj, "pre", on_pre_projection)]
+    return [
+        Hook(attention.qkv, "forward", on_qkv),
+        Hook(attention.proj, "pre", watch_first_input(record)),
+    ]
 
 
 _STAGES = (1, 2, 3, 4)

@@ -50,7 +50,7 @@ def cascaded_group_attention_hooks(attention: nn.Module, record: BlockRecord) ->
             queries, keys, values = (torch.stack(parts.pop(name), dim=1)
                                      for name in ("queries", "keys", "values"))
             parts.update(queries=[], keys=[], values=[])
-            bias = attention.attention_biases[:, attention.attention_bias_idxs].detach()
+            bias = attention.get_attention_biases(queries.device).detach()
             scale = attention.scale
             row = class_attention_row(queries[:, :, 0], keys, scale, bias[:, 0])
             record.set_attention(

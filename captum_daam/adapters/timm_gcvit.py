@@ -19,7 +19,14 @@ from timm.models import gcvit
 from torch import Tensor, nn
 
 from ..decompose import SoftmaxAttention, class_attention_row
-from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
+from .base import (
+    BlockLayout,
+    BlockRecord,
+    Hook,
+    output_grid,
+    register_adapter,
+    watch_first_input,
+)
 from .pooled import PooledAdapter
 from .windows import window_positions
 
@@ -54,13 +61,10 @@ def global_window_attention_hooks(attention: nn.Module, record: BlockRecord) -> 
             row, values, SoftmaxAttention(queries, keys, scale, bias)
         )
 
-    def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
-        return (record.watch(args[0]),) + tuple(args[1:])
-
     return [
         Hook(attention, "pre_kwargs", on_call),
         Hook(attention.qkv, "forward", on_qkv),
-        Hook(attention.proj, "pre", on_pre_projection),
+        Hook(attention.proj, "pre", watch_first_input(record)),
     ]
 
 

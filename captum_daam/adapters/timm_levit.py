@@ -61,7 +61,7 @@ def levit_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hoo
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
         queries, keys, values = (call.pop(part) for part in ("queries", "keys", "values"))
         with torch.no_grad():
-            bias = attention.attention_biases[:, attention.attention_bias_idxs].detach()
+            bias = attention.get_attention_biases(queries.device).detach()
             row = class_attention_row(queries[:, :, 0], keys, attention.scale, bias[:, 0])
         record.set_attention(
             row, values, SoftmaxAttention(queries, keys, attention.scale, bias)

@@ -18,7 +18,14 @@ from timm.models.pvt_v2 import PyramidVisionTransformerV2
 from torch import Tensor, nn
 
 from ..decompose import SoftmaxAttention, class_attention_row
-from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
+from .base import (
+    BlockLayout,
+    BlockRecord,
+    Hook,
+    output_grid,
+    register_adapter,
+    watch_first_input,
+)
 from .pooled import PooledAdapter
 
 __all__ = ["TimmPvtV2Adapter", "pvt_attention_hooks"]
@@ -43,13 +50,10 @@ def pvt_attention_hooks(attention: PvtAttention, record: BlockRecord) -> List[Ho
             row, values, SoftmaxAttention(queries, keys, attention.scale)
         )
 
-    def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
-        return (record.watch(args[0]),) + tuple(args[1:])
-
     return [
         Hook(attention.q, "forward", on_query),
         Hook(attention.kv, "forward", on_keys_values),
-        Hook(attention.proj, "pre", on_pre_projection),
+        Hook(attention.proj, "pre", watch_first_input(record)),
     ]
 
 

@@ -20,7 +20,14 @@ from timm.models.tiny_vit import TinyVit, TinyVitBlock, TinyVitStage
 from torch import Tensor, nn
 
 from ..decompose import SoftmaxAttention, class_attention_row
-from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
+from .base import (
+    BlockLayout,
+    BlockRecord,
+    Hook,
+    output_grid,
+    register_adapter,
+    watch_first_input,
+)
 from .pooled import PooledAdapter
 from .windows import window_positions
 
@@ -38,19 +45,16 @@ def tiny_vit_attention_hooks(attention: TinyVitAttention, record: BlockRecord) -
         # (B', N, H * (2 kd + vd)) -> q, k (B', H, N, kd) and v (B', H, N, vd), as the module.
         parts = qkv.detach().unflatten(-1, (heads, -1)).split(widths, dim=3)
         queries, keys, values = (part.transpose(1, 2) for part in parts)
-        bias = attention.attention_biases[:, attention.attention_bias_idxs].detach()
+        bias = attention.get_attention_biases(queries.device).detach()
         row = class_attention_row(queries[:, :, 0], keys, attention.scale, bias[:, 0])
         record.set_attention(
             row, values,
             SoftmaxAttention(queries, keys, attention.scale, bias.unsqueeze(0)),
         )
 
-    def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
-        return (record.watch(args[0]),) + tuple(args[1:])
-
     return [
         Hook(attention.qkv, "forward", on_qkv),
-        Hook(attention.proj, "pre", on_pre_projection),
+        Hook(attention.proj, "pre", watch_first_input(record)),
     ]
 
 

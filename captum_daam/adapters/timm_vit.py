@@ -30,7 +30,14 @@ from timm.models.deit import VisionTransformerDistilled
 from torch import Tensor, nn
 
 from ..decompose import SoftmaxAttention, attention_probabilities, class_attention_row
-from .base import BlockLayout, BlockRecord, Hook, ViTAdapter, register_adapter
+from .base import (
+    BlockLayout,
+    BlockRecord,
+    Hook,
+    ViTAdapter,
+    register_adapter,
+    watch_first_input,
+)
 from .timm_attention_pool import AttentionPoolLatent, attention_pool_hooks, attention_pool_layout
 
 
@@ -92,15 +99,12 @@ def timm_attention_hooks(
             row, call.pop("values"), SoftmaxAttention(queries, keys, scale, bias)
         )
 
-    def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
-        return (record.watch(args[0]),) + tuple(args[1:])
-
     hooks = [Hook(attention, "pre_kwargs", on_call), Hook(attention.qkv, "forward", on_qkv)]
     if has_qk_norm:
         hooks += [Hook(norms[0], "forward", on_query), Hook(norms[1], "forward", on_keys)]
     output_norm = getattr(attention, "norm", None)
     watched = output_norm if isinstance(output_norm, nn.Module) else attention.proj
-    return hooks + [Hook(watched, "pre", on_pre_projection)]
+    return hooks + [Hook(watched, "pre", watch_first_input(record))]
 
 
 def _class_row(bias: Optional[Tensor]) -> Optional[Tensor]:
@@ -374,17 +378,14 @@ def parallel_scaling_hooks(block: ParallelScalingBlock, record: BlockRecord) -> 
     def attention_channels(gradient: Tensor) -> Tensor:  # of out_proj's input [attention, MLP]
         return gradient[..., :channels]
 
-    def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
-        to_pre_projection = None if block.out_proj is None else attention_channels
-        return (record.watch(args[0], to_pre_projection),) + tuple(args[1:])
-
     projection = block.attn_out_proj if block.out_proj is None else block.out_proj
+    to_pre_projection = None if block.out_proj is None else attention_channels
     return [
         Hook(block, "pre_kwargs", on_call),
         Hook(block.in_proj, "forward", on_in_projection),
         Hook(block.q_norm, "forward", on_query),
         Hook(block.k_norm, "forward", on_keys),
-        Hook(projection, "pre", on_pre_projection),
+        Hook(projection, "pre", watch_first_input(record, to_pre_projection)),
     ]
 
 
