@@ -5,7 +5,7 @@ L (blocks in the flow) and (gh, gw) (the patch grid).
 """
 
 from abc import ABC, abstractmethod
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -15,6 +15,7 @@ __all__ = [
     "factorized_class_coefficients",
     "attention_probabilities",
     "Mixing",
+    "DeferredMixing",
     "SoftmaxAttention",
     "query_rows",
     "class_token_contributions",
@@ -141,6 +142,34 @@ class _QueryRows(Mixing):
         )
         every_row[..., self.rows, :] = weights
         return self.mixing.transposed_mix(every_row)
+
+
+class DeferredMixing(Mixing):
+    """A mixing formed only when first used, by ``make`` (e.g. one whose queries must first
+    be rotated or projected), so that nothing is computed or kept for it in the forward pass
+    beyond what ``make`` captures."""
+
+    def __init__(self, make: Callable[[], Mixing]) -> None:
+        self.make, self._mixing = make, None
+
+    def _formed(self) -> Mixing:
+        if self._mixing is None:
+            with torch.no_grad():
+                self._mixing = self.make()
+        return self._mixing
+
+    @property
+    def num_queries(self) -> int:
+        return self._formed().num_queries
+
+    def __call__(self) -> Tensor:
+        return self._formed()()
+
+    def transposed_mix(self, weights: Tensor) -> Tensor:
+        return self._formed().transposed_mix(weights)
+
+    def query_rows(self, rows: Sequence[int]) -> Mixing:
+        return self._formed().query_rows(rows)
 
 
 class SoftmaxAttention(Mixing):

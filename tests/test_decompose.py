@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from captum_daam.decompose import (
+    DeferredMixing,
     SoftmaxAttention,
     accumulate,
     block_map,
@@ -230,3 +231,23 @@ def test_softmax_attention_transposed_mix_is_a_transposed_times_w(
     mixed_rows = selected.transposed_mix(weights[:, :, rows]).double()
     assert torch.allclose(mixed_rows, expected_rows, atol=1e-5)
     assert torch.equal(query_rows(explicit, rows), explicit[:, :, rows])
+
+
+def test_a_deferred_mixing_is_formed_once_when_first_used_and_then_acts_as_formed():
+    generator = torch.Generator().manual_seed(1)
+    queries, keys = torch.randn(1, 2, 3, 4, generator=generator), torch.randn(1, 2, 5, 4)
+    weights = torch.randn(1, 2, 3, 2, generator=generator)
+    made = []
+
+    def make():
+        made.append(torch.is_grad_enabled())
+        return SoftmaxAttention(queries, keys, 0.5)
+
+    deferred = DeferredMixing(make)
+    assert made == []  # nothing formed in the forward pass
+    formed = SoftmaxAttention(queries, keys, 0.5)
+    assert torch.equal(deferred.transposed_mix(weights), formed.transposed_mix(weights))
+    assert torch.equal(deferred(), formed()) and deferred.num_queries == 3
+    assert torch.equal(deferred.query_rows([2]).transposed_mix(weights[:, :, [2]]),
+                       formed.query_rows([2]).transposed_mix(weights[:, :, [2]]))
+    assert made == [False]  # formed once, without gradients

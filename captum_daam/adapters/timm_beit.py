@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.models.beit import Attention, Beit
 from torch import Tensor, nn
 
-from ..decompose import SoftmaxAttention, class_attention_row
+from ..decompose import DeferredMixing, SoftmaxAttention, class_attention_row
 from .base import BlockRecord, Hook, register_adapter, watch_first_input
 from .timm_vit import TimmAdapter
 
@@ -70,11 +70,12 @@ def beit_attention_hooks(attention: Attention, record: BlockRecord) -> List[Hook
                 class_query.unflatten(-1, (heads, -1)), keys, attention.scale, bias_row
             )
 
-            full = None
-            if record.full:  # every query, formed only where every row is explained
-                queries = split_heads(F.linear(tokens, weight[:width], query_bias), heads)
-                full = SoftmaxAttention(queries, keys, attention.scale, logit_bias)
-        record.set_attention(row, values, full)
+
+        def every_query() -> SoftmaxAttention:  # formed when the backward pass reaches it
+            queries = split_heads(F.linear(tokens, weight[:width], query_bias), heads)
+            return SoftmaxAttention(queries, keys, attention.scale, logit_bias)
+
+        record.set_attention(row, values, DeferredMixing(every_query))
 
     return [
         Hook(attention, "pre_kwargs", on_call),

@@ -22,7 +22,7 @@ from timm.layers.attention import AttentionRope, resolve_self_attn_mask
 from timm.models.eva import Eva, EvaAttention
 from torch import Tensor, nn
 
-from ..decompose import SoftmaxAttention, class_attention_row
+from ..decompose import DeferredMixing, SoftmaxAttention, class_attention_row
 from .base import BlockRecord, Hook, register_adapter
 from .timm_beit import qkv_weight_and_bias, split_heads
 from .timm_vit import TimmAdapter
@@ -99,11 +99,10 @@ def eva_attention_hooks(
             keys = query_heads(rotate(keys, rope))
             bias_row = None if bias is None else bias[..., 0, :]
             row = class_attention_row(queries[:, :, 0], keys, attention.scale, bias_row)
-            # Every query, rotated only where every row is explained (or for rollouts).
-            full = (
-                SoftmaxAttention(rotate(queries, rope), keys, attention.scale, bias)
-                if record.full else None
-            )
+        # Every query, rotated only when the backward pass reaches this block.
+        full = DeferredMixing(
+            lambda: SoftmaxAttention(rotate(queries, rope), keys, attention.scale, bias)
+        )
         record.set_attention(row, call.pop("values"), full)
         return (record.watch(args[0]),) + tuple(args[1:])
 

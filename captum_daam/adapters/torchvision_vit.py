@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
-from ..decompose import SoftmaxAttention, class_attention_row
+from ..decompose import DeferredMixing, SoftmaxAttention, class_attention_row
 from .base import BlockRecord, Hook, ViTAdapter, register_adapter
 
 # nn.MultiheadAttention.forward's parameters, in order, to read a call's arguments by name.
@@ -64,11 +64,12 @@ def multihead_attention_hooks(attention: nn.MultiheadAttention, record: BlockRec
             values = F.linear(call["value"], value_weight, biases[2])
             row = class_attention_row(class_query.unflatten(-1, (heads, width)), keys, width**-0.5)
 
-            full = None
-            if record.full:  # every query, formed only where every row is explained
-                queries = split_heads(F.linear(call["query"], query_weight, biases[0]))
-                full = SoftmaxAttention(queries, keys, width**-0.5)
-        record.set_attention(row, split_heads(values), full)
+
+        def every_query() -> SoftmaxAttention:  # formed when the backward pass reaches it
+            queries = split_heads(F.linear(call["query"], query_weight, biases[0]))
+            return SoftmaxAttention(queries, keys, width**-0.5)
+
+        record.set_attention(row, split_heads(values), DeferredMixing(every_query))
 
     def on_output(module: nn.Module, args: tuple, output: Tuple[Tensor, Optional[Tensor]]):
         projected, attention_weights = output
