@@ -300,18 +300,25 @@ def summary(records: List[Dict[str, object]], settings: Dict[str, object]) -> st
         )
     refused = [record for record in with_token if record["status"] == "refused"]
     without_attention = [r for r in refused if "has no attention module" in r["reason"]]
-    unknown_attention = Counter(
-        r["family"] for r in refused if "Its attention modules" in r["reason"]
+    channel_attention = Counter(
+        r["family"] for r in refused if "Its attention modules mix no tokens" in r["reason"]
     )
+    unknown_attention = Counter(
+        r["family"] for r in refused if "are of no supported family" in r["reason"]
+    )
+    listed = (len(without_attention) + sum(channel_attention.values())
+              + sum(unknown_attention.values()))
     lines += [
         "",
         f"Refused: {len(without_attention)} models without attention (convolutional or MLP "
         f"models, no module named for attention and no nn.MultiheadAttention); "
-        f"{sum(unknown_attention.values())} with attention modules of a family no adapter "
-        f"knows yet ("
+        f"{sum(channel_attention.values())} whose attention modules weigh channels and mix no "
+        f"tokens ("
+        + ", ".join(f"{family} {count}" for family, count in channel_attention.most_common())
+        + f"); {sum(unknown_attention.values())} with attention modules of a family no "
+        f"adapter knows yet ("
         + ", ".join(f"{family} {count}" for family, count in unknown_attention.most_common())
-        + f"); {len(refused) - len(without_attention) - sum(unknown_attention.values())} "
-        f"for another reason, listed below.",
+        + f"); {len(refused) - listed} for another reason, listed below.",
         "",
         "Models not explained exactly and not refused for lacking attention or an adapter, "
         "and why:",

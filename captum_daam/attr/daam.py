@@ -74,7 +74,10 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
     V1 / V2 / V2-Cr, timm and torchvision; SAM's encoder; Twins-SVT) is explained row by row within
     each window, and each window's tokens are laid back on their patches with the partition,
     padding and cyclic shift undone. Attention over reduced keys and values (PVTv2, Twins,
-    MViTv2) and LeViT's shrinking attention are split over the keys they read, on their grid.
+    MViTv2, NextViT's keys averaged over runs of tokens) and LeViT's and EfficientFormerV2's
+    shrinking attention are split over the keys they read, on their grid; EfficientFormerV2's
+    depthwise convolution of the values is part of its block's mixing. Softmax attention is
+    mixed a chunk of query rows at a time, so no block's (B, H, N, N) attention is formed.
     Convolution stems, patch merging and other convolution stages of hybrid models are not
     blocks of the flow.
 
