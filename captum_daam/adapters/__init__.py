@@ -35,6 +35,7 @@ from .timm_hieradet import TimmHieraDetAdapter
 from .timm_levit import TimmLevitAdapter
 from .timm_maxxvit import TimmMaxxVitAdapter
 from .timm_metaformer import TimmMetaFormerAdapter
+from .timm_mobilevit import TimmMobileVitAdapter
 from .timm_mvitv2 import TimmMvitv2Adapter
 from .timm_naflexvit import TimmNaFlexVitAdapter
 from .timm_nest import TimmNestAdapter
@@ -86,6 +87,7 @@ __all__ = [
     "TimmLevitAdapter",
     "TimmMaxxVitAdapter",
     "TimmMetaFormerAdapter",
+    "TimmMobileVitAdapter",
     "TimmMvitv2Adapter",
     "TimmNaFlexVitAdapter",
     "TimmNestAdapter",
