@@ -30,6 +30,7 @@ from .timm_efficientvit_msra import TimmEfficientVitMsraAdapter
 from .timm_eva import TimmEvaAdapter
 from .timm_fastvit import TimmFastVitAdapter
 from .timm_gcvit import TimmGcVitAdapter
+from .timm_gemma4 import TimmGemma4VitAdapter
 from .timm_hiera import TimmHieraAdapter
 from .timm_hieradet import TimmHieraDetAdapter
 from .timm_levit import TimmLevitAdapter
@@ -49,6 +50,7 @@ from .timm_tiny_vit import TimmTinyVitAdapter
 from .timm_tnt import TimmTntAdapter
 from .timm_twins import TimmTwinsAdapter
 from .timm_visformer import TimmVisformerAdapter
+from .timm_vlm_towers import TimmDeepseekVitAdapter, TimmQwen3VitAdapter
 from .timm_vit import TimmAdapter, TimmVisionTransformerAdapter
 from .timm_volo import TimmVoloAdapter
 from .timm_xcit import TimmXcitAdapter
@@ -82,6 +84,7 @@ __all__ = [
     "TimmEvaAdapter",
     "TimmFastVitAdapter",
     "TimmGcVitAdapter",
+    "TimmGemma4VitAdapter",
     "TimmHieraAdapter",
     "TimmHieraDetAdapter",
     "TimmLevitAdapter",
@@ -102,6 +105,8 @@ __all__ = [
     "TimmTwinsAdapter",
     "TimmVisionTransformerAdapter",
     "TimmVisformerAdapter",
+    "TimmQwen3VitAdapter",
+    "TimmDeepseekVitAdapter",
     "TimmVoloAdapter",
     "TimmXcitAdapter",
     "TorchvisionMaxVitAdapter",

@@ -26,7 +26,8 @@ OUTPUT_NORMED = (Attention, AttentionRope, EvaAttention, RelPosAttention)
 def output_projection_input(attention: nn.Module) -> nn.Module:
     """The module whose input is the attention output before the output projection:
     ``sub_norm`` in differential attention (the per-head norm before ``norm`` and ``proj``),
-    ``norm`` in the layers of :data:`OUTPUT_NORMED`, else ``proj``, or, in a block that
+    ``norm`` in the layers of :data:`OUTPUT_NORMED`, else ``proj`` (``o_proj`` in Gemma 4's
+    attention), or, in a block that
     computes attention itself (timm's ParallelScalingBlock), ``attn_out_proj``; in
     EfficientFormerV2, whose mixing output is upsampled and activated before ``proj``, the
     module it enters first.
@@ -36,7 +37,8 @@ def output_projection_input(attention: nn.Module) -> nn.Module:
     """
     if isinstance(attention, (Attention2d, Attention2dDownsample)):
         return mixing_output_module(attention)
-    names = ("norm", "proj") if isinstance(attention, OUTPUT_NORMED) else ("proj", "attn_out_proj")
+    names = ("norm", "proj") if isinstance(attention, OUTPUT_NORMED) else (
+        "proj", "o_proj", "attn_out_proj")
     for name in ("sub_norm",) + names:
         module = getattr(attention, name, None)
         if isinstance(module, nn.Module):
