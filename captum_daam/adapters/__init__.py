@@ -36,6 +36,7 @@ from .timm_hieradet import TimmHieraDetAdapter
 from .timm_levit import TimmLevitAdapter
 from .timm_maxxvit import TimmMaxxVitAdapter
 from .timm_metaformer import TimmMetaFormerAdapter
+from .timm_mobilenetv4 import TimmMobileNetV4HybridAdapter
 from .timm_mobilevit import TimmMobileVitAdapter
 from .timm_mvitv2 import TimmMvitv2Adapter
 from .timm_naflexvit import TimmNaFlexVitAdapter
@@ -90,6 +91,7 @@ __all__ = [
     "TimmLevitAdapter",
     "TimmMaxxVitAdapter",
     "TimmMetaFormerAdapter",
+    "TimmMobileNetV4HybridAdapter",
     "TimmMobileVitAdapter",
     "TimmMvitv2Adapter",
     "TimmNaFlexVitAdapter",

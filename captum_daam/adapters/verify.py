@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 from timm.layers import Attention, AttentionRope
+from timm.layers.attention2d import MultiQueryAttention2d
 from timm.models.efficientformer_v2 import Attention2d, Attention2dDownsample
 from timm.models.eva import EvaAttention
 from timm.models.vision_transformer_relpos import RelPosAttention
@@ -29,14 +30,16 @@ def output_projection_input(attention: nn.Module) -> nn.Module:
     ``norm`` in the layers of :data:`OUTPUT_NORMED`, else ``proj`` (``o_proj`` in Gemma 4's
     attention), or, in a block that
     computes attention itself (timm's ParallelScalingBlock), ``attn_out_proj``; in
-    EfficientFormerV2, whose mixing output is upsampled and activated before ``proj``, the
-    module it enters first.
+    EfficientFormerV2, whose mixing output is upsampled and activated before ``proj``, and in
+    MobileNetV4's multi-query attention, the module it enters first.
 
     Raises:
         LookupError: when the module has none of them.
     """
     if isinstance(attention, (Attention2d, Attention2dDownsample)):
         return mixing_output_module(attention)
+    if isinstance(attention, MultiQueryAttention2d):  # output: [upsample,] proj, drop
+        return attention.output[0]
     names = ("norm", "proj") if isinstance(attention, OUTPUT_NORMED) else (
         "proj", "o_proj", "attn_out_proj")
     for name in ("sub_norm",) + names:
