@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..decompose import DeferredMixing, SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, register_adapter
-from .pooled import PooledAdapter
+from .timm_vlm_towers import VisionTowerAdapter
 
 __all__ = ["TimmGemma4VitAdapter", "gemma4_attention_hooks"]
 
@@ -81,41 +81,29 @@ def gemma4_attention_hooks(attention: Gemma4Attention, record: BlockRecord) -> L
 
 
 @register_adapter
-class TimmGemma4VitAdapter(PooledAdapter):
+class TimmGemma4VitAdapter(VisionTowerAdapter):
     """timm ``Gemma4VitClassifier`` / ``Gemma4VitEncoder``: every query row of every block;
     image sizes in whole patches."""
 
     family = "timm Gemma 4 vision tower"
     examples = "gemma4_vit_167m, gemma4_vit_570m"
     layer_example = "model.encoder.blocks[i].attn"
+    encoder_types = (Gemma4VitClassifier, Gemma4VitEncoder)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        if isinstance(model, Gemma4VitEncoder) and model.global_pool != "avg":
+        if model.global_pool != "avg":
+            other = "" if isinstance(model, Gemma4VitClassifier) else (
+                " for pooled features, or the classifier (the name without _enc) with a head")
             raise TypeError(
-                f"This Gemma4VitEncoder returns tokens (global_pool={model.global_pool!r}), not "
-                f"class scores or features. Build it with global_pool='avg' for pooled "
-                f"features, or use the classifier (the name without _enc) with a head."
+                f"This {type(model).__name__} returns tokens (global_pool="
+                f"{model.global_pool!r}), not class scores or features. Build it with "
+                f"global_pool='avg'{other}."
             )
-        if isinstance(model, Gemma4VitClassifier) and model.global_pool != "avg":
-            raise TypeError(
-                f"This Gemma4VitClassifier returns tokens (global_pool={model.global_pool!r}), "
-                f"not class scores or features. Use global_pool='avg'."
-            )
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        return isinstance(model, (Gemma4VitClassifier, Gemma4VitEncoder))
-
-    def _encoder(self) -> nn.Module:
-        return getattr(self.model, "encoder", self.model)
-
-    def attention_modules(self) -> List[nn.Module]:
-        return [block.attn for block in self._encoder().blocks]
 
     @property
-    def outputs_features(self) -> bool:
-        return getattr(self.model, "num_classes", 0) == 0  # an encoder has no classifier
+    def in_channels(self) -> int:
+        return self.model.in_chans
 
     def layouts(self, image_size: Tuple[int, int]) -> List[BlockLayout]:
         encoder = self._encoder()

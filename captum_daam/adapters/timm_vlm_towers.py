@@ -21,12 +21,15 @@ from .base import BlockLayout, BlockRecord, Hook, register_adapter
 from .pooled import PooledAdapter, patch_grid
 from .timm_eva import eva_attention_hooks
 
-__all__ = ["TimmQwen3VitAdapter", "TimmDeepseekVitAdapter"]
+__all__ = ["VisionTowerAdapter", "TimmQwen3VitAdapter", "TimmDeepseekVitAdapter"]
 
 
-class RopeTowerAdapter(PooledAdapter):
-    """What the RoPE towers share: an encoder (the model, or the classifier's ``encoder``)
-    with ``patch_embed`` and ``blocks`` of ``AttentionRope``; a subclass names the classes."""
+class VisionTowerAdapter(PooledAdapter):
+    """What timm's VLM vision towers share: an encoder (the model, or the classifier's
+    ``encoder``) with ``patch_embed`` and ``blocks`` whose ``attn`` is the attention; a
+    subclass names the classes (and, for the RoPE towers, the projector an encoder may end
+    with). The layouts and hooks here are the RoPE towers' (timm's ``PatchEmbed``,
+    ``AttentionRope``)."""
 
     encoder_types: ClassVar[Tuple[Type[nn.Module], ...]] = ()
     projector_name: ClassVar[str] = ""
@@ -34,7 +37,8 @@ class RopeTowerAdapter(PooledAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         encoder = self._encoder()
-        if encoder is model and getattr(encoder, self.projector_name, None) is not None:
+        projector = getattr(encoder, self.projector_name, None) if self.projector_name else None
+        if encoder is model and projector is not None:
             raise TypeError(
                 f"This {type(model).__name__} returns its projector's tokens (global_pool="
                 f"{model.global_pool!r}), not class scores or features. Build it with "
@@ -69,7 +73,7 @@ class RopeTowerAdapter(PooledAdapter):
 
 
 @register_adapter
-class TimmQwen3VitAdapter(RopeTowerAdapter):
+class TimmQwen3VitAdapter(VisionTowerAdapter):
     """timm ``Qwen3VitClassifier`` / ``Qwen3VitEncoder`` (Qwen3-VL, Qwen3.5 vision towers):
     every query row of every block; any image size divisible by the patch."""
 
@@ -81,7 +85,7 @@ class TimmQwen3VitAdapter(RopeTowerAdapter):
 
 
 @register_adapter
-class TimmDeepseekVitAdapter(RopeTowerAdapter):
+class TimmDeepseekVitAdapter(VisionTowerAdapter):
     """timm ``DeepseekVitClassifier`` / ``DeepseekVitEncoder`` (DeepSeek-V4 vision tower):
     every query row of every block; any image size divisible by the patch (any size with
     ``dynamic_img_pad``)."""
