@@ -165,6 +165,12 @@ class BlockRecord:
         return tensor
 
 
+def tokens_first(maps: Tensor) -> Tensor:
+    """(B, C, h, w) NCHW maps -> (B, h * w, C) tokens, row by row: from the gradient at an
+    NCHW attention output to its rows (a ``to_pre_projection`` for :meth:`BlockRecord.watch`)."""
+    return maps.flatten(2).transpose(1, 2)
+
+
 def watch_first_input(
     record: BlockRecord, to_pre_projection: Optional[Callable[[Tensor], Tensor]] = None
 ) -> Callable:

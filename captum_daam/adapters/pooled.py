@@ -9,7 +9,20 @@ from torch import nn
 
 from .base import BlockLayout, ViTAdapter
 
-__all__ = ["PooledAdapter", "patch_grid"]
+__all__ = ["PooledAdapter", "patch_grid", "strided_grid", "conv_block_stride"]
+
+
+def strided_grid(grid: Tuple[int, int], stride: int) -> Tuple[int, int]:
+    """The grid an odd kernel with half-kernel padding makes of ``grid`` at ``stride``:
+    ceil(size / stride) per side."""
+    return tuple(-(-size // stride) for size in grid)
+
+
+def conv_block_stride(block: nn.Module) -> int:
+    """The stride of a block of convolutions (a strided main path and its strided shortcut
+    count once): the largest stride of its Conv2d layers, 1 for none."""
+    strides = [max(module.stride) for module in block.modules() if isinstance(module, nn.Conv2d)]
+    return max(strides, default=1)
 
 
 def patch_grid(patch_embed: nn.Module, image_size: Tuple[int, int]) -> Tuple[int, int]:

@@ -36,7 +36,14 @@ from timm.models.efficientformer_v2 import (
 from torch import Tensor, nn
 
 from ..decompose import Mixing, attention_probabilities
-from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
+from .base import (
+    BlockLayout,
+    BlockRecord,
+    Hook,
+    output_grid,
+    register_adapter,
+    tokens_first,
+)
 from .pooled import PooledAdapter
 
 __all__ = ["TimmEfficientFormerV2Adapter", "HeadsAndChannelsMixing"]
@@ -175,7 +182,7 @@ def efficientformer_v2_attention_hooks(
         rows = query_grid[0] * query_grid[1]
         record.residual = constant.view(1, -1, 1, 1).expand(values.shape[0], -1, rows, 1)
         record.set_attention(row, values.flatten(2).unsqueeze(-1), full)
-        return (record.watch(args[0], _tokens_first),) + tuple(args[1:])
+        return (record.watch(args[0], tokens_first),) + tuple(args[1:])
 
     hooks = [
         Hook(attention.k, "forward", keep("k")),
@@ -187,10 +194,6 @@ def efficientformer_v2_attention_hooks(
     if talking:
         hooks.append(Hook(attention.talking_head2, "forward", keep("mixed")))
     return hooks + [Hook(mixing_output_module(attention), "pre", on_mixed)]
-
-
-def _tokens_first(gradient: Tensor) -> Tensor:  # (B, C, h, w) -> (B, N, C)
-    return gradient.flatten(2).transpose(1, 2)
 
 
 def mixing_output_module(attention: nn.Module) -> nn.Module:

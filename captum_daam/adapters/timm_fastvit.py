@@ -16,16 +16,10 @@ from timm.models.fastvit import AttentionBlock, FastVit
 from torch import nn
 
 from .base import BlockLayout, BlockRecord, Hook, register_adapter
-from .pooled import PooledAdapter
+from .pooled import PooledAdapter, strided_grid
 from .timm_vit import timm_attention_hooks
 
 __all__ = ["TimmFastVitAdapter"]
-
-
-def _halved(grid: Tuple[int, int], stride: int) -> Tuple[int, int]:
-    """The grid an odd kernel with half-kernel padding makes at ``stride``, as FastViT's
-    stem blocks and patch embeddings all are: ceil(size / stride)."""
-    return tuple(-(-size // stride) for size in grid)
 
 
 @register_adapter
@@ -63,11 +57,11 @@ class TimmFastVitAdapter(PooledAdapter):
     def layouts(self, image_size: Tuple[int, int]) -> List[BlockLayout]:
         grid = tuple(image_size)
         for block in self.model.stem:
-            grid = _halved(grid, block.stride)
+            grid = strided_grid(grid, block.stride)  # odd kernels, half-kernel padding
         layouts = []
         for stage in self.model.stages:
             if not isinstance(stage.downsample, nn.Identity):
-                grid = _halved(grid, 2)
+                grid = strided_grid(grid, 2)
             layouts += [BlockLayout(grid) for block in stage.blocks
                         if isinstance(block, AttentionBlock)]
         return layouts

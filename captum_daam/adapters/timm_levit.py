@@ -19,7 +19,14 @@ from timm.models.levit import AttentionDownsample, Levit
 from torch import Tensor, nn
 
 from ..decompose import SoftmaxAttention, class_attention_row
-from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
+from .base import (
+    BlockLayout,
+    BlockRecord,
+    Hook,
+    output_grid,
+    register_adapter,
+    tokens_first,
+)
 from .pooled import PooledAdapter
 
 __all__ = ["TimmLevitAdapter", "levit_attention_hooks"]
@@ -54,9 +61,6 @@ def levit_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hoo
             call["queries"], call["keys"], call["values"] = parts.split(
                 [key_dim, key_dim, val_dim], dim=-1
             )
-
-    def tokens_first(gradient: Tensor) -> Tensor:  # (B, C, h, w) -> (B, N, C)
-        return gradient.flatten(2).transpose(1, 2)
 
     def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
         queries, keys, values = (call.pop(part) for part in ("queries", "keys", "values"))

@@ -22,14 +22,17 @@ from timm.models.mobilenetv3 import MobileNetV3
 from torch import Tensor, nn
 
 from ..decompose import SoftmaxAttention, class_attention_row
-from .base import BlockLayout, BlockRecord, Hook, register_adapter, watch_first_input
-from .pooled import PooledAdapter
+from .base import (
+    BlockLayout,
+    BlockRecord,
+    Hook,
+    register_adapter,
+    tokens_first,
+    watch_first_input,
+)
+from .pooled import PooledAdapter, conv_block_stride, strided_grid
 
 __all__ = ["TimmMobileNetV4HybridAdapter", "multi_query_attention_hooks"]
-
-
-def _tokens_first(gradient: Tensor) -> Tensor:  # (B, C, h, w) -> (B, N, C)
-    return gradient.flatten(2).transpose(1, 2)
 
 
 def multi_query_attention_hooks(
@@ -43,14 +46,13 @@ def multi_query_attention_hooks(
 
     def keep(name: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            call[name] = output.detach().flatten(2).transpose(1, 2)  # (B, N, channels)
+            call[name] = tokens_first(output.detach())  # (B, N, channels)
         return hook
 
     def on_values(module: nn.Module, args: tuple, output: Tensor) -> None:
         queries = call.pop("query").unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, N, k)
         keys = call.pop("key").unsqueeze(1).expand(-1, heads, -1, -1)  # one head for all
-        values = output.detach().flatten(2).transpose(1, 2).unsqueeze(1).expand(
-            -1, heads, -1, -1)
+        values = tokens_first(output.detach()).unsqueeze(1).expand(-1, heads, -1, -1)
         with torch.no_grad():
             row = class_attention_row(queries[:, :, 0], keys, attention.scale)
         record.set_attention(row, values, SoftmaxAttention(queries, keys, attention.scale))
@@ -59,17 +61,8 @@ def multi_query_attention_hooks(
         Hook(attention.query, "forward", keep("query")),
         Hook(attention.key, "forward", keep("key")),
         Hook(attention.value, "forward", on_values),
-        Hook(attention.output[0], "pre", watch_first_input(record, _tokens_first)),
+        Hook(attention.output[0], "pre", watch_first_input(record, tokens_first)),
     ]
-
-
-def _stride(block: nn.Module) -> int:
-    """The stride of a convolution block with half-kernel padding (a strided main path and
-    shortcut count once); an attention block keeps its map."""
-    if isinstance(block, MobileAttention):
-        return 1
-    strides = [max(module.stride) for module in block.modules() if isinstance(module, nn.Conv2d)]
-    return max(strides, default=1)
 
 
 @register_adapter
@@ -107,15 +100,14 @@ class TimmMobileNetV4HybridAdapter(PooledAdapter):
         return self.model.conv_stem.in_channels
 
     def layouts(self, image_size: Tuple[int, int]) -> List[BlockLayout]:
-        grid = tuple(-(-size // self.model.conv_stem.stride[0]) for size in image_size)
+        grid = strided_grid(image_size, self.model.conv_stem.stride[0])
         layouts = []
         for stage in self.model.blocks:
             for block in stage:
-                stride = _stride(block)
-                grid = tuple(-(-size // stride) for size in grid)
-                if isinstance(block, MobileAttention):
-                    kv_stride = block.attn.kv_stride
-                    layouts.append(BlockLayout(tuple(-(-size // kv_stride) for size in grid)))
+                if isinstance(block, MobileAttention):  # keeps its map; its keys are strided
+                    layouts.append(BlockLayout(strided_grid(grid, block.attn.kv_stride)))
+                else:
+                    grid = strided_grid(grid, conv_block_stride(block))
         return layouts
 
     def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:

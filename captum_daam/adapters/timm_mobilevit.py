@@ -21,17 +21,10 @@ from timm.models.mobilevit import MobileVitBlock
 from torch import Tensor, nn
 
 from .base import BlockLayout, BlockRecord, Hook, register_adapter
-from .pooled import PooledAdapter
+from .pooled import PooledAdapter, conv_block_stride, strided_grid
 from .timm_vit import timm_attention_hooks
 
 __all__ = ["TimmMobileVitAdapter"]
-
-
-def _stride(block: nn.Module) -> int:
-    """The stride of a block of convolutions with half-kernel padding (its strided main path
-    and shortcut count once)."""
-    strides = [max(module.stride) for module in block.modules() if isinstance(module, nn.Conv2d)]
-    return max(strides, default=1)
 
 
 def patch_positions(grid: Tuple[int, int], patch: Tuple[int, int]) -> Tensor:
@@ -76,14 +69,13 @@ class TimmMobileVitAdapter(PooledAdapter):
         layouts = []
         for block in [self.model.stem] + [block for stage in self.model.stages for block in stage]:
             if isinstance(block, MobileVitBlock):
-                grid = tuple(-(-size // block.conv_kxk.conv.stride[0]) for size in grid)
+                grid = strided_grid(grid, block.conv_kxk.conv.stride[0])
                 patch = block.patch_size
                 whole = tuple(math.ceil(size / side) * side for size, side in zip(grid, patch))
                 layout = BlockLayout(whole, positions=patch_positions(whole, patch))
                 layouts += [layout] * len(block.transformer)
             else:
-                stride = _stride(block)
-                grid = tuple(-(-size // stride) for size in grid)
+                grid = strided_grid(grid, conv_block_stride(block))
         return layouts
 
     def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
