@@ -31,6 +31,8 @@ from timm.layers import to_2tuple
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .._outputs import scores_in_output
+
 __all__ = [
     "BlockLayout",
     "BlockRecord",
@@ -358,10 +360,13 @@ class ViTAdapter(ABC):
     def output_scores(self, output: Any) -> Tensor:
         """The (B, K) tensor of class scores or features in what the forward pass returned.
 
-        The default takes the output as it is; adapters of models that return an output
-        object (e.g. with ``.logits``) override this.
+        The default takes a tensor as it is and, from an output object (transformers'
+        ``ModelOutput``), ``logits``, else ``image_embeds``, else ``pooler_output``, else the
+        [class] token of ``last_hidden_state`` (:mod:`captum_daam._outputs`); adapters of
+        models whose pooler is no part of their design override this.
         """
-        return output
+        scores = scores_in_output(output)
+        return output if scores is None else scores
 
     @property
     def in_channels(self) -> Optional[int]:

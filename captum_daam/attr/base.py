@@ -16,6 +16,7 @@ from captum._utils.typing import TargetType
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
+from .._outputs import describe_output
 from .._targets import format_target
 from .._warnings import warn_user
 from ..adapters import BlockLayout, BlockRecord, ViTAdapter, adapter_for, forward_module
@@ -104,8 +105,9 @@ class ViTLayerAttribution(LayerAttribution):
         scores = self.adapter.output_scores(output)
         if not isinstance(scores, Tensor) or scores.dim() != 2:
             raise ValueError(
-                f"Expected the model to return class scores or features shaped (B, K), "
-                f"got {_describe(scores)}."
+                f"Expected the model to return class scores or features shaped (B, K), or an "
+                f"output object with logits, image_embeds, pooler_output or "
+                f"last_hidden_state, got {describe_output(output)}."
             )
         return scores
 
@@ -415,9 +417,3 @@ def _autocast_enabled(device_type: str) -> bool:
         )
     except RuntimeError:  # a device type without autocast, e.g. meta
         return False
-
-
-def _describe(output: object) -> str:
-    if isinstance(output, Tensor):
-        return f"a tensor shaped {tuple(output.shape)}"
-    return f"a {type(output).__name__}"
