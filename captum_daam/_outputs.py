@@ -11,7 +11,8 @@ a dict subclass) rather than a tensor. One rule, the same for every family, pick
    DINOv3, timm's pooled features through ``TimmWrapperModel``); adapters of models whose
    pooler is an extra dense + tanh layer that self-supervised checkpoints lack (transformers'
    ``ViTModel``, ``DeiTModel``) skip it;
-4. the [class] token of ``last_hidden_state``, ``last_hidden_state[:, 0]``.
+4. the [class] token of ``last_hidden_state``, ``last_hidden_state[:, 0]``; in a model
+   without a [class] token (I-JEPA, SigLIP without its head), the mean of its tokens.
 """
 
 from typing import Any, Mapping, Optional
@@ -23,10 +24,13 @@ __all__ = ["scores_in_output", "describe_output"]
 _SCORE_FIELDS = ("logits", "logits_per_image", "image_embeds")
 
 
-def scores_in_output(output: Any, pooler: bool = True) -> Optional[Tensor]:
+def scores_in_output(
+    output: Any, pooler: bool = True, class_token: bool = True
+) -> Optional[Tensor]:
     """The tensor to explain in ``output`` by the rule above, or None when there is none.
 
-    ``pooler``: whether ``pooler_output`` is part of the model's design (step 3).
+    ``pooler``: whether ``pooler_output`` is part of the model's design (step 3);
+    ``class_token``: whether the first token is a [class] token (step 4).
     """
     if isinstance(output, Tensor):
         return output
@@ -41,7 +45,7 @@ def scores_in_output(output: Any, pooler: bool = True) -> Optional[Tensor]:
         return pooled
     last_hidden_state = output.get("last_hidden_state")
     if isinstance(last_hidden_state, Tensor) and last_hidden_state.dim() == 3:
-        return last_hidden_state[:, 0]
+        return last_hidden_state[:, 0] if class_token else last_hidden_state.mean(dim=1)
     return None
 
 

@@ -10,7 +10,6 @@ transformers is in the ``test`` extra (and the ``hf`` extra for users), so these
 """
 
 import copy
-import sys
 from typing import Dict, Optional
 
 import pytest
@@ -20,7 +19,7 @@ import transformers
 
 from captum_daam import DAAM, class_token_contributions
 from captum_daam.adapters import adapter_for
-from captum_daam.adapters.hf_vit import HFViTAdapter
+from captum_daam.adapters.hf import HFViTAdapter
 from helpers import (
     assert_attributions_match,
     assert_close_relative,
@@ -227,8 +226,10 @@ def test_output_scores_takes_logits_or_the_final_class_token(images):
     )
     plain = torch.zeros(3, 10)
     assert HFViTAdapter(classifier).output_scores(plain) is plain
-    with pytest.raises(ValueError, match="logits or last_hidden_state"):
-        HFViTAdapter(classifier).output_scores((classifier_output.logits,))
+    as_tuple = DAAM(lambda x: (classifier(x).logits,), adapter=HFViTAdapter(classifier))
+    with pytest.raises(ValueError, match="pooler_output or last_hidden_state, got a tuple"):
+        as_tuple.attribute(images, target=0)
+    assert module_hook_count(classifier) == 0
 
 
 def test_contributions_sum_to_the_modules_own_class_output(classifier, images):
@@ -256,10 +257,21 @@ def test_registry_picks_the_hf_adapter_and_reports_the_model_shape(classifier):
     assert HFViTAdapter(make_hf_vit("eager", with_head=False)).num_outputs == 64
 
 
-def test_supports_is_false_while_transformers_vit_is_not_loaded(classifier, monkeypatch):
-    monkeypatch.delitem(sys.modules, "transformers.models.vit.modeling_vit")
-    assert HFViTAdapter.supports(classifier) is False
+def test_supports_only_transformers_models_of_a_known_family(classifier):
+    class LookAlike(torch.nn.Module):  # a transformers-like model from another library
+        def __init__(self):
+            super().__init__()
+            self.config = classifier.config
+            self.vit = classifier.vit
+
+    assert HFViTAdapter.supports(classifier) is True
+    assert HFViTAdapter.supports(LookAlike()) is False
     assert HFViTAdapter.supports(torch.nn.Linear(2, 2)) is False
+    detector = transformers.YolosModel(
+        transformers.YolosConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, image_size=[32, 32], patch_size=16)
+    )
+    assert HFViTAdapter.supports(detector) is False
 
 
 def test_other_image_sizes_fail_before_the_forward_pass(classifier):

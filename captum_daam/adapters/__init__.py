@@ -16,7 +16,7 @@ from .base import (
     supported_families,
 )
 from .generic import GenericAdapter
-from .hf_vit import HFViTAdapter
+from .hf import HFViTAdapter, HFVisionAdapter
 from .pooled import PooledAdapter
 from .timm_beit import TimmBeitAdapter
 from .timm_cait import TimmCaitAdapter
@@ -71,6 +71,7 @@ __all__ = [
     "supported_families",
     "GenericAdapter",
     "HFViTAdapter",
+    "HFVisionAdapter",
     "PooledAdapter",
     "TimmAdapter",
     "TimmBeitAdapter",
