@@ -111,6 +111,28 @@ def explicit_layer_forward(attention: nn.Module, blocks: List[Dict], beit_window
     return forward
 
 
+def explicit_bert_style_attention(attention: nn.Module, blocks: List[Dict], biases):
+    """Data2Vec-Vision's self-attention written out: query / key / value, its own and the
+    shared relative position bias from their tables (``biases``: the tables and the grid)."""
+    heads, width = attention.num_attention_heads, attention.attention_head_size
+
+    def forward(hidden_states, *args, **kwargs):
+        batch, tokens, _ = hidden_states.shape
+
+        def split(projected):
+            return projected.reshape(batch, tokens, heads, width).transpose(1, 2)
+
+        q, k = split(attention.query(hidden_states)), split(attention.key(hidden_states))
+        v = split(attention.value(hidden_states))
+        tables, grid = biases
+        bias = sum(beit_bias_by_hand(table, grid) for table in tables).unsqueeze(0)
+        record = explicit_softmax_attention(q, k, v, width**-0.5, bias)
+        blocks.append(record)
+        return (record["pre_projection"],)
+
+    return forward
+
+
 def explicit_siglip_head(attention: nn.MultiheadAttention, blocks: List[Dict]):
     """nn.MultiheadAttention's forward for SigLIP's probe, written out from its weights."""
     heads, width = attention.num_heads, attention.head_dim
@@ -156,6 +178,17 @@ def explicit_run(model: nn.Module, images: Tensor, pick: Callable, kind: str):
             module.forward = explicit_siglip_head(module, blocks)
         elif hasattr(module, "output_proj") and hasattr(module, "cls_token"):
             module.forward = explicit_aimv2_head(module, blocks)
+        elif hasattr(module, "query") and hasattr(module, "key"):  # Data2Vec-Vision
+            grid = tuple(side // model.config.patch_size for side in images.shape[-2:])
+            tables = [
+                bias.relative_position_bias_table
+                for bias in (
+                    getattr(module, "relative_position_bias", None),
+                    getattr(model.data2vec_vision.encoder, "relative_position_bias", None),
+                )
+                if bias is not None
+            ]
+            module.forward = explicit_bert_style_attention(module, blocks, (tables, grid))
         elif hasattr(module, "q_proj") and hasattr(module, "k_proj"):
             beit_window = None
             if kind == "beit":
@@ -244,6 +277,13 @@ CASES = {
     "beit_class_token": (lambda: build("BeitForImageClassification", "BeitConfig", num_labels=5,
                                        use_relative_position_bias=True, use_mean_pooling=False),
                          logits, (0,), 1, 0, "beit"),
+    "data2vec_own_bias": (lambda: build("Data2VecVisionForImageClassification",
+                                        "Data2VecVisionConfig", num_labels=5,
+                                        use_relative_position_bias=True), logits, None, 1, 0, ""),
+    "data2vec_shared_bias": (lambda: build("Data2VecVisionForImageClassification",
+                                           "Data2VecVisionConfig", num_labels=5,
+                                           use_shared_relative_position_bias=True,
+                                           use_mean_pooling=False), logits, (0,), 1, 0, ""),
     "dinov2_classifier": (lambda: build("Dinov2ForImageClassification", "Dinov2Config",
                                         num_labels=5), logits, None, 1, 0, ""),
     "dinov2_model": (lambda: build("Dinov2Model", "Dinov2Config"), pooled, (0,), 1, 0, ""),
@@ -303,6 +343,7 @@ def test_every_family_equals_the_explicit_reference(case, target, images):
 def test_the_default_rows_are_the_rows_the_head_reads():
     expected = {
         "deit_classifier": (0,), "deit_teacher": (0, 1), "beit_mean_pool": None,
+        "data2vec_own_bias": None, "data2vec_shared_bias": (0,),
         "beit_class_token": (0,), "dinov2_classifier": None, "dinov2_model": (0,),
         "dinov3": (0,), "ijepa_classifier": None, "clip_vision_projection": (0,),
         "siglip_vision": None, "aimv2_vision": None,

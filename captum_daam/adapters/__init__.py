@@ -17,6 +17,8 @@ from .base import (
 )
 from .generic import GenericAdapter
 from .hf import HFViTAdapter, HFVisionAdapter
+from .hf_swin import HFSwinAdapter
+from .open_clip import OpenClipVisionTransformerAdapter
 from .pooled import PooledAdapter
 from .timm_beit import TimmBeitAdapter
 from .timm_cait import TimmCaitAdapter
@@ -70,8 +72,10 @@ __all__ = [
     "register_adapter",
     "supported_families",
     "GenericAdapter",
+    "HFSwinAdapter",
     "HFViTAdapter",
     "HFVisionAdapter",
+    "OpenClipVisionTransformerAdapter",
     "PooledAdapter",
     "TimmAdapter",
     "TimmBeitAdapter",

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .._outputs import scores_in_output
 from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockRecord, Hook, ViTAdapter, register_adapter
-from .torchvision_vit import multihead_attention_hooks
+from .multihead import multihead_attention_hooks
 
 __all__ = ["HFVisionAdapter", "HFViTAdapter", "hf_attention_hooks"]
 
@@ -48,9 +48,13 @@ _FAMILIES = {
     "siglip_vision_model": "SigLIP",
     "aimv2": "AIMv2",
     "aimv2_vision_model": "AIMv2",
+    "data2vec-vision": "Data2Vec-Vision",
 }
 #: Families whose embeddings take any image size (interpolated or relative positions, RoPE).
-_ANY_SIZE = {"beit", "dinov2", "dinov2_with_registers", "dinov3_vit"}
+_ANY_SIZE = {"beit", "data2vec-vision", "dinov2", "dinov2_with_registers", "dinov3_vit"}
+#: Families whose classifier reads the mean of the patch tokens (BEiT's unless
+#: use_mean_pooling=False), or DINOv2's [class] token beside that mean.
+_MEAN_POOLING = {"beit", "data2vec-vision", "dinov2", "dinov2_with_registers", "ijepa"}
 #: Poolers that are an extra dense + tanh layer, no part of a self-supervised checkpoint.
 _DENSE_POOLERS = {"vit", "deit", "vit_msn"}
 
@@ -186,6 +190,62 @@ def latent_pool_hooks(head: nn.Module, record: BlockRecord) -> List[Hook]:
     ]
 
 
+def self_attention_output_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook]:
+    """Hooks that fill ``record`` from one call of a BERT-style attention layer (Data2Vec-Vision):
+    ``attention.attention`` projects with ``query`` / ``key`` / ``value`` and adds its own
+    relative position bias (a submodule, whose output is read) and the bias shared by all
+    layers (an argument of the call); ``attention.output.dense`` is the output projection."""
+    inner = attention.attention
+    heads, width = inner.num_attention_heads, inner.attention_head_size
+    parameters = inspect.signature(inner.forward)
+    call: Dict[str, Any] = {}
+
+    def split_heads(projected: Tensor) -> Tensor:
+        return projected.detach().unflatten(-1, (heads, width)).transpose(1, 2)
+
+    def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        given = parameters.bind_partial(*args, **kwargs).arguments
+        call.clear()
+        shared = given.get("relative_position_bias")
+        call["bias"] = None if shared is None else shared.detach()
+
+    def keep(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            call[name] = split_heads(output)
+
+        return hook
+
+    def on_own_bias(module: nn.Module, args: tuple, output: Tensor) -> None:
+        shared = call.get("bias")
+        call["bias"] = output.detach() if shared is None else output.detach() + shared
+
+    def on_pre_projection(module: nn.Module, args: tuple) -> Tuple[Tensor, ...]:
+        queries, keys, bias = call.pop("queries"), call.pop("keys"), call.pop("bias")
+        bias_row = None if bias is None else bias[..., 0, :]
+        row = class_attention_row(queries[:, :, 0], keys, width**-0.5, bias_row)
+        record.set_attention(
+            row, call.pop("values"), SoftmaxAttention(queries, keys, width**-0.5, bias)
+        )
+        return (record.watch(args[0]),) + tuple(args[1:])
+
+    hooks = [
+        Hook(inner, "pre_kwargs", on_call),
+        Hook(inner.query, "forward", keep("queries")),
+        Hook(inner.key, "forward", keep("keys")),
+        Hook(inner.value, "forward", keep("values")),
+        Hook(attention.output.dense, "pre", on_pre_projection),
+    ]
+    own_bias = getattr(inner, "relative_position_bias", None)
+    if isinstance(own_bias, nn.Module):
+        hooks.append(Hook(own_bias, "forward", on_own_bias))
+    return hooks
+
+
+def _is_self_attention_output(attention: nn.Module) -> bool:
+    inner = getattr(attention, "attention", None)
+    return hasattr(inner, "query") and hasattr(getattr(attention, "output", None), "dense")
+
+
 def _patches_in_order(module: nn.Module, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
     """A pre-hook on ViT-MAE's embeddings: with ``mask_ratio`` 0 they keep every patch but
     shuffle them by argsort of random ``noise``; increasing noise keeps the patches in grid
@@ -291,6 +351,8 @@ class HFVisionAdapter(ViTAdapter):
                 name for name in ("q_proj", "k_proj", "v_proj")
                 if not hasattr(attention, name)
             ]
+            if _is_self_attention_output(attention):
+                continue
             if missing or _output_projection(attention) is None:
                 raise TypeError(
                     f"Layer {index} of this {type(model).__name__} uses "
@@ -330,6 +392,8 @@ class HFVisionAdapter(ViTAdapter):
             return multihead_attention_hooks(attention, record)
         if hasattr(attention, "output_proj"):
             return latent_pool_hooks(attention, record)
+        if _is_self_attention_output(attention):
+            return self_attention_output_hooks(attention, record)
         hooks = hf_attention_hooks(attention, record)
         if self.kind == "vit_mae" and attention is _layer_attention(self.blocks[0]):
             hooks.append(Hook(self.encoder.embeddings, "pre_kwargs", _patches_in_order))
@@ -364,12 +428,12 @@ class HFVisionAdapter(ViTAdapter):
         if hasattr(model, "distillation_classifier"):
             return (0, 1)  # DeiT WithTeacher: the mean of the [class] and [dist] heads
         if hasattr(model, "classifier"):
-            if kind in ("dinov2", "dinov2_with_registers", "beit", "ijepa"):
-                if kind != "beit" or getattr(self.encoder.config, "use_mean_pooling", True):
+            if kind in _MEAN_POOLING:
+                if getattr(self.encoder.config, "use_mean_pooling", True):
                     return None  # the mean of the patch tokens (and DINOv2's [class] token)
             return (0,)
         pooler = getattr(self.encoder, "pooler", None)
-        if kind == "beit" and pooler is not None and isinstance(
+        if kind in ("beit", "data2vec-vision") and pooler is not None and isinstance(
             getattr(pooler, "layernorm", None), nn.Module
         ):
             return None  # BEiT's mean pooling

@@ -4,87 +4,11 @@ models built from the class, with or without a convolutional stem), whose blocks
 
 from typing import List, Optional, Tuple
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
-from ..decompose import DeferredMixing, SoftmaxAttention, class_attention_row
 from .base import BlockRecord, Hook, ViTAdapter, register_adapter
-
-# nn.MultiheadAttention.forward's parameters, in order, to read a call's arguments by name.
-_MHA_PARAMETERS = (
-    "query",
-    "key",
-    "value",
-    "key_padding_mask",
-    "need_weights",
-    "attn_mask",
-    "average_attn_weights",
-    "is_causal",
-)
-
-
-def multihead_attention_hooks(attention: nn.MultiheadAttention, record: BlockRecord) -> List[Hook]:
-    """Hooks that fill ``record`` from one batch-first call of ``nn.MultiheadAttention``.
-
-    The head-concatenated output before ``out_proj`` is not a module boundary (the projection
-    runs inside the functional attention, or the fused fast path), so the pre-hook recomputes
-    the [class] query, keys and values from ``in_proj_weight`` / ``in_proj_bias``, and the
-    forward hook watches the projected output: out = O W_out^T + b, so the gradient at the
-    [class] row of O is the gradient at the [class] row of out times W_out.
-    """
-    heads, width = attention.num_heads, attention.head_dim
-    channels = attention.embed_dim
-
-    def split_heads(projected: Tensor) -> Tensor:
-        # (B, N, C) -> (B, H, N, d), channel c = h * d + e, as nn.MultiheadAttention splits it.
-        return projected.unflatten(-1, (heads, width)).transpose(1, 2)
-
-    def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        call = dict(zip(_MHA_PARAMETERS, args))
-        call.update(kwargs)
-        if (
-            call.get("key_padding_mask") is not None
-            or call.get("attn_mask") is not None
-            or call.get("is_causal", False)
-        ):
-            raise ValueError(
-                "DAAM's torchvision adapter expects unmasked self-attention (as torchvision's "
-                "EncoderBlock calls it), got a call with an attention or key padding mask. "
-                "Call the model without masks, or write an adapter that reads the mask."
-            )
-        weight = module.in_proj_weight.detach()
-        bias = module.in_proj_bias
-        biases = (None, None, None) if bias is None else bias.detach().split(channels)
-        query_weight, key_weight, value_weight = weight.split(channels)
-        with torch.no_grad():
-            class_query = F.linear(call["query"][:, 0], query_weight, biases[0])
-            keys = split_heads(F.linear(call["key"], key_weight, biases[1]))
-            values = F.linear(call["value"], value_weight, biases[2])
-            row = class_attention_row(class_query.unflatten(-1, (heads, width)), keys, width**-0.5)
-
-
-        def every_query() -> SoftmaxAttention:  # formed when the backward pass reaches it
-            queries = split_heads(F.linear(call["query"], query_weight, biases[0]))
-            return SoftmaxAttention(queries, keys, width**-0.5)
-
-        record.set_attention(row, split_heads(values), DeferredMixing(every_query))
-
-    def on_output(module: nn.Module, args: tuple, output: Tuple[Tensor, Optional[Tensor]]):
-        projected, attention_weights = output
-
-        def to_pre_projection(class_row_gradient: Tensor) -> Tensor:
-            projection = module.out_proj.weight.detach().to(class_row_gradient.dtype)
-            return class_row_gradient @ projection
-
-        watched = record.watch(projected, to_pre_projection=to_pre_projection)
-        return (watched, attention_weights)
-
-    return [
-        Hook(attention, "pre_kwargs", on_call),
-        Hook(attention, "forward", on_output),
-    ]
+from .multihead import multihead_attention_hooks
 
 
 @register_adapter
