@@ -17,6 +17,8 @@ from .base import (
 )
 from .generic import GenericAdapter
 from .hf import HFViTAdapter, HFVisionAdapter
+from .hf_hiera import HFHieraAdapter
+from .hf_pvt import HFPvtAdapter, HFPvtV2Adapter
 from .hf_swin import HFSwinAdapter
 from .open_clip import OpenClipVisionTransformerAdapter
 from .pooled import PooledAdapter
@@ -73,6 +75,9 @@ __all__ = [
     "supported_families",
     "GenericAdapter",
     "HFSwinAdapter",
+    "HFHieraAdapter",
+    "HFPvtAdapter",
+    "HFPvtV2Adapter",
     "HFViTAdapter",
     "HFVisionAdapter",
     "OpenClipVisionTransformerAdapter",
