@@ -91,7 +91,7 @@ def explicit_layer_forward(attention: nn.Module, blocks: List[Dict], beit_window
         k = split(attention.k_proj(hidden_states))
         v = split(attention.v_proj(hidden_states))
         rotary = kwargs.get("position_embeddings")
-        if rotary is not None:  # DINOv3: rotate the patch tokens, never the prefix tokens
+        if rotary is not None:  # DINOv3 rotates the patch tokens only, MLCD every token
             cos, sin = rotary
             prefix = tokens - cos.shape[-2]
 
@@ -303,6 +303,7 @@ CASES = {
                                              projection_dim=16), image_embeds, (0,), 1, 0, ""),
     "metaclip2_vision": (lambda: build("MetaClip2VisionModel", "MetaClip2VisionConfig"), pooled,
                          (0,), 1, 0, ""),
+    "mlcd_vision": (lambda: build("MLCDVisionModel", "MLCDVisionConfig"), pooled, (0,), 1, 0, ""),
     "siglip_vision": (lambda: build("SiglipVisionModel", "SiglipVisionConfig"), pooled, None, 0,
                       1, ""),
     "siglip_without_head": (lambda: build("SiglipVisionModel", "SiglipVisionConfig",
@@ -346,6 +347,7 @@ def test_the_default_rows_are_the_rows_the_head_reads():
         "data2vec_own_bias": None, "data2vec_shared_bias": (0,),
         "beit_class_token": (0,), "dinov2_classifier": None, "dinov2_model": (0,),
         "dinov3": (0,), "ijepa_classifier": None, "clip_vision_projection": (0,),
+        "mlcd_vision": (0,),
         "siglip_vision": None, "aimv2_vision": None,
     }
     for case, rows in expected.items():

@@ -49,12 +49,19 @@ _FAMILIES = {
     "aimv2": "AIMv2",
     "aimv2_vision_model": "AIMv2",
     "data2vec-vision": "Data2Vec-Vision",
+    "mlcd": "MLCD",
+    "mlcd_vision_model": "MLCD",
 }
 #: Families whose embeddings take any image size (interpolated or relative positions, RoPE).
-_ANY_SIZE = {"beit", "data2vec-vision", "dinov2", "dinov2_with_registers", "dinov3_vit"}
+_ANY_SIZE = {
+    "beit", "data2vec-vision", "dinov2", "dinov2_with_registers", "dinov3_vit",
+    "mlcd_vision_model",
+}
 #: Families whose classifier reads the mean of the patch tokens (BEiT's unless
 #: use_mean_pooling=False), or DINOv2's [class] token beside that mean.
 _MEAN_POOLING = {"beit", "data2vec-vision", "dinov2", "dinov2_with_registers", "ijepa"}
+#: Families whose attention layers project their output sequence first, (N, B, C).
+_SEQUENCE_FIRST_OUTPUT = {"mlcd_vision_model"}
 #: Poolers that are an extra dense + tanh layer, no part of a self-supervised checkpoint.
 _DENSE_POOLERS = {"vit", "deit", "vit_msn"}
 
@@ -89,10 +96,19 @@ def _additive_bias(attention_mask: Optional[Any]) -> Optional[Tensor]:
     return bias.masked_fill(~mask.bool(), float("-inf"))
 
 
-def _rotary(attention: nn.Module) -> Optional[Callable]:
-    """The family's own ``apply_rotary_pos_emb(q, k, cos, sin)`` for a layer given rotary
-    position embeddings (DINOv3), from the layer's modeling module."""
-    return getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
+def _rotate(
+    attention: nn.Module, queries: Tensor, keys: Tensor, rotary: Tuple[Tensor, Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """Queries and keys (B, H, N, d) rotated as the layer rotates them, with the family's own
+    function from the layer's modeling module: DINOv3's ``apply_rotary_pos_emb`` (the patch
+    tokens only), MLCD's ``apply_rotary_pos_emb_vision`` (tokens before heads, in float32)."""
+    modeling = sys.modules.get(type(attention).__module__)
+    vision = getattr(modeling, "apply_rotary_pos_emb_vision", None)
+    if vision is not None:
+        cos, sin = (part.unsqueeze(0).float() for part in rotary)
+        queries, keys = vision(queries.transpose(1, 2), keys.transpose(1, 2), cos, sin)
+        return queries.transpose(1, 2), keys.transpose(1, 2)
+    return modeling.apply_rotary_pos_emb(queries, keys, *rotary)
 
 
 def _output_projection(attention: nn.Module) -> Optional[nn.Linear]:
@@ -117,6 +133,7 @@ def hf_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook]:
     head-concatenated attention output where it enters the output projection.
     """
     heads, width, scale = _attention_shape(attention)
+    sequence_first = _model_type(attention) in _SEQUENCE_FIRST_OUTPUT
     call: Dict[str, Any] = {}
 
     def split_heads(projected: Tensor) -> Tensor:
@@ -142,13 +159,16 @@ def hf_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook]:
         queries, keys, bias = call.pop("queries"), call.pop("keys"), call.pop("bias")
         rotary = call.pop("rotary")
         if rotary is not None:
-            queries, keys = _rotary(attention)(queries, keys, *rotary)
+            queries, keys = _rotate(attention, queries, keys, rotary)
         bias_row = None if bias is None else bias[..., 0, :]
         row = class_attention_row(queries[:, :, 0], keys, scale, bias_row)
         record.set_attention(
             row, call.pop("values"), SoftmaxAttention(queries, keys, scale, bias)
         )
-        return (record.watch(args[0]),) + tuple(args[1:])
+        if not sequence_first:
+            return (record.watch(args[0]),) + tuple(args[1:])
+        # MLCD projects its output sequence first, (N, B, C): watched as a batch-first view.
+        return (record.watch(args[0].transpose(0, 1)).transpose(0, 1),) + tuple(args[1:])
 
     return [
         Hook(attention, "pre_kwargs", on_call),
@@ -327,8 +347,9 @@ class HFVisionAdapter(ViTAdapter):
 
     family = "Hugging Face transformers vision encoders"
     examples = (
-        "ViT, DeiT, BEiT, DINOv2, DINOv3, ViT-MSN, ViT-MAE, I-JEPA, CLIP, MetaCLIP 2, SigLIP, "
-        "AIMv2: classifiers, bare and embedding models, image-text models"
+        "ViT, DeiT, BEiT, Data2Vec-Vision, DINOv2, DINOv3, ViT-MSN, ViT-MAE, I-JEPA, CLIP, "
+        "MetaCLIP 2, MLCD, SigLIP, AIMv2: classifiers, bare and embedding models, image-text "
+        "models"
     )
     layer_example = (
         "model.vit.layers[i].attention, or model.vision_model.encoder.layers[i].self_attn"
