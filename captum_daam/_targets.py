@@ -6,7 +6,7 @@ import torch
 from captum._utils.typing import TargetType
 from torch import Tensor
 
-__all__ = ["format_target"]
+__all__ = ["format_target", "check_target_range"]
 
 
 def format_target(
@@ -49,7 +49,7 @@ def format_target(
             raise ValueError(
                 f"Expected one target per example ({batch_size}), got {indices.numel()}."
             )
-    low, high = int(indices.min()), int(indices.max())
+    low = int(indices.min())
     limit = f"0..{num_outputs - 1}" if num_outputs is not None else "non-negative"
     if low < 0:
         # Refused, not counted from the end: a negative label usually marks "no label".
@@ -58,6 +58,18 @@ def format_target(
             f"from the end (a data set's -1 or ignore_index -100 usually means no label); "
             f"give the class index itself."
         )
-    if num_outputs is not None and high >= num_outputs:
-        raise ValueError(f"Expected target classes in {limit}, got {high}.")
+    if num_outputs is not None:
+        check_target_range(indices, num_outputs)
     return indices.expand(batch_size)
+
+
+def check_target_range(indices: Tensor, num_outputs: int) -> None:
+    """Refuses target ``indices`` (non-negative, checked by :func:`format_target`) at or above
+    ``num_outputs``: checked before the forward pass where the width of the forward's scores
+    is known, else right after it against the scores' width, with the same message."""
+    high = int(indices.max())
+    if high >= num_outputs:
+        raise ValueError(
+            f"Expected target classes below the model's {num_outputs} outputs "
+            f"(0..{num_outputs - 1}), got {high}."
+        )

@@ -597,7 +597,13 @@ def _decomposition_error(adapter: Any, model: Any, images: Any) -> Tuple[float, 
 
 
 def check(args: argparse.Namespace) -> int:
-    """Explain a random image with a randomly initialised timm ViT and verify the result."""
+    """Explain a random image with a randomly initialised timm ViT and verify the result
+    (with --list, print the supported model families instead)."""
+    if args.list:
+        from .adapters import supported_families
+
+        print("\n".join(supported_families()))
+        return 0
     import torch
     from timm.data import resolve_data_config
 
@@ -731,6 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "deit_tiny_patch16_224, cait_xxs24_224, xcit_nano_12_p16_224), "
                               "built with pretrained=False")
     check_parser.add_argument("--seed", type=int, default=0)
+    check_parser.add_argument("--list", action="store_true",
+                              help="print the supported model families, one per line, and exit")
     check_parser.set_defaults(run=check)
 
     from ._dataset_cli import add_explain_dataset_parser

@@ -315,13 +315,12 @@ def test_bad_generic_adapters_are_refused():
     assert single.attention_modules() == [model.blocks[0].attn]
 
 
-def test_an_unsupported_model_names_every_family_and_points_to_the_generic_adapter():
+def test_an_unsupported_model_points_to_the_generic_adapter_and_the_list_of_families():
     with pytest.raises(TypeError) as error:
         DAAM(make_t2t())
     message = str(error.value)
     assert "TinyT2TViT" in message and "GenericAdapter(attention_modules=" in message
-    for family in supported_families():
-        assert family in message
+    assert "captum-daam check --list" in message and len(message.splitlines()) <= 3
     assert len(supported_families()) >= 5
 
 

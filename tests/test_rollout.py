@@ -236,7 +236,7 @@ def test_bad_input_fails_before_the_forward_and_leaves_nothing():
         GradientRollout(model).attribute(make_images(1, 64, 64), target=11)
     with pytest.raises(ValueError, match="takes 64x64 images"):
         AttentionRollout(model).attribute(make_images(1, 32, 32))
-    with pytest.raises(ValueError, match="Expected target classes in 0..10"):
+    with pytest.raises(ValueError, match="Expected target classes below the model's 11 outputs"):
         AttentionRollout(model).attribute(make_images(1, 64, 64), target=11)
     with pytest.raises(ValueError, match="finite"):
         AttentionRollout(model).attribute(torch.full((1, 3, 64, 64), float("nan")))

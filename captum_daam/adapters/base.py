@@ -558,34 +558,119 @@ def explained_model(model: nn.Module) -> nn.Module:
         )
     if scripted:
         raise _jit_error(model)
-    families = "; ".join(supported_families())
+    raise TypeError(_refusal(model))
+
+
+def _refusal(model: nn.Module) -> str:
+    """Why no adapter takes ``model``, in three lines: the reason, the nearest route, and
+    where the supported families are listed."""
+    name = type(model).__name__
+    kind = _video_or_detection(model)
     attention_types = _attention_module_types(model)
-    if attention_types and all(name in _CHANNEL_ATTENTION for name in attention_types):
-        found = (
+    if kind is not None:
+        what, model_type = kind
+        shown = f"model_type {model_type!r}" if model_type else name
+        if what == "video":
+            reason = (
+                f"It is a video model ({shown}): its tokens are space-time patches of a clip, "
+                f"not the patch grid of one image that DAAM explains."
+            )
+            route = (
+                "Nearest route: explain the frames one at a time with an image model, "
+                "e.g. DAAM(image_vit).attribute(frame)."
+            )
+        else:
+            reason = (
+                f"It is a detection model ({shown}): it outputs boxes and per-query class "
+                f"scores, not one (B, K) score per image."
+            )
+            route = (
+                "Nearest route: explain an image classifier, or pass a forward function that "
+                "returns one (B, K) score per image with adapter= a subclass of "
+                "captum_daam.adapters.ViTAdapter for its encoder."
+            )
+    elif attention_types and all(type_ in _CHANNEL_ATTENTION for type_ in attention_types):
+        reason = (
             "Its attention modules mix no tokens ("
-            + "; ".join(f"{name}: {_CHANNEL_ATTENTION[name]}" for name in attention_types)
+            + "; ".join(f"{type_}: {_CHANNEL_ATTENTION[type_]}" for type_ in attention_types)
             + "): in DAAM's terms a convolutional model, with no token mixing to split over "
             "the patches."
         )
+        route = "Nearest route: Captum's LayerGradCam, as for any convolutional model."
     elif attention_types:
-        found = (
-            f"Its attention modules ({', '.join(attention_types)}) are of no supported family."
-        )
+        reason = f"Its attention modules ({', '.join(attention_types)}) are of no supported family."
+        if _timm_style_attention(model):
+            route = (
+                "Nearest route: for its timm-style attention (a qkv and a proj linear layer) "
+                "pass adapter=captum_daam.adapters.GenericAdapter(attention_modules=[...], "
+                "num_prefix_tokens=1, head_queries='class') to DAAM."
+            )
+        else:
+            route = (
+                "Nearest route: subclass captum_daam.adapters.ViTAdapter for this attention "
+                "and register it with @captum_daam.adapters.register_adapter (GenericAdapter "
+                "takes timm-style attention only: a qkv and a proj linear layer)."
+            )
     else:
-        found = (
+        reason = (
             "It has no attention module (no module named for attention, no "
             "nn.MultiheadAttention): a convolutional or MLP model, whose decision DAAM, an "
             "explanation of attention, does not follow."
         )
-    raise TypeError(
-        f"DAAM has no adapter for a model of type {type(model).__name__}. {found} Supported "
-        f"families: {families}. For a model built from timm-style attention modules (a qkv "
-        f"and a proj linear layer, e.g. T2T-ViT or research code), pass "
-        f"adapter=captum_daam.adapters.GenericAdapter(attention_modules=[...], "
-        f"num_prefix_tokens=1, head_queries='class') to DAAM. For another architecture, "
-        f"subclass captum_daam.adapters.ViTAdapter and register it with "
-        f"@captum_daam.adapters.register_adapter."
+        route = _NO_ATTENTION_ROUTE
+    return (
+        f"DAAM has no adapter for a model of type {name}. {reason}\n{route}\n"
+        f"The supported families are listed by `captum-daam check --list` "
+        f"(captum_daam.adapters.supported_families())."
     )
+
+
+_NO_ATTENTION_ROUTE = (
+    "Nearest route: Captum's LayerGradCam for a convolutional model; if it does mix tokens "
+    "with attention, subclass captum_daam.adapters.ViTAdapter and register it with "
+    "@captum_daam.adapters.register_adapter."
+)
+
+#: What marks a transformers video or detection model: words in its config.model_type, or
+#: in the name of its class (VideoMAE, TimeSformer, ViViT, V-JEPA 2; DETR's family, YOLOS).
+_VIDEO_TYPES = ("video", "timesformer", "vivit", "vjepa")
+_VIDEO_CLASSES = ("Video", "Timesformer", "TimeSformer", "Vivit", "ViViT", "VJEPA")
+_DETECTION_TYPES = ("detr", "yolos")
+_DETECTION_CLASSES = ("Detr", "DETR", "Yolos", "YOLOS", "ObjectDetection")
+
+
+def _video_or_detection(model: nn.Module) -> Optional[Tuple[str, Optional[str]]]:
+    """("video" or "detection", its config.model_type) for a transformers video or detection
+    model, or one inside ``model``, read from names only (transformers is not imported)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if module is not model and config is None:
+            continue
+        model_type = getattr(config, "model_type", None)
+        model_type = model_type if isinstance(model_type, str) else None
+        words, name = (model_type or "").lower(), type(module).__name__
+        if any(word in words for word in _VIDEO_TYPES) or any(
+            word in name for word in _VIDEO_CLASSES
+        ):
+            return "video", model_type
+        if any(word in words for word in _DETECTION_TYPES) or any(
+            word in name for word in _DETECTION_CLASSES
+        ):
+            return "detection", model_type
+    return None
+
+
+def _timm_style_attention(model: nn.Module) -> bool:
+    """Whether ``model`` has attention modules that GenericAdapter takes (timm-style)."""
+    from .generic import _check_timm_style  # generic.py builds on this module
+
+    for module in model.modules():
+        try:
+            _check_timm_style(0, module)
+        except TypeError:
+            continue
+        return True
+    return False
 
 
 #: Modules named for attention that weigh channels or kernel branches and mix no tokens.

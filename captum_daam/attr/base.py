@@ -2,6 +2,7 @@
 the checks made before any work, and the scored forward pass."""
 
 import itertools
+from collections.abc import Mapping
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,7 +18,7 @@ from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
 from .._outputs import describe_output
-from .._targets import format_target
+from .._targets import check_target_range, format_target
 from .._warnings import warn_user
 from ..adapters import BlockLayout, BlockRecord, ViTAdapter, adapter_for, forward_module
 from ..decompose import place_on_grid, resample_to_grid, tokens_to_grid
@@ -43,6 +44,7 @@ class ViTLayerAttribution(LayerAttribution):
         adapter: Optional[ViTAdapter] = None,
     ) -> None:
         """The arguments are DAAM's (:class:`~captum_daam.DAAM`)."""
+        self._refuse_image_text_model(model)
         if adapter is None:
             if not isinstance(model, nn.Module):
                 raise TypeError(
@@ -56,6 +58,32 @@ class ViTLayerAttribution(LayerAttribution):
         LayerAttribution.__init__(self, model, attention_modules)
         self.adapter = adapter
 
+    def _refuse_image_text_model(self, model: object) -> None:
+        """Refuses an image-text model (CLIP, SigLIP, a dual encoder), whose forward needs
+        texts too, before any work; a wrapper that only distributes or compiles it as well."""
+        inner = forward_module(model) if isinstance(model, nn.Module) else model
+        if not isinstance(inner, nn.Module):
+            return
+        if all(callable(getattr(inner, name, None)) for name in _OPEN_CLIP_ENCODERS):
+            tower = "model.visual"
+        elif all(callable(getattr(inner, name, None)) for name in _HF_IMAGE_TEXT_FEATURES):
+            tower = "model.vision_model"
+        else:
+            return
+        raise TypeError(
+            f"Expected an image model, got a {type(inner).__name__}, an image-text model whose "
+            f"forward takes texts as well as images, which {type(self).__name__} does not "
+            f"give it. Explain image-text matching with "
+            f"captum_daam.ImageTextSimilarity(model, input_ids=...), or the image embedding "
+            f"with {type(self).__name__}({tower})."
+        )
+
+    def _output_width(self) -> Optional[int]:
+        """The width of the forward pass's scores where it is known before the forward pass
+        (:func:`forward_output_width`), else None: then targets and importance weights are
+        checked right after the forward pass, against the scores' width."""
+        return forward_output_width(self.forward_func, self.adapter)[0]
+
     def _warn_if_training(self) -> None:
         if self._in_training_mode():
             warn_user(
@@ -64,7 +92,10 @@ class ViTLayerAttribution(LayerAttribution):
             )
 
     def _warn_if_explaining_a_feature(self, target: TargetType) -> None:
-        if target is None and self.adapter.outputs_features:
+        # A head in the forward module (nn.Sequential(backbone, nn.Linear(...)), or a module
+        # declaring its num_outputs) gives scores, whatever the backbone's adapter says.
+        declared = forward_output_width(self.forward_func, self.adapter)[1] == "declared"
+        if target is None and self.adapter.outputs_features and not declared:
             warn_user(
                 f"This model outputs {self.adapter.num_outputs} features, not class scores (it "
                 f"has no classifier head), so target=None explains each example's largest "
@@ -113,14 +144,12 @@ class ViTLayerAttribution(LayerAttribution):
 
     @staticmethod
     def _target_score(scores: Tensor, target_indices: Optional[Tensor]) -> Tensor:
-        """The sum over the batch of each example's target score (None: the predicted class)."""
+        """The sum over the batch of each example's target score (None: the predicted class),
+        the targets checked against the scores' width first, before any backward pass."""
         if target_indices is None:
             target_indices = scores.argmax(dim=1)
-        elif int(target_indices.max()) >= scores.shape[1]:
-            raise ValueError(
-                f"Expected target classes below the model's {scores.shape[1]} "
-                f"outputs, got {int(target_indices.max())}."
-            )
+        else:
+            check_target_range(target_indices, scores.shape[1])
         return _select_targets(scores, target_indices).sum()
 
     def _in_training_mode(self) -> bool:
@@ -187,6 +216,8 @@ class ViTLayerAttribution(LayerAttribution):
                 "outside inference mode (torch.no_grad() is fine)."
             )
         self._check_model_has_values()
+        if isinstance(inputs, Mapping):
+            inputs = _pixel_values(inputs)
         if not isinstance(inputs, (Tensor, tuple)):
             raise TypeError(f"Expected inputs to be a Tensor, got {type(inputs).__name__}.")
         formatted = _format_tensor_into_tuples(inputs)
@@ -255,8 +286,63 @@ class ViTLayerAttribution(LayerAttribution):
     def _check_target(
         self, target: TargetType, batch_size: int, device: torch.device
     ) -> Optional[Tensor]:
-        """Targets as a (B,) long tensor, or None for the predicted classes."""
-        return format_target(target, batch_size, device, self.adapter.num_outputs)
+        """Targets as a (B,) long tensor, or None for the predicted classes; their range is
+        checked here where the forward's width is known before the forward pass."""
+        return format_target(target, batch_size, device, self._output_width())
+
+
+#: An image-text model's encoders: transformers' CLIPModel, SiglipModel,
+#: VisionTextDualEncoderModel ...; open_clip's CLIP.
+_HF_IMAGE_TEXT_FEATURES = ("get_image_features", "get_text_features")
+_OPEN_CLIP_ENCODERS = ("encode_image", "encode_text")
+
+
+def forward_output_width(
+    forward: object, adapter: ViTAdapter
+) -> Tuple[Optional[int], Optional[str]]:
+    """The width of the scores ``forward`` returns, where it is known before the forward pass,
+    and where it comes from: ``adapter.num_outputs`` ("adapter") when ``forward`` is the
+    adapter's model itself (or an adapter given its modules directly, told the width), or an
+    ``nn.Sequential`` ending in that model; else ("declared") the int ``num_outputs`` a
+    forward module declares (an image-text similarity declares its number of texts), or the
+    ``out_features`` of the last module of an ``nn.Sequential``. (None, None) otherwise: a
+    forward function, or a module that declares nothing, is checked after the forward pass.
+    """
+    if forward is adapter.model or adapter.model is None:
+        return adapter.num_outputs, "adapter"
+    if not isinstance(forward, nn.Module):
+        return None, None
+    declared = getattr(forward, "num_outputs", None)
+    if isinstance(declared, int) and not isinstance(declared, bool):
+        return declared, "declared"
+    if isinstance(forward, nn.Sequential) and len(forward) > 0:
+        last = forward[-1]
+        width, source = forward_output_width(last, adapter)
+        if width is not None:
+            return width, source
+        features = getattr(last, "out_features", None)
+        if isinstance(features, int) and not isinstance(features, bool):
+            return features, "declared"
+    return None, None
+
+
+def _pixel_values(inputs: Mapping) -> Tensor:
+    """The images in a processor's output (transformers' ``BatchFeature``: a Mapping whose
+    ``pixel_values`` are the image tensor); any other Mapping is refused naming its keys."""
+    images = inputs.get("pixel_values")
+    if isinstance(images, Tensor):
+        return images
+    if images is not None:
+        raise TypeError(
+            f"Expected the pixel_values of the {type(inputs).__name__} given as inputs to be a "
+            f"Tensor, got {type(images).__name__}. Call the processor with return_tensors='pt'."
+        )
+    keys = ", ".join(repr(key) for key in inputs.keys()) or "none"
+    raise TypeError(
+        f"Expected inputs to be a Tensor, got {type(inputs).__name__} with keys {keys} and no "
+        f"'pixel_values' tensor. Pass the image tensor, or a processor's output, whose "
+        f"pixel_values are explained."
+    )
 
 
 def check_output_options(

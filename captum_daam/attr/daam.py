@@ -270,7 +270,7 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
                     "Expected either target (a class score to explain) or importance (weights "
                     "of a self-supervised feature objective), got both."
                 )
-            _check_importance(importance, images.shape[0], self.adapter.num_outputs)
+            _check_importance(importance, images.shape[0], self._output_width())
         target_indices = self._check_target(target, images.shape[0], images.device)
         if relu_gradients is None:
             relu_gradients = importance is None
@@ -437,13 +437,12 @@ def _check_importance(
     batch_size: int,
     num_outputs: Optional[int],
 ) -> None:
-    """Shape and width checks that can be made before the forward pass."""
+    """Shape and width checks that can be made before the forward pass; ``num_outputs``: the
+    width of the forward's output where it is known before it (else None, and the width is
+    checked right after the forward pass, by :func:`_importance_weights`)."""
     if isinstance(importance, MemoryBank):
-        if num_outputs is not None and importance.dim != num_outputs:
-            raise ValueError(
-                f"Expected a memory bank of the model's output width {num_outputs}, got a bank "
-                f"of width {importance.dim}."
-            )
+        if num_outputs is not None:
+            _check_bank_width(importance, num_outputs)
         return
     if not isinstance(importance, Tensor):
         if callable(importance):
@@ -458,22 +457,38 @@ def _check_importance(
             f"Expected importance weights shaped (D,) or (B={batch_size}, D), got "
             f"{tuple(importance.shape)}."
         )
-    if num_outputs is not None and importance.shape[-1] != num_outputs:
-        raise ValueError(
-            f"Expected importance weights of the model's output width {num_outputs}, got "
-            f"width {importance.shape[-1]}."
-        )
+    if num_outputs is not None:
+        _check_weights_width(importance, num_outputs)
     if not bool(torch.isfinite(importance).all()):
         raise ValueError("Expected finite importance weights, got NaN or infinite values.")
+
+
+def _check_bank_width(bank: MemoryBank, num_outputs: int) -> None:
+    if bank.dim != num_outputs:
+        raise ValueError(
+            f"Expected a memory bank of the model's output width {num_outputs}, got a bank "
+            f"of width {bank.dim}."
+        )
+
+
+def _check_weights_width(weights: Tensor, num_outputs: int) -> None:
+    if weights.shape[-1] != num_outputs:
+        raise ValueError(
+            f"Expected importance weights of the model's output width {num_outputs}, got "
+            f"width {weights.shape[-1]}."
+        )
 
 
 def _importance_weights(
     importance: Union[Tensor, MemoryBank, Callable[[Tensor], Tensor]], output: Tensor
 ) -> Tensor:
-    """The weights w of the objective sum_d w_d f_d, for the forward pass's output f."""
+    """The weights w of the objective sum_d w_d f_d, for the forward pass's output f; their
+    width checked against f's, before any backward pass."""
     if isinstance(importance, MemoryBank):
+        _check_bank_width(importance, output.shape[1])
         weights = importance.importance(output.detach())[0]
     elif isinstance(importance, Tensor):
+        _check_weights_width(importance, output.shape[1])
         weights = importance
     else:
         weights = importance(output.detach())
