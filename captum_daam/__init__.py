@@ -18,6 +18,7 @@ _PUBLIC: Dict[str, str] = {
     "AttentionRollout": ".attr",
     "GradientRollout": ".attr",
     "MemoryBank": ".ssl",
+    "ImageTextSimilarity": ".image_text",
     "explain_dataset": ".dataset",
     "TokenGrid": ".token_grid",
     "GenericAdapter": ".adapters",
@@ -36,8 +37,8 @@ _PUBLIC: Dict[str, str] = {
 
 # Submodules reachable as attributes of the package, as when it imported them eagerly.
 _SUBMODULES = (
-    "adapters", "attr", "cli", "data", "dataset", "decompose", "metrics", "ssl", "token_grid",
-    "visualization", "zoo",
+    "adapters", "attr", "cli", "data", "dataset", "decompose", "image_text", "metrics", "ssl",
+    "token_grid", "visualization", "zoo",
 )
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "AttentionRollout",
     "GradientRollout",
     "MemoryBank",
+    "ImageTextSimilarity",
     "explain_dataset",
     "TokenGrid",
     "metrics",
@@ -73,6 +75,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     )
     from .attr import DAAM, AttentionRollout, GradientRollout
     from .dataset import explain_dataset
+    from .image_text import ImageTextSimilarity
     from .decompose import (
         accumulate,
         block_map,
