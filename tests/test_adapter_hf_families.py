@@ -14,6 +14,7 @@ the full contributions (tests/reference.py). No package code is used in the refe
 """
 
 import copy
+import importlib
 from typing import Callable, Dict, List, Optional
 
 import pytest
@@ -205,6 +206,18 @@ def explicit_run(model: nn.Module, images: Tensor, pick: Callable, kind: str):
 def call(model: nn.Module, images: Tensor, kind: str):
     """The model's forward; ViT-MAE with increasing noise, which keeps the patches in order
     (its default noise is random, and shuffles them)."""
+    if kind == "siglip2":  # patches as its processor makes them, every patch real
+        module = importlib.import_module(
+            "transformers.models.siglip2.image_processing_siglip2"
+        )
+        patch = model.config.patch_size
+        patches = torch.stack([module.convert_image_to_patches(image, patch) for image in images])
+        rows, columns = images.shape[-2] // patch, images.shape[-1] // patch
+        return model(
+            pixel_values=patches,
+            pixel_attention_mask=torch.ones(len(images), rows * columns, dtype=torch.long),
+            spatial_shapes=torch.tensor([[rows, columns]] * len(images)),
+        )
     if kind == "mae":
         noise = torch.arange(16, dtype=images.dtype).expand(images.shape[0], -1)
         return model(images, noise=noise)
@@ -306,6 +319,8 @@ CASES = {
     "mlcd_vision": (lambda: build("MLCDVisionModel", "MLCDVisionConfig"), pooled, (0,), 1, 0, ""),
     "siglip_vision": (lambda: build("SiglipVisionModel", "SiglipVisionConfig"), pooled, None, 0,
                       1, ""),
+    "siglip2_vision": (lambda: build("Siglip2VisionModel", "Siglip2VisionConfig", num_patches=16),
+                       pooled, None, 0, 1, "siglip2"),
     "siglip_without_head": (lambda: build("SiglipVisionModel", "SiglipVisionConfig",
                                           vision_use_head=False), mean_token, None, 0, 0, ""),
     "aimv2_vision": (lambda: build("Aimv2VisionModel", "Aimv2VisionConfig", use_head=True),

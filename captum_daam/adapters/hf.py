@@ -51,11 +51,13 @@ _FAMILIES = {
     "data2vec-vision": "Data2Vec-Vision",
     "mlcd": "MLCD",
     "mlcd_vision_model": "MLCD",
+    "siglip2": "SigLIP 2",
+    "siglip2_vision_model": "SigLIP 2",
 }
 #: Families whose embeddings take any image size (interpolated or relative positions, RoPE).
 _ANY_SIZE = {
     "beit", "data2vec-vision", "dinov2", "dinov2_with_registers", "dinov3_vit",
-    "mlcd_vision_model",
+    "mlcd_vision_model", "siglip2_vision_model",
 }
 #: Families whose classifier reads the mean of the patch tokens (BEiT's unless
 #: use_mean_pooling=False), or DINOv2's [class] token beside that mean.
@@ -384,7 +386,8 @@ class HFVisionAdapter(ViTAdapter):
                 )
         config = self.encoder.config
         self.patch_size = _pair(config.patch_size)
-        self.image_size = _pair(config.image_size)
+        # SigLIP 2 takes any size, and has none configured.
+        self.image_size = _pair(getattr(config, "image_size", 0))
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -416,9 +419,39 @@ class HFVisionAdapter(ViTAdapter):
         if _is_self_attention_output(attention):
             return self_attention_output_hooks(attention, record)
         hooks = hf_attention_hooks(attention, record)
-        if self.kind == "vit_mae" and attention is _layer_attention(self.blocks[0]):
-            hooks.append(Hook(self.encoder.embeddings, "pre_kwargs", _patches_in_order))
+        if attention is _layer_attention(self.blocks[0]):
+            if self.kind == "vit_mae":
+                hooks.append(Hook(self.encoder.embeddings, "pre_kwargs", _patches_in_order))
+            if self.kind == "siglip2_vision_model":
+                hooks.append(Hook(self._naflex_model(), "pre_kwargs", self._images_as_patches))
         return hooks
+
+    def _naflex_model(self) -> nn.Module:
+        """SigLIP 2's vision model, whose forward takes patches with their mask and shapes."""
+        return getattr(self.model, "vision_model", self.model)
+
+    def _images_as_patches(self, module: nn.Module, args: tuple, kwargs: dict):
+        """A pre-hook on SigLIP 2's vision model: images (B, C, H, W) become the patches its
+        processor makes (transformers' ``convert_image_to_patches``: patch rows, then patch
+        columns, each patch's pixels row by row with their channels last), every patch real
+        (``pixel_attention_mask`` of ones) on the (H / p, W / p) grid (``spatial_shapes``)."""
+        given = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        images = given.get("pixel_values")
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            return None  # patches from the processor: the model's own input
+        patch = self.patch_size[0]
+        batch, channels, height, width = images.shape
+        rows, columns = height // patch, width // patch
+        patches = images.reshape(batch, channels, rows, patch, columns, patch)
+        patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, rows * columns, -1)
+        extra = {name: value for name, value in given.items() if name == "kwargs"}
+        kwargs = {
+            **extra.get("kwargs", {}),
+            "pixel_values": patches,
+            "pixel_attention_mask": images.new_ones(batch, rows * columns, dtype=torch.long),
+            "spatial_shapes": torch.tensor([[rows, columns]] * batch, device=images.device),
+        }
+        return (), kwargs
 
     # ------------------------------------------------------------------ the tokens
 
@@ -511,6 +544,12 @@ class HFVisionAdapter(ViTAdapter):
                 f"mask_ratio={mask_ratio}: it drops that share of the patches at random in "
                 f"every forward pass. Set model.config.mask_ratio = 0.0 to explain the whole "
                 f"image."
+            )
+        if self.kind == "siglip2_vision_model" and (height % patch_h or width % patch_w):
+            raise ValueError(
+                f"Expected image height and width divisible by SigLIP 2's patch size "
+                f"{patch_h}x{patch_w}, got {height}x{width}: DAAM cuts the images into patches "
+                f"as its processor does, which resizes them to such a size first."
             )
         if self.kind in _ANY_SIZE:
             if height < patch_h or width < patch_w:

@@ -55,6 +55,18 @@ def _projection_weights(attention: nn.MultiheadAttention) -> Tuple[Tensor, Tenso
     )
 
 
+def _padding_bias(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A ``key_padding_mask`` (B, N), True or -inf where a key is padding, as an additive logit
+    bias (B, 1, 1, N); None for none."""
+    if key_padding_mask is None:
+        return None
+    mask = key_padding_mask.detach()
+    if mask.dtype.is_floating_point:
+        return mask[:, None, None, :]
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    return bias.masked_fill(mask.bool(), float("-inf"))[:, None, None, :]
+
+
 def multihead_attention_hooks(attention: nn.MultiheadAttention, record: BlockRecord) -> List[Hook]:
     """Hooks that fill ``record`` from one unmasked call of ``nn.MultiheadAttention``.
 
@@ -77,32 +89,32 @@ def multihead_attention_hooks(attention: nn.MultiheadAttention, record: BlockRec
     def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
         call = dict(zip(_MHA_PARAMETERS, args))
         call.update(kwargs)
-        if (
-            call.get("key_padding_mask") is not None
-            or call.get("attn_mask") is not None
-            or call.get("is_causal", False)
-        ):
+        if call.get("attn_mask") is not None or call.get("is_causal", False):
             raise ValueError(
-                "DAAM's nn.MultiheadAttention hooks expect unmasked attention (as Vision "
-                "Transformers call it), got a call with an attention or key padding mask. "
-                "Call the model without masks, or write an adapter that reads the mask."
+                "DAAM's nn.MultiheadAttention hooks expect attention without an attn_mask (as "
+                "Vision Transformers call it; a key_padding_mask is read), got a call with "
+                "one. Call the model without it, or write an adapter that reads the mask."
             )
         inputs = [call[name] for name in ("query", "key", "value")]
         if not batch_first:
             inputs = [tensor.transpose(0, 1) for tensor in inputs]
         query, key, value = inputs
-        bias = module.in_proj_bias
-        biases = (None, None, None) if bias is None else bias.detach().split(channels)
+        bias = _padding_bias(call.get("key_padding_mask"))
+        in_bias = module.in_proj_bias
+        biases = (None, None, None) if in_bias is None else in_bias.detach().split(channels)
         query_weight, key_weight, value_weight = _projection_weights(module)
         with torch.no_grad():
             first_query = F.linear(query[:, 0], query_weight, biases[0])
             keys = split_heads(F.linear(key, key_weight, biases[1]))
             values = F.linear(value, value_weight, biases[2])
-            row = class_attention_row(first_query.unflatten(-1, (heads, width)), keys, width**-0.5)
+            row = class_attention_row(
+                first_query.unflatten(-1, (heads, width)), keys, width**-0.5,
+                None if bias is None else bias[..., 0, :],
+            )
 
         def every_query() -> SoftmaxAttention:  # formed when the backward pass reaches it
             queries = split_heads(F.linear(query, query_weight, biases[0]))
-            return SoftmaxAttention(queries, keys, width**-0.5)
+            return SoftmaxAttention(queries, keys, width**-0.5, bias)
 
         record.set_attention(row, split_heads(values), DeferredMixing(every_query))
 
