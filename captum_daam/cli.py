@@ -437,7 +437,9 @@ def _class_names(shapes_model: bool, num_classes: int) -> Callable[[int], str]:
 
 
 def explain(args: argparse.Namespace) -> int:
-    """Explain image files with a timm model, a local checkpoint or the bundled model."""
+    """Explain image files with a timm model, a local checkpoint, the bundled model, a local
+    transformers model folder or an open_clip model; with --text and an image-text model,
+    why each image matches each text."""
     device = _device(args.device)
     for image_path in args.images:
         _check_image_file(image_path)
@@ -450,6 +452,10 @@ def explain(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace, device: torch.device, out: Path) -> int:
+    from ._hub import is_open_clip_name, is_transformers_folder
+
+    if args.text or is_transformers_folder(args.model) or is_open_clip_name(args.model):
+        return _explain_with_ecosystem_model(args, device, out)
     import torch
     from timm.data import resolve_data_config
     from torchvision.transforms.functional import normalize
@@ -509,6 +515,111 @@ def _explain(args: argparse.Namespace, device: torch.device, out: Path) -> int:
         tqdm.write(f"  {image_path}: explained class {names(target)} (p = "
                    f"{float(probabilities[target]):.2f}); wrote "
                    f"{', '.join(str(path) for path in written)}")
+        sys.stdout.flush()
+    return 0
+
+
+def _text_stem(stem: str, index: int, text: str) -> str:
+    """The output name of one image's flow for one text: ``stem_t1-a-photo-of-a-dog``."""
+    slug = re.sub(r"[^0-9A-Za-z]+", "-", text).strip("-").lower()[:40]
+    return f"{stem}_t{index + 1}" + (f"-{slug}" if slug else "")
+
+
+def _explain_with_ecosystem_model(
+    args: argparse.Namespace, device: torch.device, out: Path
+) -> int:
+    """``explain`` with a transformers model folder (or, with --text, a Hub name) or an
+    open_clip model: the model's own preprocessing; with --text, one flow per text, the
+    explained score the image's logit for that text (ImageTextSimilarity)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import DAAM, ImageTextSimilarity
+    from ._hub import (
+        is_open_clip_name,
+        is_transformers_folder,
+        load_open_clip,
+        load_transformers,
+        text_probabilities,
+    )
+    from ._images import load_rgb
+    from .adapters import adapter_for
+
+    if args.text and args.target is not None:
+        raise UsageError("--target and --text: give one; with --text each text is explained")
+    if args.arch is not None:
+        raise UsageError("--arch names the timm architecture of a checkpoint file; "
+                         f"{args.model} brings its own")
+    if any(not text.strip() for text in args.text or []):
+        raise UsageError("--text: expected a non-empty text")
+    try:
+        if is_open_clip_name(args.model):
+            loaded = load_open_clip(args.model)
+        else:
+            local = is_transformers_folder(args.model) or bool(os.environ.get("HF_HUB_OFFLINE"))
+            loaded = load_transformers(args.model, local_only=local)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    model = loaded.model.eval().to(device)
+    forward: Any = model
+    if args.text:
+        if loaded.tokenize is None:
+            raise UsageError(
+                f"--text needs an image-text model with its tokenizer (CLIP, SigLIP, ...); "
+                f"{args.model} has none"
+            )
+        try:
+            forward = ImageTextSimilarity(model, **loaded.tokenize(list(args.text))).to(device)
+        except (TypeError, ValueError) as error:
+            raise UsageError(_first_line(error)) from error
+    try:
+        adapter = adapter_for(model)
+    except TypeError as error:
+        raise UsageError(str(error).split(". ")[0]) from error
+    attention_modules = adapter.attention_modules()
+    block_numbers = _parse_blocks(args.blocks, len(attention_modules))
+    num_classes = adapter.num_outputs
+    if args.target is not None and not 0 <= args.target < num_classes:
+        raise UsageError(f"--target {args.target}: this model has classes 0-{num_classes - 1}")
+    labels = getattr(getattr(model, "config", None), "id2label", None) or {}
+    daam = DAAM(
+        forward, layer=[attention_modules[number - 1] for number in block_numbers],
+        adapter=adapter,
+    )
+    print(f"captum-daam explain: {args.model}, blocks {_describe_blocks(block_numbers)} "
+          f"({len(block_numbers)} maps), writing to {out}/", flush=True)
+    stems = _unique_stems(args.images)
+    for image_path, stem in tqdm(
+        list(zip(args.images, stems)), desc="images", disable=not args.progress
+    ):
+        try:
+            model_input, picture = loaded.preprocess(load_rgb(image_path))
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+        model_input = model_input.unsqueeze(0).to(device)
+        with torch.no_grad():
+            scores = forward(model_input)
+        if args.text:
+            probabilities = text_probabilities(scores[0], loaded.text_probabilities)
+            explained = [
+                (index, _text_stem(stem, index, text), f"text {text!r}")
+                for index, text in enumerate(args.text)
+            ]
+        else:
+            probabilities = adapter.output_scores(scores)[0].softmax(-1)
+            target = int(probabilities.argmax()) if args.target is None else args.target
+            explained = [(target, stem, f"class {labels.get(target, target)}")]
+        for target, name, what in explained:
+            flow = daam.attribute(model_input, target=target, return_flow=True)[0]
+            raw = None
+            if args.save_raw:
+                raw = {"flow": flow.cpu().numpy(), "block_numbers": block_numbers,
+                       "target": target}
+            written = _write_outputs(out, name, picture.cpu(), flow.cpu(), block_numbers,
+                                     args.scaling, raw)
+            tqdm.write(f"  {image_path}: explained {what} (p = "
+                       f"{float(probabilities[target]):.2f}); wrote "
+                       f"{', '.join(str(path) for path in written)}")
         sys.stdout.flush()
     return 0
 
@@ -696,19 +807,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.set_defaults(run=demo)
 
     explain_parser = commands.add_parser(
-        "explain", help="explain image files with a timm model, a checkpoint or the bundled model",
+        "explain", help="explain image files with a timm, transformers or open_clip model, a "
+        "checkpoint or the bundled model; with --text, why an image matches each text",
         description=explain.__doc__,
     )
     explain_parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     explain_parser.add_argument(
         "--model", required=True,
         help=f"a timm model name (pretrained weights are downloaded when online, and taken from "
-        f"the local cache when there), a local checkpoint file, or {BUNDLED_MODEL} (the bundled "
-        f"model, which knows only the synthetic shapes of captum_daam.data)",
+        f"the local cache when there), a local checkpoint file, {BUNDLED_MODEL} (the bundled "
+        f"model, which knows only the synthetic shapes of captum_daam.data), a local "
+        f"transformers model folder (save_pretrained's), or open_clip:NAME[@TAG_OR_FILE]; "
+        f"with --text also a Hugging Face Hub name",
     )
     explain_parser.add_argument(
         "--arch", default=None,
         help=f"timm architecture of a checkpoint given as --model (default: {BUNDLED_MODEL})",
+    )
+    explain_parser.add_argument(
+        "--text", action="append", default=None, metavar="TEXT",
+        help="explain why the image matches this text, with an image-text model (CLIP, "
+        "SigLIP, ...: a transformers model folder or open_clip:NAME); repeat for several "
+        "texts, one flow each",
     )
     explain_parser.add_argument("--target", type=int, default=None,
                                 help="class index to explain (default: the predicted class)")
