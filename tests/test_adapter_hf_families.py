@@ -25,6 +25,7 @@ import transformers
 
 from captum_daam import DAAM
 from captum_daam.adapters import HFVisionAdapter, adapter_for
+from captum_daam.adapters.base import TokenRows
 from helpers import add_parameter_noise, assert_close_relative, make_images, module_hook_count
 from reference import maps_from_every_query_row, resolve_targets
 
@@ -279,6 +280,8 @@ def mean_token(output):
     return output.last_hidden_state.mean(dim=1)
 
 
+PATCHES = tuple(range(1, 17))  # the 4 x 4 patches after one [class] token
+
 # name: (builder, pick, rows (None = all), prefix tokens, latent head blocks, kind)
 CASES = {
     "deit_classifier": (lambda: build("DeiTForImageClassification", "DeiTConfig", num_labels=5),
@@ -286,13 +289,15 @@ CASES = {
     "deit_teacher": (lambda: build("DeiTForImageClassificationWithTeacher", "DeiTConfig",
                                    num_labels=5), logits, (0, 1), 2, 0, ""),
     "beit_mean_pool": (lambda: build("BeitForImageClassification", "BeitConfig", num_labels=5,
-                                     use_relative_position_bias=True), logits, None, 1, 0, "beit"),
+                                     use_relative_position_bias=True), logits, PATCHES, 1, 0,
+                       "beit"),
     "beit_class_token": (lambda: build("BeitForImageClassification", "BeitConfig", num_labels=5,
                                        use_relative_position_bias=True, use_mean_pooling=False),
                          logits, (0,), 1, 0, "beit"),
     "data2vec_own_bias": (lambda: build("Data2VecVisionForImageClassification",
                                         "Data2VecVisionConfig", num_labels=5,
-                                        use_relative_position_bias=True), logits, None, 1, 0, ""),
+                                        use_relative_position_bias=True), logits, PATCHES, 1, 0,
+                          ""),
     "data2vec_shared_bias": (lambda: build("Data2VecVisionForImageClassification",
                                            "Data2VecVisionConfig", num_labels=5,
                                            use_shared_relative_position_bias=True,
@@ -302,7 +307,8 @@ CASES = {
     "dinov2_model": (lambda: build("Dinov2Model", "Dinov2Config"), pooled, (0,), 1, 0, ""),
     "dinov2_registers": (lambda: build("Dinov2WithRegistersForImageClassification",
                                        "Dinov2WithRegistersConfig", num_labels=5,
-                                       num_register_tokens=2), logits, None, 3, 0, ""),
+                                       num_register_tokens=2), logits, (0,) + tuple(range(3, 19)),
+                         3, 0, ""),
     "dinov3": (lambda: build("DINOv3ViTModel", "DINOv3ViTConfig", num_register_tokens=2),
                pooled, (0,), 3, 0, ""),
     "vit_msn": (lambda: build("ViTMSNForImageClassification", "ViTMSNConfig", num_labels=5),
@@ -343,7 +349,9 @@ def test_every_family_equals_the_explicit_reference(case, target, images):
     )
     with torch.no_grad():
         assert_close_relative(scores, pick(call(model, images, kind)).double(), 1e-5)
-    queries = None if rows is None or rows == (0,) else "head"
+    # The default: the rows the head reads ('head' for DeiT's WithTeacher, whose default is
+    # the paper's [class] row).
+    queries = "head" if case == "deit_teacher" else None
     maps = DAAM(model).attribute(
         images, target=target, return_flow=True, accumulate=False, queries=queries
     )
@@ -358,9 +366,10 @@ def test_every_family_equals_the_explicit_reference(case, target, images):
 
 def test_the_default_rows_are_the_rows_the_head_reads():
     expected = {
-        "deit_classifier": (0,), "deit_teacher": (0, 1), "beit_mean_pool": None,
-        "data2vec_own_bias": None, "data2vec_shared_bias": (0,),
-        "beit_class_token": (0,), "dinov2_classifier": None, "dinov2_model": (0,),
+        "deit_classifier": (0,), "deit_teacher": (0, 1), "beit_mean_pool": TokenRows((), 1),
+        "data2vec_own_bias": TokenRows((), 1), "data2vec_shared_bias": (0,),
+        "beit_class_token": (0,), "dinov2_classifier": TokenRows((0,), 1),
+        "dinov2_registers": TokenRows((0,), 3), "dinov2_model": (0,),
         "dinov3": (0,), "ijepa_classifier": None, "clip_vision_projection": (0,),
         "mlcd_vision": (0,),
         "siglip_vision": None, "aimv2_vision": None,

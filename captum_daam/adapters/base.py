@@ -35,6 +35,7 @@ from .._outputs import scores_in_output
 
 __all__ = [
     "BlockLayout",
+    "TokenRows",
     "BlockRecord",
     "Hook",
     "ViTAdapter",
@@ -186,6 +187,19 @@ def watch_first_input(
     return watch
 
 
+class TokenRows(NamedTuple):
+    """Query rows that depend on the token count: the rows ``first``, then every row from
+    ``start`` on (the patches after the prefix tokens). ``TokenRows((0,), 1 + registers)``:
+    the [class] token and the patches, not the registers."""
+
+    first: Tuple[int, ...]
+    start: int
+
+    def rows(self, num_tokens: int) -> Tuple[int, ...]:
+        """The rows, for a block of ``num_tokens`` query tokens."""
+        return tuple(self.first) + tuple(range(self.start, num_tokens))
+
+
 class BlockLayout(NamedTuple):
     """Where one block's queries read their patch tokens.
 
@@ -327,11 +341,14 @@ class ViTAdapter(ABC):
         return self.has_class_token
 
     @property
-    def head_queries(self) -> Optional[Tuple[int, ...]]:
+    def head_queries(self) -> Optional[Union[Tuple[int, ...], "TokenRows"]]:
         """The tokens whose last state the model's head reads, as query rows: (0,) for a head
         on the [class] token, (0, 1) for DeiT's distilled head (the mean of its [class] and
-        [dist] heads); None for a head that pools every token. DAAM's ``queries='head'``
-        explains these rows in every block."""
+        [dist] heads); a :class:`TokenRows` for a head that reads some tokens and all the
+        patches (DINOv2's classifier: the [class] token and the mean of the patches, not the
+        registers); None for a head that pools every token. DAAM's ``queries='head'``
+        explains these rows in every block, and is the default where the head does not read
+        the [class] token alone (``reads_class_token`` False)."""
         return (0,) if self.reads_class_token else None
 
     def latent_query_modules(self) -> List[nn.Module]:

@@ -17,14 +17,14 @@ config, and the package works, and stays fast to import, without transformers.
 
 import inspect
 import sys
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .._outputs import scores_in_output
 from ..decompose import SoftmaxAttention, class_attention_row
-from .base import BlockRecord, Hook, ViTAdapter, register_adapter
+from .base import BlockRecord, Hook, TokenRows, ViTAdapter, register_adapter
 from .multihead import multihead_attention_hooks
 
 __all__ = ["HFVisionAdapter", "HFViTAdapter", "hf_attention_hooks"]
@@ -59,9 +59,9 @@ _ANY_SIZE = {
     "beit", "data2vec-vision", "dinov2", "dinov2_with_registers", "dinov3_vit",
     "mlcd_vision_model", "siglip2_vision_model",
 }
-#: Families whose classifier reads the mean of the patch tokens (BEiT's unless
-#: use_mean_pooling=False), or DINOv2's [class] token beside that mean.
-_MEAN_POOLING = {"beit", "data2vec-vision", "dinov2", "dinov2_with_registers", "ijepa"}
+#: Families whose classifier reads the mean of the patch tokens (unless
+#: use_mean_pooling=False).
+_MEAN_POOLING = {"beit", "data2vec-vision"}
 #: Families whose attention layers project their output sequence first, (N, B, C).
 _SEQUENCE_FIRST_OUTPUT = {"mlcd_vision_model"}
 #: Poolers that are an extra dense + tanh layer, no part of a self-supervised checkpoint.
@@ -475,27 +475,33 @@ class HFVisionAdapter(ViTAdapter):
         )
 
     @property
-    def head_queries(self) -> Optional[Tuple[int, ...]]:
+    def head_queries(self) -> Optional[Union[Tuple[int, ...], TokenRows]]:
         if self.latent_query_modules() or not self.has_class_token:
             return None
         model, kind = self.model, self.kind
+        patches = TokenRows((), self.num_prefix_tokens)
         if hasattr(model, "distillation_classifier"):
             return (0, 1)  # DeiT WithTeacher: the mean of the [class] and [dist] heads
         if hasattr(model, "classifier"):
-            if kind in _MEAN_POOLING:
-                if getattr(self.encoder.config, "use_mean_pooling", True):
-                    return None  # the mean of the patch tokens (and DINOv2's [class] token)
+            if kind in ("dinov2", "dinov2_with_registers"):
+                return TokenRows((0,), patches.start)  # [class] and the mean of the patches
+            if kind in _MEAN_POOLING and getattr(self.encoder.config, "use_mean_pooling", True):
+                return patches  # BEiT's mean of the patch tokens
             return (0,)
         pooler = getattr(self.encoder, "pooler", None)
         if kind in ("beit", "data2vec-vision") and pooler is not None and isinstance(
             getattr(pooler, "layernorm", None), nn.Module
         ):
-            return None  # BEiT's mean pooling
+            return patches  # BEiT's mean pooling
         return (0,)
 
     @property
     def reads_class_token(self) -> bool:
-        return self.head_queries == (0,)
+        """Whether the head reads the [class] token (DeiT's WithTeacher its [dist] token too,
+        whose rows the paper's default leaves out with a warning, as for timm's DeiT)."""
+        return isinstance(self.head_queries, tuple) and not isinstance(
+            self.head_queries, TokenRows
+        )
 
     # ------------------------------------------------------------------ the outputs
 

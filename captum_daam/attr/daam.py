@@ -10,6 +10,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from ..adapters import BlockLayout, BlockRecord, ViTAdapter
+from ..adapters.base import TokenRows
 from ..decompose import accumulate as accumulate_maps
 from ..decompose import Mixing, all_queries_block_map, block_map, query_rows
 from ..ssl import MemoryBank
@@ -29,8 +30,10 @@ _QUERIES = ("class", "head", "all")
 __all__ = ["DAAM"]
 
 
-def queries_name(queries: Union[str, Tuple[int, ...]]) -> str:
+def queries_name(queries: Union[str, Tuple[int, ...], TokenRows]) -> str:
     """How a resolved ``queries`` reads in a message."""
+    if isinstance(queries, TokenRows):
+        return f"'head' (rows {queries.first} and {queries.start} on)"
     return f"{queries!r}" if isinstance(queries, str) else f"'head' (rows {queries})"
 
 
@@ -211,10 +214,13 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
                         its two heads; "class" or "all" for other models. An attention-pool
                         head (``global_pool='map'``) is the last block of the flow, explained
                         from all its latent query rows whatever ``queries``.
-                        Default: None, "class" where the head reads the [class] token and
-                        "all" where it pools or there is no [class] token
+                        Default: None, "class" where the head reads the [class] token and,
+                        where it pools or there is no [class] token
                         (``adapter.reads_class_token``) and the blocks have full attention
-                        matrices (``adapter.self_attention``). For a distilled DeiT the
+                        matrices (``adapter.self_attention``), "head": the rows it reads,
+                        every row for a head that pools them all ("all"), the [class] token
+                        and the patches, not the registers, for DINOv2's classifier, the
+                        patches for BEiT's mean pooling. For a distilled DeiT the
                         default is the paper's [class] row, with a warning that the [dist]
                         row's share is left out.
             block_grids (bool, optional): Return the block maps cam_l each on its own
@@ -313,14 +319,19 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
         adapter = self.adapter
         if queries is None:
             pooled = not adapter.reads_class_token and adapter.self_attention
-            return "all" if pooled else "class"
+            if not pooled:
+                return "class"
+            queries = "head"  # the rows the head reads: every row where it pools them all
         if queries not in _QUERIES:
             raise ValueError(
                 f"Expected queries to be 'class', 'head' or 'all', got {queries!r}."
             )
         if queries == "head":
             rows = adapter.head_queries
-            queries = "all" if rows is None else "class" if tuple(rows) == (0,) else tuple(rows)
+            if rows is None or isinstance(rows, TokenRows):
+                queries = "all" if rows is None else rows
+            else:
+                queries = "class" if tuple(rows) == (0,) else tuple(rows)
         if queries == "class" and not adapter.has_class_token:
             default = "'all', its default" if adapter.self_attention else "another model"
             raise ValueError(
@@ -383,6 +394,8 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
                 attention, gradient = record.attention, record.gradient
                 if not isinstance(attention, Mixing):
                     attention = attention()
+                if isinstance(record_rows, TokenRows):
+                    record_rows = record_rows.rows(gradient.shape[1])
                 if record_rows is not None:
                     attention = query_rows(attention, record_rows)
                     gradient = gradient[:, record_rows]
