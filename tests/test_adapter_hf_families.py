@@ -219,6 +219,8 @@ def call(model: nn.Module, images: Tensor, kind: str):
             pixel_attention_mask=torch.ones(len(images), rows * columns, dtype=torch.long),
             spatial_shapes=torch.tensor([[rows, columns]] * len(images)),
         )
+    if kind == "interpolate":
+        return model(images, interpolate_pos_encoding=True)
     if kind == "mae":
         noise = torch.arange(16, dtype=images.dtype).expand(images.shape[0], -1)
         return model(images, noise=noise)
@@ -361,6 +363,45 @@ def test_every_family_equals_the_explicit_reference(case, target, images):
     assert bool((expected.flatten(2).amax(2) > 0).all())
     if target is None:
         assert torch.equal(targets, pick(call(model, images, kind)).argmax(1))
+    assert module_hook_count(model) == 0
+
+
+# case, image size, whether the model is called with interpolate_pos_encoding=True
+OTHER_SIZES = [
+    ("dinov2_registers", (32, 48), False),  # DINOv2 interpolates its positions itself
+    ("dinov3", (40, 24), False),  # RoPE on any grid
+    ("mlcd_vision", (24, 40), False),
+    ("siglip2_vision", (24, 48), False),
+    ("clip_vision_projection", (48, 32), True),
+    ("vit_msn", (32, 56), True),
+    ("siglip_vision", (40, 40), True),
+]
+
+
+@pytest.mark.parametrize("case,size,interpolate", OTHER_SIZES, ids=[c[0] for c in OTHER_SIZES])
+def test_other_image_sizes_where_the_model_takes_them(case, size, interpolate):
+    builder, pick, rows, prefix, latent, kind = CASES[case]
+    model = builder()
+    images = make_images(2, *size, seed=6)
+    grid = (size[0] // 8, size[1] // 8)
+    if rows is not None and rows != (0,):  # the patch rows move with the grid
+        rows = (0,) + tuple(range(prefix, prefix + grid[0] * grid[1]))
+    kind = "interpolate" if interpolate else kind
+    scores, expected, _ = reference_maps(model, images, pick, kind, [1, 3], rows, prefix, grid,
+                                         latent)
+    with torch.no_grad():
+        assert_close_relative(scores, pick(call(model, images, kind)).double(), 1e-5)
+    if interpolate:
+        adapter = HFVisionAdapter(model, interpolate_pos_encoding=True)
+        daam = DAAM(lambda x: pick(model(x, interpolate_pos_encoding=True)), adapter=adapter)
+        with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+            DAAM(model).attribute(images, target=[1, 3])  # the fixed size is refused
+    else:
+        daam = DAAM(model)
+    maps = daam.attribute(images, target=[1, 3], return_flow=True, accumulate=False)
+    assert maps.shape == expected.shape == (2, expected.shape[1], *grid)
+    assert_close_relative(maps, expected, 1e-4)
+    assert bool((expected.flatten(2).amax(2) > 0).all())
     assert module_hook_count(model) == 0
 
 

@@ -205,7 +205,7 @@ def test_importance_weights_of_a_projectors_width_are_explained():
     assert_nothing_left(sequential)
 
 
-@pytest.mark.parametrize("method", [DAAM, GradientRollout])
+@pytest.mark.parametrize("method", [DAAM, GradientRollout, AttentionRollout])
 def test_out_of_range_targets_of_a_forward_function_leave_nothing_behind(method):
     """The width of a forward function's scores is known only from the forward pass: an
     out-of-range target is refused right after it, before the backward pass, and the model

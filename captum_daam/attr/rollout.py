@@ -17,6 +17,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from ..adapters import BlockRecord, ViTAdapter
+from .._targets import check_target_range
 from ..decompose import tokens_to_grid
 from .base import (
     ViTLayerAttribution,
@@ -177,7 +178,7 @@ class AttentionRollout(_RolloutBase):
         images, is_tuple = self._check_inputs(inputs)
         check_output_options(internal_batch_size, input_shaped, interpolate_mode)
         grid = self._one_grid(tuple(images.shape[-2:]))
-        self._check_target(target, images.shape[0], images.device)
+        target_indices = self._check_target(target, images.shape[0], images.device)
         self._warn_if_training()
         self._warn_if_class_token_unread()
         maps = torch.cat(
@@ -186,6 +187,7 @@ class AttentionRollout(_RolloutBase):
                     images[examples],
                     split_forward_args(additional_forward_args, examples, images.shape[0]),
                     grid,
+                    None if target_indices is None else target_indices[examples],
                 )
                 for examples in chunks(images.shape[0], internal_batch_size)
             ]
@@ -194,9 +196,11 @@ class AttentionRollout(_RolloutBase):
 
     def _rollout(
         self, images: Tensor, additional_forward_args: Optional[object],
-        grid: Optional[Tuple[int, int]],
+        grid: Optional[Tuple[int, int]], target_indices: Optional[Tensor] = None,
     ) -> Tensor:
-        """One forward pass without gradients: the rollout maps (B, 1, gh, gw)."""
+        """One forward pass without gradients: the rollout maps (B, 1, gh, gw). The targets,
+        which the rollout does not use, are still checked against the scores' width where it
+        was not known before the forward pass."""
         rollout = {}
 
         def fold(record: BlockRecord) -> None:
@@ -212,7 +216,11 @@ class AttentionRollout(_RolloutBase):
         with torch.no_grad(), self.adapter.record(
             self.layer, full=True, on_attention=fold
         ) as records:
-            self._scores(_run_forward(self.forward_func, images, None, additional_forward_args))
+            scores = self._scores(
+                _run_forward(self.forward_func, images, None, additional_forward_args)
+            )
+            if target_indices is not None:
+                check_target_range(target_indices, scores.shape[1])
         _check_ran(records)
         return self._to_grid(rollout["R"][:, 0], grid, images)
 
