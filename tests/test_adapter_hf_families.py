@@ -460,3 +460,35 @@ def test_the_encoder_is_found_inside_image_text_models():
     assert adapter.encoder is clip.vision_model
     layers = clip.vision_model.encoder.layers
     assert adapter.attention_modules() == [layer.self_attn for layer in layers]
+
+
+@pytest.mark.parametrize("head", ["classifier", "features"])
+def test_timm_models_wrapped_by_transformers_are_explained_directly(head):
+    """Hub timm checkpoints load through transformers as TimmWrapperForImageClassification /
+    TimmWrapperModel: DAAM finds the timm model inside and reads the output object (logits,
+    or the pooled features), giving the maps of the timm model itself."""
+    config = transformers.TimmWrapperConfig(architecture="test_vit", num_labels=7)
+    torch.manual_seed(0)
+    if head == "classifier":
+        wrapper = transformers.TimmWrapperForImageClassification(config)
+    else:
+        wrapper = transformers.TimmWrapperModel(config)
+    wrapper = add_parameter_noise(wrapper.eval(), 0.05, 2)
+    images = make_images(2, 160, 160, seed=8)
+    inner = wrapper.timm_model
+    with torch.no_grad():  # the same scores as the timm model's own forward pass
+        output = wrapper(images)
+        scores = output.logits if head == "classifier" else output.pooler_output
+        assert_close_relative(scores, inner(images) if head == "classifier"
+                              else inner.forward_head(inner.forward_features(images),
+                                                      pre_logits=True), 1e-6)
+    maps = DAAM(wrapper).attribute(images, target=[3, 5], return_flow=True)
+    if head == "classifier":
+        expected = DAAM(inner).attribute(images, target=[3, 5], return_flow=True)
+    else:  # the timm model without a classifier returns the pooled features
+        expected = DAAM(lambda x: inner.forward_head(inner.forward_features(x), pre_logits=True),
+                        adapter=adapter_for(inner)).attribute(images, target=[3, 5],
+                                                              return_flow=True)
+    assert maps.shape == (2, len(inner.blocks), 10, 10)
+    assert torch.equal(maps, expected) and bool((maps[:, -1].flatten(1).amax(1) > 0).all())
+    assert module_hook_count(wrapper) == 0
