@@ -186,7 +186,8 @@ def explicit_run(model: nn.Module, images: Tensor, pick: Callable, kind: str):
                 bias.relative_position_bias_table
                 for bias in (
                     getattr(module, "relative_position_bias", None),
-                    getattr(model.data2vec_vision.encoder, "relative_position_bias", None),
+                    getattr(getattr(model, "data2vec_vision", model).encoder,
+                            "relative_position_bias", None),
                 )
                 if bias is not None
             ]
@@ -211,7 +212,7 @@ def call(model: nn.Module, images: Tensor, kind: str):
         module = importlib.import_module(
             "transformers.models.siglip2.image_processing_siglip2"
         )
-        patch = model.config.patch_size
+        patch = getattr(model.config, "vision_config", model.config).patch_size
         patches = torch.stack([module.convert_image_to_patches(image, patch) for image in images])
         rows, columns = images.shape[-2] // patch, images.shape[-1] // patch
         return model(
@@ -239,7 +240,12 @@ def reference_maps(model, images, pick, kind, target, rows, prefix, grid, latent
     scores, blocks = explicit_run(model, images, pick, kind)
     targets = resolve_targets(target, scores)
     score = scores[torch.arange(scores.shape[0]), targets].sum()
-    gradients = torch.autograd.grad(score, [block["pre_projection"] for block in blocks])
+    gradients = torch.autograd.grad(
+        score, [block["pre_projection"] for block in blocks], allow_unused=True
+    )
+    # A pooling head the score does not read (SigLIP's, under a classifier over the token
+    # mean) runs but is no block of the flow.
+    blocks, gradients = zip(*[(b, g) for b, g in zip(blocks, gradients) if g is not None])
     maps = []
     for index, (block, gradient) in enumerate(zip(blocks, gradients)):
         block_rows = None if index >= len(blocks) - latent else rows
@@ -258,6 +264,19 @@ def reference_maps(model, images, pick, kind, target, rows, prefix, grid, latent
 def build(model_class: str, config_class: str, seed: int = 3, **extra) -> nn.Module:
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(**{**SMALL, **extra})
+    model = getattr(transformers, model_class)(config)
+    return add_parameter_noise(model.eval(), 0.2, seed)
+
+
+def build_classifier(model_class: str, config_class: str, seed: int = 3, **vision) -> nn.Module:
+    """An image-text family's classifier (its vision tower and a linear head), from the
+    family's config with a small vision and text config."""
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64)
+    config = getattr(transformers, config_class)(
+        vision_config={**SMALL, **vision}, text_config=text, num_labels=5
+    )
     model = getattr(transformers, model_class)(config)
     return add_parameter_noise(model.eval(), 0.2, seed)
 
@@ -325,6 +344,27 @@ CASES = {
     "metaclip2_vision": (lambda: build("MetaClip2VisionModel", "MetaClip2VisionConfig"), pooled,
                          (0,), 1, 0, ""),
     "mlcd_vision": (lambda: build("MLCDVisionModel", "MLCDVisionConfig"), pooled, (0,), 1, 0, ""),
+    "deit_model": (lambda: build("DeiTModel", "DeiTConfig"), class_token, (0,), 2, 0, ""),
+    "beit_model": (lambda: build("BeitModel", "BeitConfig", use_relative_position_bias=True),
+                   pooled, PATCHES, 1, 0, "beit"),
+    # built without a pooler by default: the [class] token of last_hidden_state
+    "data2vec_model": (lambda: build("Data2VecVisionModel", "Data2VecVisionConfig",
+                                     use_relative_position_bias=True), class_token, (0,), 1, 0,
+                       ""),
+    "dinov2_registers_model": (lambda: build("Dinov2WithRegistersModel",
+                                             "Dinov2WithRegistersConfig",
+                                             num_register_tokens=2), pooled, (0,), 3, 0, ""),
+    "vit_msn_model": (lambda: build("ViTMSNModel", "ViTMSNConfig"), class_token, (0,), 1, 0, ""),
+    "clip_classifier": (lambda: build_classifier("CLIPForImageClassification", "CLIPConfig"),
+                        logits, PATCHES, 1, 0, ""),
+    "metaclip2_classifier": (lambda: build_classifier("MetaClip2ForImageClassification",
+                                                      "MetaClip2Config"), logits, PATCHES, 1, 0,
+                             ""),
+    "siglip_classifier": (lambda: build_classifier("SiglipForImageClassification",
+                                                   "SiglipConfig"), logits, None, 0, 0, ""),
+    "siglip2_classifier": (lambda: build_classifier("Siglip2ForImageClassification",
+                                                    "Siglip2Config", num_patches=16), logits,
+                           None, 0, 0, "siglip2"),
     "siglip_vision": (lambda: build("SiglipVisionModel", "SiglipVisionConfig"), pooled, None, 0,
                       1, ""),
     "siglip2_vision": (lambda: build("Siglip2VisionModel", "Siglip2VisionConfig", num_patches=16),

@@ -62,6 +62,8 @@ _ANY_SIZE = {
 #: Families whose classifier reads the mean of the patch tokens (unless
 #: use_mean_pooling=False).
 _MEAN_POOLING = {"beit", "data2vec-vision"}
+#: Image-text families whose ``...ForImageClassification`` reads the mean of the tower's tokens.
+_TOKEN_MEAN_HEADS = {"clip", "metaclip_2", "siglip", "siglip2"}
 #: Families whose attention layers project their output sequence first, (N, B, C).
 _SEQUENCE_FIRST_OUTPUT = {"mlcd_vision_model"}
 #: Poolers that are an extra dense + tanh layer, no part of a self-supervised checkpoint.
@@ -402,9 +404,16 @@ class HFVisionAdapter(ViTAdapter):
     def attention_modules(self) -> List[nn.Module]:
         return [_layer_attention(layer) for layer in self.blocks] + self.latent_query_modules()
 
+    @property
+    def _classifier_pools_tokens(self) -> bool:
+        """Whether the model is a classifier over the mean of the tokens of an image-text
+        family's tower (CLIP, MetaCLIP 2: the patches; SigLIP, SigLIP 2: every token), which
+        leaves the tower's own pooling (SigLIP's attention-pool head) unread."""
+        return hasattr(self.model, "classifier") and _model_type(self.model) in _TOKEN_MEAN_HEADS
+
     def latent_query_modules(self) -> List[nn.Module]:
         head = getattr(self.encoder, "head", None)
-        if head is None:
+        if head is None or self._classifier_pools_tokens:
             return []
         attention = getattr(head, "attention", None)
         if isinstance(attention, nn.MultiheadAttention):  # SigLIP: a probe over the tokens
@@ -483,6 +492,8 @@ class HFVisionAdapter(ViTAdapter):
         if hasattr(model, "distillation_classifier"):
             return (0, 1)  # DeiT WithTeacher: the mean of the [class] and [dist] heads
         if hasattr(model, "classifier"):
+            if self._classifier_pools_tokens:
+                return patches  # CLIP's classifier: the mean of the patch tokens
             if kind in ("dinov2", "dinov2_with_registers"):
                 return TokenRows((0,), patches.start)  # [class] and the mean of the patches
             if kind in _MEAN_POOLING and getattr(self.encoder.config, "use_mean_pooling", True):
