@@ -212,3 +212,29 @@ def test_open_clip_logits_and_texts_with_its_bundled_tokenizer(images):
     assert maps.shape == (2, 2, 4, 4) and bool(torch.isfinite(maps).all())
     assert bool((maps[:, -1].flatten(1).amax(1) > 0).all())
     assert module_hook_count(model) == 0
+
+
+def test_open_clip_with_a_timm_trunk(images):
+    """An open_clip CLIP whose image tower is a timm model (TimmModel: the trunk, then a
+    projection): the timm adapter is found for the trunk, and the logits are the model's."""
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=dict(timm_model_name="test_vit", timm_model_pretrained=False,
+                        timm_pool="", timm_proj="linear", image_size=160),
+        text_cfg=dict(width=32, layers=1, heads=2, context_length=77, vocab_size=49408),
+    )
+    model = add_parameter_noise(model.eval(), 0.05, 3)
+    pictures = make_images(2, 160, 160, seed=9)
+    texts = ["a photo of a dog", "a diagram"]
+    similarity = ImageTextSimilarity(model, texts=texts)
+    with torch.no_grad():
+        image_features, text_features, scale = model(pictures, open_clip.tokenize(texts))
+        assert_close_relative(similarity(pictures), scale * image_features @ text_features.T,
+                              1e-5)
+    daam = DAAM(similarity)
+    assert daam.adapter.model is model.visual.trunk
+    maps = daam.attribute(pictures, target=[1, 0], return_flow=True)
+    assert maps.shape == (2, len(model.visual.trunk.blocks), 10, 10)
+    assert bool((maps[:, -1].flatten(1).amax(1) > 0).all())
+    assert module_hook_count(model) == 0
