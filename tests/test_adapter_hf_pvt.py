@@ -261,7 +261,8 @@ def test_registry_picks_the_adapters_and_reports_the_model_shape():
     assert isinstance(adapter, HFPvtAdapter) and isinstance(adapter_for(bare_pvt), HFPvtAdapter)
     layers = [layer.attention for stage in pvt.pvt.encoder.block for layer in stage]
     assert adapter.attention_modules() == layers
-    assert adapter.latent_query_modules() == layers[:3]  # the stages without a [class] token
+    # the stages without a [class] token: every row, though they are no latent queries
+    assert adapter.every_row_modules() == layers[:3] and not adapter.latent_query_modules()
     assert adapter.has_class_token and adapter.head_queries == (0,)
     assert (adapter.in_channels, adapter.num_outputs, adapter.outputs_features) == (
         3, NUM_CLASSES, False)

@@ -359,6 +359,13 @@ class ViTAdapter(ABC):
         The default is none."""
         return []
 
+    def every_row_modules(self) -> List[nn.Module]:
+        """The attention modules of the flow that DAAM explains from every query row whatever
+        ``queries``: the latent-query modules (:meth:`latent_query_modules`), and blocks with
+        no [class] query in a model that has one in later blocks (PVT v1's stages before its
+        [class] token joins). The default is the latent-query modules."""
+        return self.latent_query_modules()
+
     def grid_from_tokens(self, num_patches: int) -> Tuple[int, int]:
         """The patch grid of a forward pass that left ``num_patches`` patch tokens, used when
         :meth:`grid_size` returned None. The default is the square grid.

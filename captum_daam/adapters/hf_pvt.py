@@ -15,7 +15,7 @@ explained. PVT (v1) appends a [class] token in front of the tokens of its last s
 classifier, and the bare model's ``last_hidden_state[:, 0]``, read it): the blocks of the last
 stage read it as a key that is no patch, and their [class] row is the paper's DAAM; the blocks
 before have no [class] token and are explained from every query row whatever ``queries``
-(:meth:`HFPvtAdapter.latent_query_modules`).
+(:meth:`HFPvtAdapter.every_row_modules`).
 
 transformers is never imported here: :meth:`supports` looks the classes up in ``sys.modules``.
 """
@@ -225,7 +225,7 @@ class HFPvtAdapter(_HFPyramidAdapter):
     def attention_modules(self) -> List[nn.Module]:
         return [attention for _, attentions in self._stages() for attention in attentions]
 
-    def latent_query_modules(self) -> List[nn.Module]:
+    def every_row_modules(self) -> List[nn.Module]:
         """The blocks of the stages before the [class] token is appended: none of their query
         rows is a [class] token, so every row is explained whatever ``queries``."""
         return [attention for embedding, attentions in self._stages()

@@ -371,7 +371,7 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
         queries: Union[str, Tuple[int, ...]],
     ) -> List[Tensor]:
         """One forward and one backward pass: the block maps cam_l, (B, gh_l, gw_l) each."""
-        latent = {id(module) for module in self.adapter.latent_query_modules()}
+        latent = {id(module) for module in self.adapter.every_row_modules()}
         # Per block, the query rows explained: None for every row, else their indices.
         rows = [
             None if id(module) in latent or queries == "all"

@@ -87,8 +87,9 @@ class _RolloutBase(ViTLayerAttribution):
             raise ValueError(
                 f"{type(self).__name__} multiplies the attention matrices of consecutive "
                 f"blocks over one sequence of tokens, but the blocks of this model "
-                f"({self.adapter.family}) attend within windows or read their tokens in "
-                f"another order. Use DAAM, which places each block's tokens on the grid."
+                f"({self.adapter.family}) attend within windows, over keys other than their "
+                f"queries, or read their tokens in another order. Use DAAM, which places each "
+                f"block's tokens on the grid."
             )
         grids = {layout.grid for layout in layouts}
         if len(grids) > 1 or len({layout.branch for layout in layouts}) > 1:
