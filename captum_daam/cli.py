@@ -463,19 +463,11 @@ def _explain(args: argparse.Namespace, device: torch.device, out: Path) -> int:
 
     from . import DAAM
     from ._images import load_rgb, timm_preprocessing
-    from .adapters import adapter_for
     from .data import CLASSES
 
     model = _load_model(args.model, args.arch, device)
-    try:
-        adapter = adapter_for(model)
-    except TypeError as error:
-        raise UsageError(str(error).split(". ")[0]) from error
-    attention_modules = adapter.attention_modules()
-    block_numbers = _parse_blocks(args.blocks, len(attention_modules))
+    adapter, attention_modules, block_numbers = _adapter_and_blocks(model, args)
     num_classes = adapter.num_outputs
-    if args.target is not None and not 0 <= args.target < num_classes:
-        raise UsageError(f"--target {args.target}: this model has classes 0-{num_classes - 1}")
 
     config = resolve_data_config({}, model=model)
     display_transform = timm_preprocessing(model, normalize=False)
@@ -519,6 +511,23 @@ def _explain(args: argparse.Namespace, device: torch.device, out: Path) -> int:
     return 0
 
 
+def _adapter_and_blocks(model: nn.Module, args: argparse.Namespace) -> Tuple[Any, list, List[int]]:
+    """The model's adapter, its attention modules and the block numbers of ``--blocks``, with
+    ``--target`` checked against the model's classes: one-line errors."""
+    from .adapters import adapter_for
+
+    try:
+        adapter = adapter_for(model)
+    except TypeError as error:
+        raise UsageError(str(error).split(". ")[0]) from error
+    attention_modules = adapter.attention_modules()
+    block_numbers = _parse_blocks(args.blocks, len(attention_modules))
+    num_classes = adapter.num_outputs
+    if args.target is not None and not 0 <= args.target < num_classes:
+        raise UsageError(f"--target {args.target}: this model has classes 0-{num_classes - 1}")
+    return adapter, attention_modules, block_numbers
+
+
 def _text_stem(stem: str, index: int, text: str) -> str:
     """The output name of one image's flow for one text: ``stem_t1-a-photo-of-a-dog``."""
     slug = re.sub(r"[^0-9A-Za-z]+", "-", text).strip("-").lower()[:40]
@@ -543,7 +552,6 @@ def _explain_with_ecosystem_model(
         text_probabilities,
     )
     from ._images import load_rgb
-    from .adapters import adapter_for
 
     if args.text and args.target is not None:
         raise UsageError("--target and --text: give one; with --text each text is explained")
@@ -572,15 +580,7 @@ def _explain_with_ecosystem_model(
             forward = ImageTextSimilarity(model, **loaded.tokenize(list(args.text))).to(device)
         except (TypeError, ValueError) as error:
             raise UsageError(_first_line(error)) from error
-    try:
-        adapter = adapter_for(model)
-    except TypeError as error:
-        raise UsageError(str(error).split(". ")[0]) from error
-    attention_modules = adapter.attention_modules()
-    block_numbers = _parse_blocks(args.blocks, len(attention_modules))
-    num_classes = adapter.num_outputs
-    if args.target is not None and not 0 <= args.target < num_classes:
-        raise UsageError(f"--target {args.target}: this model has classes 0-{num_classes - 1}")
+    adapter, attention_modules, block_numbers = _adapter_and_blocks(model, args)
     labels = getattr(getattr(model, "config", None), "id2label", None) or {}
     daam = DAAM(
         forward, layer=[attention_modules[number - 1] for number in block_numbers],

@@ -27,7 +27,7 @@ from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockRecord, Hook, TokenRows, ViTAdapter, register_adapter
 from .multihead import multihead_attention_hooks
 
-__all__ = ["HFVisionAdapter", "HFViTAdapter", "hf_attention_hooks"]
+__all__ = ["HFVisionAdapter", "HFViTAdapter", "TransformersHead", "hf_attention_hooks"]
 
 #: config.model_type of the vision encoders (and of the models that hold one) explained here.
 _FAMILIES = {
@@ -323,8 +323,46 @@ def _layer_attention(layer: nn.Module) -> Optional[nn.Module]:
     return None
 
 
+class TransformersHead:
+    """What a transformers vision model's head tells before the forward pass, shared by the
+    transformers adapters: the image channels of its config, the width of its classifier
+    (``classifier`` or DeiT's ``cls_classifier``), else of its projection
+    (``visual_projection``), else of the backbone's features (``_feature_width``), and whether
+    it outputs features (no classifier). The adapter sets ``backbone`` to the module holding
+    the config."""
+
+    model: nn.Module
+    backbone: nn.Module
+
+    def _feature_width(self) -> int:
+        """The width of the backbone's output features."""
+        raise NotImplementedError
+
+    @property
+    def in_channels(self) -> Optional[int]:
+        return getattr(self.backbone.config, "num_channels", 3)
+
+    def _classifier(self) -> Optional[nn.Linear]:
+        for name in ("classifier", "cls_classifier"):
+            classifier = getattr(self.model, name, None)
+            if isinstance(classifier, nn.Linear):
+                return classifier
+        return None
+
+    @property
+    def num_outputs(self) -> Optional[int]:
+        head = self._classifier() or getattr(self.model, "visual_projection", None)
+        if isinstance(head, nn.Linear):
+            return head.out_features
+        return self._feature_width()
+
+    @property
+    def outputs_features(self) -> bool:
+        return self._classifier() is None
+
+
 @register_adapter
-class HFVisionAdapter(ViTAdapter):
+class HFVisionAdapter(TransformersHead, ViTAdapter):
     """transformers vision encoders with ``q_proj`` / ``k_proj`` / ``v_proj`` attention, alone
     or inside a classifier, an embedding model or an image-text model.
 
@@ -524,27 +562,11 @@ class HFVisionAdapter(ViTAdapter):
         return output if scores is None else scores
 
     @property
-    def in_channels(self) -> Optional[int]:
-        return getattr(self.encoder.config, "num_channels", 3)
+    def backbone(self) -> nn.Module:
+        return self.encoder
 
-    @property
-    def num_outputs(self) -> Optional[int]:
-        model = self.model
-        for name in ("classifier", "cls_classifier"):
-            classifier = getattr(model, name, None)
-            if isinstance(classifier, nn.Linear):
-                return classifier.out_features
-        projection = getattr(model, "visual_projection", None)
-        if isinstance(projection, nn.Linear):
-            return projection.out_features
+    def _feature_width(self) -> int:
         return self.encoder.config.hidden_size
-
-    @property
-    def outputs_features(self) -> bool:
-        return not any(
-            isinstance(getattr(self.model, name, None), nn.Linear)
-            for name in ("classifier", "cls_classifier")
-        )
 
     @property
     def image_dtype(self) -> Optional[torch.dtype]:

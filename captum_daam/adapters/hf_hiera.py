@@ -18,12 +18,13 @@ transformers is never imported here: :meth:`HFHieraAdapter.supports` looks the c
 import math
 import sys
 from types import SimpleNamespace
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
+from .hf import TransformersHead
 from .pooled import PooledAdapter
 from .timm_hiera import mask_unit_attention_hooks
 
@@ -62,7 +63,7 @@ def hf_mask_unit_attention_hooks(attention: nn.Module, record: BlockRecord) -> L
 
 
 @register_adapter
-class HFHieraAdapter(PooledAdapter):
+class HFHieraAdapter(TransformersHead, PooledAdapter):
     """transformers ``HieraForImageClassification`` and ``HieraModel``: mask-unit and global
     attention with query pooling; every query row of every unit explained, each block on the
     grid of its keys.
@@ -95,19 +96,8 @@ class HFHieraAdapter(PooledAdapter):
         classes = _hiera_classes()
         return bool(classes) and isinstance(model, classes)
 
-    @property
-    def in_channels(self) -> Optional[int]:
-        return self.backbone.config.num_channels
-
-    @property
-    def num_outputs(self) -> Optional[int]:
-        classifier = getattr(self.model, "classifier", None)
-        return getattr(classifier, "out_features", self.backbone.num_features)
-
-    @property
-    def outputs_features(self) -> bool:
-        classifier = getattr(self.model, "classifier", None)
-        return classifier is None or isinstance(classifier, nn.Identity)
+    def _feature_width(self) -> int:
+        return self.backbone.num_features
 
     def attention_modules(self) -> List[nn.Module]:
         return [layer.attn for stage in self.backbone.encoder.stages for layer in stage.layers]

@@ -22,7 +22,7 @@ transformers is never imported here: :meth:`supports` looks the classes up in ``
 
 import math
 import sys
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import torch
 from timm.layers import to_2tuple
@@ -37,6 +37,7 @@ from .base import (
     register_adapter,
     watch_first_input,
 )
+from .hf import TransformersHead
 from .pooled import PooledAdapter
 
 __all__ = ["HFPvtAdapter", "HFPvtV2Adapter", "hf_pvt_attention_hooks"]
@@ -87,7 +88,7 @@ def hf_pvt_attention_hooks(
     ]
 
 
-class _HFPyramidAdapter(PooledAdapter):
+class _HFPyramidAdapter(TransformersHead, PooledAdapter):
     """What transformers' PVT and PVTv2 share: the backbone under ``backbone_name`` in the
     classifier, the config's channels and widths, a ``classifier`` head (an ``nn.Identity``
     with ``num_labels=0``)."""
@@ -98,19 +99,8 @@ class _HFPyramidAdapter(PooledAdapter):
         super().__init__(model)
         self.backbone = getattr(model, self.backbone_name, model)
 
-    @property
-    def in_channels(self) -> Optional[int]:
-        return self.backbone.config.num_channels
-
-    @property
-    def num_outputs(self) -> Optional[int]:
-        classifier = getattr(self.model, "classifier", None)
-        return getattr(classifier, "out_features", self.backbone.config.hidden_sizes[-1])
-
-    @property
-    def outputs_features(self) -> bool:
-        classifier = getattr(self.model, "classifier", None)
-        return classifier is None or isinstance(classifier, nn.Identity)
+    def _feature_width(self) -> int:
+        return self.backbone.config.hidden_sizes[-1]
 
     @staticmethod
     def _check_grid(grid: Tuple[int, int], image_size: Tuple[int, int], what: str) -> None:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockLayout, BlockRecord, Hook, register_adapter
+from .hf import TransformersHead
 from .pooled import PooledAdapter
 from .timm_swin import _window_bias
 from .windows import window_positions
@@ -133,7 +134,7 @@ def _refuse_always_partition(module: nn.Module, args: tuple, kwargs: dict) -> No
 
 
 @register_adapter
-class HFSwinAdapter(PooledAdapter):
+class HFSwinAdapter(TransformersHead, PooledAdapter):
     """transformers ``SwinModel``, ``SwinForImageClassification``, ``Swinv2Model`` and
     ``Swinv2ForImageClassification``: every query row of every window explained, each stage on
     its own grid; any image size the model takes (padded to whole patches and windows).
@@ -306,17 +307,5 @@ class HFSwinAdapter(PooledAdapter):
                 layouts.append(BlockLayout(grid, 0, positions))
         return layouts
 
-    @property
-    def in_channels(self) -> Optional[int]:
-        return self.backbone.config.num_channels
-
-    @property
-    def num_outputs(self) -> Optional[int]:
-        classifier = getattr(self.model, "classifier", None)
-        if isinstance(classifier, nn.Linear):
-            return classifier.out_features
+    def _feature_width(self) -> int:
         return self.backbone.num_features
-
-    @property
-    def outputs_features(self) -> bool:
-        return not isinstance(getattr(self.model, "classifier", None), nn.Linear)
