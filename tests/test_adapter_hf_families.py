@@ -261,9 +261,15 @@ def reference_maps(model, images, pick, kind, target, rows, prefix, grid, latent
 # --------------------------------------------------------------------------- #
 
 
+#: The attention implementation the models are built with (transformers' default: sdpa).
+IMPLEMENTATION = {"name": None}
+
+
 def build(model_class: str, config_class: str, seed: int = 3, **extra) -> nn.Module:
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(**{**SMALL, **extra})
+    if IMPLEMENTATION["name"] is not None:
+        config._attn_implementation = IMPLEMENTATION["name"]
     model = getattr(transformers, model_class)(config)
     return add_parameter_noise(model.eval(), 0.2, seed)
 
@@ -404,6 +410,26 @@ def test_every_family_equals_the_explicit_reference(case, target, images):
     if target is None:
         assert torch.equal(targets, pick(call(model, images, kind)).argmax(1))
     assert module_hook_count(model) == 0
+
+
+EAGER_CASES = ["beit_mean_pool", "data2vec_shared_bias", "dinov3", "mlcd_vision",
+               "clip_vision_projection", "siglip_vision", "aimv2_vision", "deit_teacher"]
+
+
+@pytest.mark.parametrize("case", EAGER_CASES)
+def test_eager_attention_gives_the_reference_too(case, images, monkeypatch):
+    """Eager attention gets the mask or bias as an additive float tensor, sdpa as it is."""
+    monkeypatch.setitem(IMPLEMENTATION, "name", "eager")
+    builder, pick, rows, prefix, latent, kind = CASES[case]
+    model = builder()
+    assert model.config._attn_implementation == "eager"
+    _, expected, _ = reference_maps(model, images, pick, kind, [1, 3], rows, prefix, (4, 4),
+                                    latent)
+    queries = "head" if case == "deit_teacher" else None
+    maps = DAAM(model).attribute(
+        images, target=[1, 3], return_flow=True, accumulate=False, queries=queries
+    )
+    assert_close_relative(maps, expected, 1e-4)
 
 
 # case, image size, whether the model is called with interpolate_pos_encoding=True
