@@ -371,6 +371,16 @@ CASES = {
     "siglip2_classifier": (lambda: build_classifier("Siglip2ForImageClassification",
                                                     "Siglip2Config", num_patches=16), logits,
                            None, 0, 0, "siglip2"),
+    "altclip_vision": (lambda: build("AltCLIPVisionModel", "AltCLIPVisionConfig"), pooled, (0,),
+                       1, 0, ""),
+    "chinese_clip_vision": (lambda: build("ChineseCLIPVisionModel", "ChineseCLIPVisionConfig"),
+                            pooled, (0,), 1, 0, ""),
+    "clipseg_vision": (lambda: build("CLIPSegVisionModel", "CLIPSegVisionConfig"), pooled, (0,),
+                       1, 0, ""),
+    "owlvit_vision": (lambda: build("OwlViTVisionModel", "OwlViTVisionConfig"), pooled, (0,), 1,
+                      0, ""),
+    "owlv2_vision": (lambda: build("Owlv2VisionModel", "Owlv2VisionConfig"), pooled, (0,), 1, 0,
+                     ""),
     "siglip_vision": (lambda: build("SiglipVisionModel", "SiglipVisionConfig"), pooled, None, 0,
                       1, ""),
     "siglip2_vision": (lambda: build("Siglip2VisionModel", "Siglip2VisionConfig", num_patches=16),
@@ -558,3 +568,19 @@ def test_timm_models_wrapped_by_transformers_are_explained_directly(head):
     assert maps.shape == (2, len(inner.blocks), 10, 10)
     assert torch.equal(maps, expected) and bool((maps[:, -1].flatten(1).amax(1) > 0).all())
     assert module_hook_count(wrapper) == 0
+
+
+def test_a_detector_holding_a_supported_encoder_is_refused_as_a_detector():
+    """OWL-ViT's detector holds an OWL-ViT image-text model: it is refused as a detection
+    model before any work, not explained through its encoder."""
+    config = transformers.OwlViTConfig(
+        vision_config=dict(SMALL),
+        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64),
+        projection_dim=16,
+    )
+    detector = transformers.OwlViTForObjectDetection(config).eval()
+    with pytest.raises(TypeError, match="detection model"):
+        DAAM(detector)
+    assert adapter_for(detector.owlvit).encoder is detector.owlvit.vision_model
+    assert module_hook_count(detector) == 0

@@ -53,6 +53,14 @@ def hf_model(kind: str) -> nn.Module:
             vision_config=dict(VISION, use_head=True), text_config=TEXT, projection_dim=16
         )
         model = transformers.Aimv2Model(config)
+    elif kind in CLIP_LIKE:
+        text = dict(TEXT, project_dim=16, pad_token_id=1, max_position_embeddings=20) if (
+            kind == "altclip") else TEXT
+        config_class, model_class = CLIP_LIKE[kind]
+        config = getattr(transformers, config_class)(
+            vision_config=VISION, text_config=text, projection_dim=16
+        )
+        model = getattr(transformers, model_class)(config)
     else:  # a dual encoder: a CLIP vision tower and a BERT text tower
         config = transformers.VisionTextDualEncoderConfig.from_vision_text_configs(
             transformers.CLIPVisionConfig(**VISION),
@@ -74,7 +82,15 @@ def text_tokens(model: nn.Module):
     return input_ids, attention_mask
 
 
-HF_KINDS = ["clip", "siglip", "metaclip_2", "aimv2", "dual_encoder"]
+#: Image-text families built like CLIP: (config class, model class).
+CLIP_LIKE = {
+    "altclip": ("AltCLIPConfig", "AltCLIPModel"),
+    "chinese_clip": ("ChineseCLIPConfig", "ChineseCLIPModel"),
+    "clipseg": ("CLIPSegConfig", "CLIPSegModel"),
+    "owlvit": ("OwlViTConfig", "OwlViTModel"),
+    "owlv2": ("Owlv2Config", "Owlv2Model"),
+}
+HF_KINDS = ["clip", "siglip", "metaclip_2", "aimv2", "dual_encoder", *CLIP_LIKE]
 
 
 @pytest.fixture(scope="module")

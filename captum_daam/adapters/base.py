@@ -556,6 +556,11 @@ def explained_model(model: nn.Module) -> nn.Module:
         raise TypeError(f"Expected a torch.nn.Module, got {type(model).__name__}.")
     if _adapter_class(model) is not None:
         return model
+    if _video_or_detection(model, inside=False) is not None:
+        # A detector or video model holding a ViT encoder (OWL-ViT, DETR's backbones) is
+        # refused as such, not explained through the encoder with a forward pass DAAM
+        # cannot score.
+        raise TypeError(_refusal(model))
     found: List[Tuple[str, nn.Module]] = []
     scripted: List[str] = []
     pending = list(model.named_children())
@@ -663,10 +668,13 @@ _DETECTION_TYPES = ("detr", "yolos")
 _DETECTION_CLASSES = ("Detr", "DETR", "Yolos", "YOLOS", "ObjectDetection")
 
 
-def _video_or_detection(model: nn.Module) -> Optional[Tuple[str, Optional[str]]]:
+def _video_or_detection(
+    model: nn.Module, inside: bool = True
+) -> Optional[Tuple[str, Optional[str]]]:
     """("video" or "detection", its config.model_type) for a transformers video or detection
-    model, or one inside ``model``, read from names only (transformers is not imported)."""
-    for module in model.modules():
+    model, or (``inside``) one inside ``model``, read from names only (transformers is not
+    imported)."""
+    for module in model.modules() if inside else [model]:
         config = getattr(module, "config", None)
         if module is not model and config is None:
             continue

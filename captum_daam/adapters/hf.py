@@ -1,9 +1,10 @@
 """Hugging Face transformers vision encoders whose attention projects with ``q_proj`` /
 ``k_proj`` / ``v_proj`` and ``o_proj`` or ``out_proj`` (transformers 5): ViT, DeiT (and
 ``WithTeacher``), BEiT, DINOv2 (with and without registers), DINOv3, ViT-MSN, ViT-MAE,
-I-JEPA, CLIP / MetaCLIP 2 vision towers, SigLIP and AIMv2 (their attention-pool heads are
-the last block of the flow), as classifiers, bare models, embedding models and inside
-image-text models.
+I-JEPA, Data2Vec-Vision, the CLIP-style vision towers (CLIP, MetaCLIP 2, AltCLIP,
+Chinese-CLIP, CLIPSeg, OWL-ViT, OWLv2, MLCD), SigLIP, SigLIP 2 and AIMv2 (their attention-pool
+heads are the last block of the flow), as classifiers, bare models, embedding models and inside
+image-text models; detectors and segmenters built on them are not taken.
 
 One set of hooks serves every family: the attention mask a layer is given (BEiT's relative
 position bias arrives there), the rotary embedding where the layer is given one (DINOv3,
@@ -53,7 +54,20 @@ _FAMILIES = {
     "mlcd_vision_model": "MLCD",
     "siglip2": "SigLIP 2",
     "siglip2_vision_model": "SigLIP 2",
+    "altclip": "AltCLIP",
+    "altclip_vision_model": "AltCLIP",
+    "chinese_clip": "Chinese-CLIP",
+    "chinese_clip_vision_model": "Chinese-CLIP",
+    "clipseg": "CLIPSeg",
+    "clipseg_vision_model": "CLIPSeg",
+    "owlvit": "OWL-ViT",
+    "owlvit_vision_model": "OWL-ViT",
+    "owlv2": "OWLv2",
+    "owlv2_vision_model": "OWLv2",
 }
+#: Classes of these families whose output is no score per image: their encoder is not
+#: explained through them (object detection, segmentation, image-guided detection).
+_DENSE_TASKS = ("ObjectDetection", "ImageGuidedDetection", "Segmentation")
 #: Families whose embeddings take any image size (interpolated or relative positions, RoPE).
 _ANY_SIZE = {
     "beit", "data2vec-vision", "dinov2", "dinov2_with_registers", "dinov3_vit",
@@ -390,8 +404,8 @@ class HFVisionAdapter(TransformersHead, ViTAdapter):
     family = "Hugging Face transformers vision encoders"
     examples = (
         "ViT, DeiT, BEiT, Data2Vec-Vision, DINOv2, DINOv3, ViT-MSN, ViT-MAE, I-JEPA, CLIP, "
-        "MetaCLIP 2, MLCD, SigLIP, AIMv2: classifiers, bare and embedding models, image-text "
-        "models"
+        "MetaCLIP 2, AltCLIP, Chinese-CLIP, CLIPSeg, OWL-ViT, MLCD, SigLIP, SigLIP 2, AIMv2: "
+        "classifiers, bare and embedding models, image-text models"
     )
     layer_example = (
         "model.vit.layers[i].attention, or model.vision_model.encoder.layers[i].self_attn"
@@ -434,6 +448,7 @@ class HFVisionAdapter(TransformersHead, ViTAdapter):
         return (
             _is_transformers_model(model)
             and _model_type(model) in _FAMILIES
+            and not any(task in type(model).__name__ for task in _DENSE_TASKS)
             and _vision_encoder(model) is not None
         )
 
