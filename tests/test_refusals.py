@@ -204,3 +204,21 @@ def test_an_image_text_model_given_whole_is_refused_at_construction(name, monkey
             assert "captum_daam.ImageTextSimilarity(model, input_ids=...)" in message
             assert f"{method.__name__}({tower})" in message
     assert module_hook_count(model) == 0
+
+
+def test_a_vision_language_model_is_refused_naming_its_vision_tower():
+    """A vision-language model (LLaVA: a CLIP tower and a language model) takes token ids
+    first: it is refused before any work, naming the tower DAAM explains."""
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            image_size=32, patch_size=8),
+        text_config=transformers.LlamaConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+            vocab_size=64, num_key_value_heads=2),
+        projector_hidden_act="gelu",
+    )
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    with pytest.raises(TypeError, match=r"token ids first .*DAAM\(model\.model\.vision_tower"):
+        DAAM(model)
+    assert module_hook_count(model) == 0

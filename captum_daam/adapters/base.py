@@ -595,8 +595,19 @@ def _refusal(model: nn.Module) -> str:
     where the supported families are listed."""
     name = type(model).__name__
     kind = _video_or_detection(model)
-    attention_types = _attention_module_types(model)
-    if kind is not None:
+    # An image-text model's text tower has attention of its own: the image tower's counts.
+    tower = getattr(model, "visual", None) or getattr(model, "vision_model", None)
+    attention_types = _attention_module_types(tower if isinstance(tower, nn.Module) else model)
+    if kind is None and name.endswith("Backbone"):
+        reason = (
+            "It is the backbone of a dense-prediction model: it returns feature maps for a "
+            "detection or segmentation head, not one (B, K) score per image."
+        )
+        route = (
+            "Nearest route: explain the family's classifier or bare model (e.g. SwinModel, "
+            "Dinov2Model for Dinov2Backbone), whose pooled output is one score per image."
+        )
+    elif kind is not None:
         what, model_type = kind
         shown = f"model_type {model_type!r}" if model_type else name
         if what == "video":

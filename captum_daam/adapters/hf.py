@@ -67,7 +67,7 @@ _FAMILIES = {
 }
 #: Classes of these families whose output is no score per image: their encoder is not
 #: explained through them (object detection, segmentation, image-guided detection).
-_DENSE_TASKS = ("ObjectDetection", "ImageGuidedDetection", "Segmentation")
+_DENSE_TASKS = ("ObjectDetection", "ImageGuidedDetection", "Segmentation", "Backbone")
 #: Families whose embeddings take any image size (interpolated or relative positions, RoPE).
 _ANY_SIZE = {
     "beit", "data2vec-vision", "dinov2", "dinov2_with_registers", "dinov3_vit",

@@ -1,6 +1,7 @@
 """What the attributions of this package share: the adapter, the flow's attention modules,
 the checks made before any work, and the scored forward pass."""
 
+import inspect
 import itertools
 from collections.abc import Mapping
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
@@ -21,6 +22,7 @@ from .._outputs import describe_output
 from .._targets import check_target_range, format_target
 from .._warnings import warn_user
 from ..adapters import BlockLayout, BlockRecord, ViTAdapter, adapter_for, forward_module
+from ..adapters.base import _adapter_class, _video_or_detection
 from ..decompose import place_on_grid, resample_to_grid, tokens_to_grid
 
 __all__ = ["ViTLayerAttribution", "backward_to_records"]
@@ -68,6 +70,14 @@ class ViTLayerAttribution(LayerAttribution):
             tower = "model.visual"
         elif all(callable(getattr(inner, name, None)) for name in _HF_IMAGE_TEXT_FEATURES):
             tower = "model.vision_model"
+        elif _takes_token_ids_first(inner) and _video_or_detection(inner, inside=False) is None:
+            raise TypeError(
+                f"Expected an image model, got a {type(inner).__name__}, whose forward takes "
+                f"token ids first (a vision-language model), which {type(self).__name__} "
+                f"cannot give it. Explain its vision tower, e.g. "
+                f"{type(self).__name__}({_vision_tower_path(inner)}), with the tower's output "
+                f"as the scores or importance= weights."
+            )
         else:
             return
         raise TypeError(
@@ -295,6 +305,28 @@ class ViTLayerAttribution(LayerAttribution):
 #: VisionTextDualEncoderModel ...; open_clip's CLIP.
 _HF_IMAGE_TEXT_FEATURES = ("get_image_features", "get_text_features")
 _OPEN_CLIP_ENCODERS = ("encode_image", "encode_text")
+
+
+def _takes_token_ids_first(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers model whose forward's first argument is token ids
+    (a language or vision-language model), which an image batch cannot be."""
+    if not type(model).__module__.startswith("transformers."):
+        return False
+    try:
+        parameters = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return bool(parameters) and parameters[0] == "input_ids"
+
+
+def _vision_tower_path(model: nn.Module) -> str:
+    """``model.<path>`` of the vision model inside ``model`` that an adapter takes, or a
+    placeholder when none does."""
+
+    for name, module in model.named_modules():
+        if name and _adapter_class(module) is not None:
+            return f"model.{name}"
+    return "model.<vision tower>"
 
 
 def forward_output_width(
