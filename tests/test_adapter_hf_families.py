@@ -381,6 +381,11 @@ CASES = {
                       0, ""),
     "owlv2_vision": (lambda: build("Owlv2VisionModel", "Owlv2VisionConfig"), pooled, (0,), 1, 0,
                      ""),
+    # the SigLIP towers of vision-language models: no head, the mean of the tokens
+    "idefics3_vision": (lambda: build("Idefics3VisionTransformer", "Idefics3VisionConfig"),
+                        mean_token, None, 0, 0, ""),
+    "smolvlm_vision": (lambda: build("SmolVLMVisionTransformer", "SmolVLMVisionConfig"),
+                       mean_token, None, 0, 0, ""),
     "siglip_vision": (lambda: build("SiglipVisionModel", "SiglipVisionConfig"), pooled, None, 0,
                       1, ""),
     "siglip2_vision": (lambda: build("Siglip2VisionModel", "Siglip2VisionConfig", num_patches=16),
@@ -448,6 +453,7 @@ OTHER_SIZES = [
     ("dinov3", (40, 24), False),  # RoPE on any grid
     ("mlcd_vision", (24, 40), False),
     ("siglip2_vision", (24, 48), False),
+    ("idefics3_vision", (48, 40), False),  # positions bucketed for any size
     ("clip_vision_projection", (48, 32), True),
     ("vit_msn", (32, 56), True),
     ("siglip_vision", (40, 40), True),

@@ -64,6 +64,8 @@ _FAMILIES = {
     "owlvit_vision_model": "OWL-ViT",
     "owlv2": "OWLv2",
     "owlv2_vision_model": "OWLv2",
+    "idefics3_vision": "Idefics3 (SigLIP tower)",
+    "smolvlm_vision": "SmolVLM (SigLIP tower)",
 }
 #: Classes of these families whose output is no score per image: their encoder is not
 #: explained through them (object detection, segmentation, image-guided detection).
@@ -71,7 +73,7 @@ _DENSE_TASKS = ("ObjectDetection", "ImageGuidedDetection", "Segmentation", "Back
 #: Families whose embeddings take any image size (interpolated or relative positions, RoPE).
 _ANY_SIZE = {
     "beit", "data2vec-vision", "dinov2", "dinov2_with_registers", "dinov3_vit",
-    "mlcd_vision_model", "siglip2_vision_model",
+    "mlcd_vision_model", "siglip2_vision_model", "idefics3_vision", "smolvlm_vision",
 }
 #: Families whose classifier reads the mean of the patch tokens (unless
 #: use_mean_pooling=False).
