@@ -10,10 +10,12 @@ models, its tokenizer. transformers and open_clip are imported only here, when a
 """
 
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from ._patches import patches_as_images
 
 OPEN_CLIP_PREFIX = "open_clip:"
 
@@ -24,9 +26,11 @@ class LoadedModel(NamedTuple):
     model: nn.Module
     #: (3, H, W) RGB in [0, 1] -> (model input (C, h, w), picture shown (3, h, w) in [0, 1]).
     preprocess: Callable[[Tensor], Tuple[Tensor, Tensor]]
-    #: texts -> the keyword arguments of ImageTextSimilarity (input_ids, attention_mask), or
-    #: None for a model without texts.
-    tokenize: Optional[Callable[[List[str]], dict]]
+    #: The tokenizer ImageTextSimilarity takes with ``texts=`` (a transformers tokenizer,
+    #: open_clip's), or None where the model has none.
+    tokenizer: Optional[Callable]
+    #: Whether the model is an image-text model, whose forward needs texts.
+    image_text: bool = False
     #: "softmax" or "sigmoid": how the image-text logits read as probabilities.
     text_probabilities: str = "softmax"
 
@@ -73,26 +77,21 @@ def load_transformers(name: str, local_only: bool) -> LoadedModel:
         except (OSError, ValueError, KeyError):
             tokenizer = None  # no texts can be given: said when --text is used
 
+    def images(features) -> Tensor:
+        # SigLIP 2's processor gives patches: the image they make back.
+        if "spatial_shapes" in features:
+            return patches_as_images(features)[0]
+        return features["pixel_values"][0]
+
     def preprocess(rgb: Tensor) -> Tuple[Tensor, Tensor]:
         # The image is RGB in [0, 1] already: the processor's resize and crop, no rescale.
         shown = processor(images=rgb, do_rescale=False, do_normalize=False, return_tensors="pt")
         given = processor(images=rgb, do_rescale=False, return_tensors="pt")
-        return given["pixel_values"][0], shown["pixel_values"][0].clamp(0, 1)
-
-    tokenize = None
-    if tokenizer is not None:
-        padding = "max_length" if "siglip" in config.model_type else True
-
-        def tokenize(texts: List[str]) -> dict:
-            tokens = tokenizer(texts, padding=padding, return_tensors="pt")
-            return {
-                "input_ids": tokens["input_ids"],
-                "attention_mask": None if "siglip" in config.model_type
-                else tokens.get("attention_mask"),
-            }
+        return images(given), images(shown).clamp(0, 1)
 
     probabilities = "sigmoid" if getattr(model, "logit_bias", None) is not None else "softmax"
-    return LoadedModel(model, preprocess, tokenize, probabilities)
+    image_text = hasattr(model, "get_text_features")
+    return LoadedModel(model, preprocess, tokenizer, image_text, probabilities)
 
 
 def load_open_clip(name: str) -> LoadedModel:
@@ -141,11 +140,8 @@ def load_open_clip(name: str) -> LoadedModel:
         shown = picture.clamp(0, 1)
         return (normalize(shown) if normalize is not None else shown), shown
 
-    def tokenize(texts: List[str]) -> dict:
-        return {"input_ids": tokenizer(texts), "attention_mask": None}
-
     probabilities = "sigmoid" if getattr(model, "logit_bias", None) is not None else "softmax"
-    return LoadedModel(model, preprocess, tokenize, probabilities)
+    return LoadedModel(model, preprocess, tokenizer, True, probabilities)
 
 
 def text_probabilities(logits: Tensor, kind: str) -> Tensor:

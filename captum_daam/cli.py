@@ -570,14 +570,21 @@ def _explain_with_ecosystem_model(
         raise UsageError(str(error)) from error
     model = loaded.model.eval().to(device)
     forward: Any = model
+    if loaded.image_text and not args.text:
+        raise UsageError(
+            f"{args.model} is an image-text model: give the texts to explain, --text TEXT "
+            f"(one flow per text)"
+        )
     if args.text:
-        if loaded.tokenize is None:
+        if not loaded.image_text or loaded.tokenizer is None:
             raise UsageError(
                 f"--text needs an image-text model with its tokenizer (CLIP, SigLIP, ...); "
                 f"{args.model} has none"
             )
         try:
-            forward = ImageTextSimilarity(model, **loaded.tokenize(list(args.text))).to(device)
+            forward = ImageTextSimilarity(
+                model, texts=list(args.text), tokenizer=loaded.tokenizer
+            ).to(device)
         except (TypeError, ValueError) as error:
             raise UsageError(_first_line(error)) from error
     adapter, attention_modules, block_numbers = _adapter_and_blocks(model, args)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._patches import images_as_patches
+
 __all__ = ["ImageTextSimilarity"]
 
 
@@ -171,15 +173,19 @@ class ImageTextSimilarity(nn.Module):
         return log_scale.exp(), getattr(self.model, "logit_bias", None)
 
     def image_embeddings(self, images: Tensor) -> Tensor:
-        """(B, D) the model's image features, not normalised."""
+        """(B, D) the model's image features, not normalised. SigLIP 2's images are cut into
+        the patches its processor makes (its sides must be multiples of the patch size)."""
         if self.open_clip:
             return self.model.encode_image(images)
+        if self._model_type() == "siglip2" and images.dim() == 4:
+            patch = self.model.config.vision_config.patch_size
+            return _features(self.model.get_image_features(**images_as_patches(images, patch)))
         return _features(self.model.get_image_features(pixel_values=images))
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, T) the logits of every image with every text."""
         image_embeddings = F.normalize(self.image_embeddings(images), dim=-1)
         scale, bias = self.logit_scale_and_bias()
-        texts = self.text_embeddings.to(image_embeddings.dtype)
+        texts = self.text_embeddings.to(image_embeddings)
         logits = scale * image_embeddings @ texts.T
         return logits if bias is None else logits + bias

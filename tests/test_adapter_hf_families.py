@@ -590,3 +590,50 @@ def test_a_detector_holding_a_supported_encoder_is_refused_as_a_detector():
         DAAM(detector)
     assert adapter_for(detector.owlvit).encoder is detector.owlvit.vision_model
     assert module_hook_count(detector) == 0
+
+
+@pytest.mark.parametrize("case", ["vit_mae", "siglip2_vision"])
+def test_the_models_input_hooks_hold_whatever_blocks_are_explained(case, images):
+    """ViT-MAE's patch order and SigLIP 2's images-as-patches are model hooks: a flow that
+    leaves out the first block gets them too (its map equals the reference's second block)."""
+    builder, pick, rows, prefix, latent, kind = CASES[case]
+    model = builder()
+    _, expected, _ = reference_maps(model, images, pick, kind, [1, 3], rows, prefix, (4, 4),
+                                    latent)
+    adapter = adapter_for(model)
+    second = adapter.attention_modules()[1]
+    for _ in range(2):  # the same maps every call: no random patch order
+        maps = DAAM(model, layer=second).attribute(images, target=[1, 3], accumulate=False)
+        assert_close_relative(maps, expected[:, 1:2], 1e-4)
+    assert module_hook_count(model) == 0
+
+
+def test_siglip2_processor_patches_are_taken_as_the_images_they_make(images):
+    """A SigLIP 2 processor's output (patches, their mask and grid) is explained as the images
+    its patches make: the same maps as the images themselves."""
+    model = CASES["siglip2_vision"][0]()
+    modeling = importlib.import_module("transformers.models.siglip2.image_processing_siglip2")
+    patches = torch.stack([modeling.convert_image_to_patches(image, 8) for image in images])
+    features = transformers.BatchFeature({
+        "pixel_values": patches,
+        "pixel_attention_mask": torch.ones(2, 16, dtype=torch.long),
+        "spatial_shapes": torch.tensor([[4, 4], [4, 4]]),
+    })
+    daam = DAAM(model)
+    assert torch.equal(daam.attribute(features, target=[1, 3]),
+                       daam.attribute(images, target=[1, 3]))
+    features["spatial_shapes"] = torch.tensor([[4, 4], [2, 8]])
+    with pytest.raises(ValueError, match="one patch grid for the whole batch"):
+        daam.attribute(features, target=[1, 3])
+
+
+def test_a_classifier_built_without_classes_is_checked_against_its_output():
+    """DINOv2's classifier with num_labels=0 returns its [class] token and patch mean side
+    by side (2 x 32 features): targets and importance are checked after the forward pass."""
+    model = build("Dinov2ForImageClassification", "Dinov2Config", num_labels=0)
+    pictures = make_images(2, 32, 32, seed=5)
+    assert DAAM(model).attribute(pictures, target=40).shape == (2, 1, 4, 4)
+    assert DAAM(model).attribute(pictures, importance=torch.ones(64)).shape == (2, 1, 4, 4)
+    with pytest.raises(ValueError, match="64 outputs"):
+        DAAM(model).attribute(pictures, target=64)
+    assert module_hook_count(model) == 0

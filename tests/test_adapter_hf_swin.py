@@ -450,3 +450,15 @@ def test_a_call_with_always_partition_is_refused_and_leaves_no_hook():
     with pytest.raises(ValueError, match="without always_partition"):
         daam.attribute(make_images(1, 48, 48), target=0)
     assert module_hook_count(model) == 0
+
+
+def test_daam_for_a_swin_can_be_pickled():
+    """The adapter looks transformers' modeling module up when it uses it: a DAAM object of a
+    Swin pickles (for multiprocessing and checkpoints) like any other."""
+    import pickle
+
+    model = transformers.SwinForImageClassification(transformers.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+        window_size=4, num_labels=3)).eval()
+    restored = pickle.loads(pickle.dumps(DAAM(model)))
+    assert restored.adapter.modeling is DAAM(model).adapter.modeling

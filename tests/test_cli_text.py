@@ -104,6 +104,11 @@ def test_text_errors_are_one_line_and_write_nothing(tmp_path, clip_folder, image
     code = main(["explain", image_file, "--model", str(clip_folder), "--out", str(out),
                  "--text", "a dog", "--blocks", "5"])
     assert code == 2 and not out.exists()
+    capsys.readouterr()
+    code = main(["explain", image_file, "--model", str(clip_folder), "--out", str(out)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading
+    assert code == 2 and not out.exists() and error.startswith("captum-daam: error: ")
+    assert "is an image-text model: give the texts to explain, --text" in error
 
 
 def test_open_clip_with_its_bundled_tokenizer(tmp_path, image_file, capsys):

@@ -254,3 +254,29 @@ def test_open_clip_with_a_timm_trunk(images):
     assert maps.shape == (2, len(model.visual.trunk.blocks), 10, 10)
     assert bool((maps[:, -1].flatten(1).amax(1) > 0).all())
     assert module_hook_count(model) == 0
+
+
+def test_siglip2_logits_from_images():
+    """SigLIP 2 takes patches: ImageTextSimilarity cuts images into the patches its processor
+    makes, outside DAAM as inside, and its logits are the model's own on those patches."""
+    import importlib
+
+    torch.manual_seed(0)
+    config = transformers.Siglip2Config(vision_config=dict(VISION, num_patches=16),
+                                        text_config=TEXT)
+    model = add_parameter_noise(transformers.Siglip2Model(config).eval(), 0.2, 3)
+    pictures = make_images(2, 32, 32, seed=7)
+    input_ids, _ = text_tokens(model)
+    similarity = ImageTextSimilarity(model, input_ids=input_ids)
+    modeling = importlib.import_module("transformers.models.siglip2.image_processing_siglip2")
+    patches = torch.stack([modeling.convert_image_to_patches(image, 8) for image in pictures])
+    with torch.no_grad():
+        expected = model(
+            input_ids=input_ids, pixel_values=patches,
+            pixel_attention_mask=torch.ones(2, 16, dtype=torch.long),
+            spatial_shapes=torch.tensor([[4, 4], [4, 4]]),
+        ).logits_per_image
+        assert_close_relative(similarity(pictures), expected, 1e-5)
+    maps = DAAM(similarity).attribute(pictures, target=[2, 0], return_flow=True)
+    assert maps.shape == (2, 3, 4, 4) and bool((maps[:, -1].flatten(1).amax(1) > 0).all())
+    assert module_hook_count(model) == 0

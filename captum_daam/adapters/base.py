@@ -422,6 +422,12 @@ class ViTAdapter(ABC):
         features rather than class scores (so that no class is predicted)."""
         return False
 
+    def model_hooks(self) -> List[Hook]:
+        """Hooks on the model itself, installed with every :meth:`record` whatever blocks it
+        records: input conversions the explained forward pass needs (ViT-MAE's patch order,
+        SigLIP 2's images as patches). They receive no record. The default is none."""
+        return []
+
     @abstractmethod
     def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:
         """The hooks that fill ``record`` when ``attention`` runs.
@@ -449,6 +455,8 @@ class ViTAdapter(ABC):
         owner_thread = threading.get_ident()
         handles: List[RemovableHandle] = []
         try:
+            for hook in self.model_hooks():  # guarded by the thread only: never closed
+                handles.append(_install(hook, BlockRecord(), owner_thread))
             for attention, block_record in zip(attention_modules, records):
                 for hook in self.block_hooks(attention, block_record):
                     handles.append(_install(hook, block_record, owner_thread))

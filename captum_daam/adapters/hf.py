@@ -21,9 +21,11 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+from timm.layers import to_2tuple
 from torch import Tensor, nn
 
 from .._outputs import scores_in_output
+from .._patches import images_as_patches
 from ..decompose import SoftmaxAttention, class_attention_row
 from .base import BlockRecord, Hook, TokenRows, ViTAdapter, register_adapter
 from .multihead import multihead_attention_hooks
@@ -301,7 +303,7 @@ def _patches_in_order(module: nn.Module, args: tuple, kwargs: dict) -> Tuple[tup
         return args, kwargs
     patches = module.patch_embeddings.num_patches
     if kwargs.get("interpolate_pos_encoding", False):
-        patch_h, patch_w = _pair(module.patch_embeddings.patch_size)
+        patch_h, patch_w = to_2tuple(module.patch_embeddings.patch_size)
         patches = (pixel_values.shape[-2] // patch_h) * (pixel_values.shape[-1] // patch_w)
     order = torch.arange(patches, device=pixel_values.device, dtype=torch.float32)
     kwargs = dict(kwargs, noise=order.expand(pixel_values.shape[0], -1))
@@ -343,9 +345,10 @@ class TransformersHead:
     """What a transformers vision model's head tells before the forward pass, shared by the
     transformers adapters: the image channels of its config, the width of its classifier
     (``classifier`` or DeiT's ``cls_classifier``), else of its projection
-    (``visual_projection``), else of the backbone's features (``_feature_width``), and whether
-    it outputs features (no classifier). The adapter sets ``backbone`` to the module holding
-    the config."""
+    (``visual_projection``), else of the backbone's features (``_feature_width``; unknown
+    before the forward pass for a classifier built with ``num_labels=0``, whose features
+    DINOv2 concatenates), and whether it outputs features (no classifier). The adapter sets
+    ``backbone`` to the module holding the config."""
 
     model: nn.Module
     backbone: nn.Module
@@ -370,6 +373,8 @@ class TransformersHead:
         head = self._classifier() or getattr(self.model, "visual_projection", None)
         if isinstance(head, nn.Linear):
             return head.out_features
+        if getattr(self.model, "classifier", None) is not None:
+            return None  # a classifier built without classes (Identity): known from its output
         return self._feature_width()
 
     @property
@@ -400,7 +405,8 @@ class HFVisionAdapter(TransformersHead, ViTAdapter):
         interpolate_pos_encoding: set when the model is called with
             ``interpolate_pos_encoding=True``, so that images of any size divisible by the
             patch size are accepted; otherwise only the configured image size is, except for
-            BEiT, DINOv2 and DINOv3, which take any size.
+            the families that take any size (BEiT, Data2Vec-Vision, DINOv2, DINOv3, MLCD,
+            SigLIP 2, the Idefics3 / SmolVLM towers).
     """
 
     family = "Hugging Face transformers vision encoders"
@@ -441,9 +447,9 @@ class HFVisionAdapter(TransformersHead, ViTAdapter):
                     f"for this attention."
                 )
         config = self.encoder.config
-        self.patch_size = _pair(config.patch_size)
+        self.patch_size = to_2tuple(config.patch_size)
         # SigLIP 2 takes any size, and has none configured.
-        self.image_size = _pair(getattr(config, "image_size", 0))
+        self.image_size = to_2tuple(getattr(config, "image_size", 0))
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -482,13 +488,15 @@ class HFVisionAdapter(TransformersHead, ViTAdapter):
             return latent_pool_hooks(attention, record)
         if _is_self_attention_output(attention):
             return self_attention_output_hooks(attention, record)
-        hooks = hf_attention_hooks(attention, record)
-        if attention is _layer_attention(self.blocks[0]):
-            if self.kind == "vit_mae":
-                hooks.append(Hook(self.encoder.embeddings, "pre_kwargs", _patches_in_order))
-            if self.kind == "siglip2_vision_model":
-                hooks.append(Hook(self._naflex_model(), "pre_kwargs", self._images_as_patches))
-        return hooks
+        return hf_attention_hooks(attention, record)
+
+    def model_hooks(self) -> List[Hook]:
+        """ViT-MAE's patches kept in grid order; SigLIP 2's images cut into patches."""
+        if self.kind == "vit_mae":
+            return [Hook(self.encoder.embeddings, "pre_kwargs", _patches_in_order)]
+        if self.kind == "siglip2_vision_model":
+            return [Hook(self._naflex_model(), "pre_kwargs", self._images_as_patches)]
+        return []
 
     def _naflex_model(self) -> nn.Module:
         """SigLIP 2's vision model, whose forward takes patches with their mask and shapes."""
@@ -496,26 +504,13 @@ class HFVisionAdapter(TransformersHead, ViTAdapter):
 
     def _images_as_patches(self, module: nn.Module, args: tuple, kwargs: dict):
         """A pre-hook on SigLIP 2's vision model: images (B, C, H, W) become the patches its
-        processor makes (transformers' ``convert_image_to_patches``: patch rows, then patch
-        columns, each patch's pixels row by row with their channels last), every patch real
-        (``pixel_attention_mask`` of ones) on the (H / p, W / p) grid (``spatial_shapes``)."""
+        processor makes, every patch real (:func:`~captum_daam._patches.images_as_patches`);
+        patches from the processor pass as they are."""
         given = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
         images = given.get("pixel_values")
         if not isinstance(images, Tensor) or images.dim() != 4:
-            return None  # patches from the processor: the model's own input
-        patch = self.patch_size[0]
-        batch, channels, height, width = images.shape
-        rows, columns = height // patch, width // patch
-        patches = images.reshape(batch, channels, rows, patch, columns, patch)
-        patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, rows * columns, -1)
-        extra = {name: value for name, value in given.items() if name == "kwargs"}
-        kwargs = {
-            **extra.get("kwargs", {}),
-            "pixel_values": patches,
-            "pixel_attention_mask": images.new_ones(batch, rows * columns, dtype=torch.long),
-            "spatial_shapes": torch.tensor([[rows, columns]] * batch, device=images.device),
-        }
-        return (), kwargs
+            return None  # patches already (ImageTextSimilarity makes them itself)
+        return (), {**given.get("kwargs", {}), **images_as_patches(images, self.patch_size[0])}
 
     # ------------------------------------------------------------------ the tokens
 
@@ -635,7 +630,3 @@ class HFVisionAdapter(TransformersHead, ViTAdapter):
 
 #: The name this adapter had when it explained transformers' ViT alone.
 HFViTAdapter = HFVisionAdapter
-
-
-def _pair(value: Any) -> Tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (int(value), int(value))

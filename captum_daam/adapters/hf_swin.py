@@ -18,7 +18,7 @@ grid, halved, rounded up, by the patch merging that ends every stage but the las
 lies on the finest. Every query row is explained (no [class] token).
 
 transformers is never imported here: :meth:`HFSwinAdapter.supports` looks the classes up in
-``sys.modules`` (see :mod:`captum_daam.adapters.hf_vit`).
+``sys.modules``.
 """
 
 import math
@@ -170,7 +170,7 @@ class HFSwinAdapter(TransformersHead, PooledAdapter):
             (getattr(model, name) for name in ("swinv2", "swin") if hasattr(model, name)), model
         )
         self.v2 = isinstance(model, _swin_classes(_SWINV2_MODULE))
-        self.modeling = sys.modules[_SWINV2_MODULE if self.v2 else _SWIN_MODULE]
+
         self.interpolate_pos_encoding = interpolate_pos_encoding
         if self.backbone.pooler is None:
             raise TypeError(
@@ -295,7 +295,7 @@ class HFSwinAdapter(TransformersHead, PooledAdapter):
 
     def layouts(self, image_size: Tuple[int, int]) -> List[BlockLayout]:
         layouts = []
-        partition = _partition(self.modeling)
+        partition = _partition(self.modeling)  # looked up at use: a module cannot be pickled
         for stage_index, (stage, grid) in enumerate(
             zip(self._stages(), self.stage_grids(image_size))
         ):
@@ -306,6 +306,11 @@ class HFSwinAdapter(TransformersHead, PooledAdapter):
                 )
                 layouts.append(BlockLayout(grid, 0, positions))
         return layouts
+
+    @property
+    def modeling(self):
+        """transformers' modeling module of this Swin (V1 or V2)."""
+        return sys.modules[_SWINV2_MODULE if self.v2 else _SWIN_MODULE]
 
     def _feature_width(self) -> int:
         return self.backbone.num_features

@@ -19,6 +19,7 @@ from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
 from .._outputs import describe_output
+from .._patches import patches_as_images
 from .._targets import check_target_range, format_target
 from .._warnings import warn_user
 from ..adapters import BlockLayout, BlockRecord, ViTAdapter, adapter_for, forward_module
@@ -130,15 +131,20 @@ class ViTLayerAttribution(LayerAttribution):
         if not self.adapter.reads_class_token:
             pooling = getattr(self.adapter.model, "global_pool", None)
             how = f"global_pool={pooling!r}" if isinstance(pooling, str) else "its head"
+            # A head that pools every token leaves the last block's [class] row unread; one
+            # that reads some rows (DINOv2's: [class] and the patches' mean) reads it too.
+            pools_all = self.adapter.head_queries is None
+            default = "'all'" if pools_all else "'head' (the rows its head reads)"
             remedy = (
-                " DAAM explains the pooled output in full with queries='all', its default for "
-                "this model." if self.adapter.self_attention else ""
+                f" DAAM explains the pooled output in full with queries={default}, its default "
+                f"for this model." if self.adapter.self_attention else ""
             )
+            last = ", and the last block's map is zero" if pools_all else ""
             warn_user(
                 f"This {type(self.adapter.model).__name__} pools its output with {how}, not "
-                f"from the [class] token whose attention rows {type(self).__name__} follows: "
-                f"the maps show only what reaches the output through the [class] token of "
-                f"earlier blocks, and the last block's map is zero.{remedy}"
+                f"from the [class] token alone, whose attention rows {type(self).__name__} "
+                f"follows: the maps show only what reaches the output through the [class] "
+                f"token{last}.{remedy}"
             )
 
     def _scores(self, output: object) -> Tensor:
@@ -362,6 +368,8 @@ def _pixel_values(inputs: Mapping) -> Tensor:
     """The images in a processor's output (transformers' ``BatchFeature``: a Mapping whose
     ``pixel_values`` are the image tensor); any other Mapping is refused naming its keys."""
     images = inputs.get("pixel_values")
+    if isinstance(images, Tensor) and isinstance(inputs.get("spatial_shapes"), Tensor):
+        return patches_as_images(inputs)  # SigLIP 2's processor: patches of one grid
     if isinstance(images, Tensor):
         return images
     if images is not None:
