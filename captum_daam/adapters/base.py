@@ -9,6 +9,7 @@ A new family is one subclass of :class:`ViTAdapter`, decorated with :func:`regis
 """
 
 import math
+import sys
 import threading
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -166,6 +167,16 @@ class BlockRecord:
         tensor.register_hook(keep_class_row)
         self.anchor, self.to_pre_projection = tensor, to_pre_projection
         return tensor
+
+
+def loaded_classes(module_name: str, names: Sequence[str]) -> Tuple[type, ...]:
+    """The classes ``names`` of the module ``module_name`` if it has been imported, else ():
+    how the adapters of other libraries' models (transformers, open_clip) recognise them
+    without importing those libraries, which a model of theirs has done already."""
+    module = sys.modules.get(module_name)
+    if module is None:
+        return ()
+    return tuple(getattr(module, name) for name in names if hasattr(module, name))
 
 
 def tokens_first(maps: Tensor) -> Tensor:

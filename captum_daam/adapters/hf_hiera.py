@@ -23,7 +23,14 @@ from typing import Any, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import BlockLayout, BlockRecord, Hook, output_grid, register_adapter
+from .base import (
+    BlockLayout,
+    BlockRecord,
+    Hook,
+    loaded_classes,
+    output_grid,
+    register_adapter,
+)
 from .hf import TransformersHead
 from .pooled import PooledAdapter
 from .timm_hiera import mask_unit_attention_hooks
@@ -31,18 +38,6 @@ from .timm_hiera import mask_unit_attention_hooks
 __all__ = ["HFHieraAdapter", "hf_mask_unit_attention_hooks"]
 
 _HIERA_MODULE = "transformers.models.hiera.modeling_hiera"
-
-
-def _hiera_classes() -> Tuple[type, ...]:
-    """(HieraModel, HieraForImageClassification) if transformers' Hiera is loaded, else ()."""
-    modeling_hiera = sys.modules.get(_HIERA_MODULE)
-    if modeling_hiera is None:
-        return ()
-    return tuple(
-        getattr(modeling_hiera, name)
-        for name in ("HieraModel", "HieraForImageClassification")
-        if hasattr(modeling_hiera, name)
-    )
 
 
 def hf_mask_unit_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook]:
@@ -93,7 +88,7 @@ class HFHieraAdapter(TransformersHead, PooledAdapter):
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        classes = _hiera_classes()
+        classes = loaded_classes(_HIERA_MODULE, ("HieraModel", "HieraForImageClassification"))
         return bool(classes) and isinstance(model, classes)
 
     def _feature_width(self) -> int:

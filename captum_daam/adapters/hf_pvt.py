@@ -21,8 +21,7 @@ transformers is never imported here: :meth:`supports` looks the classes up in ``
 """
 
 import math
-import sys
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Tuple
 
 import torch
 from timm.layers import to_2tuple
@@ -33,6 +32,7 @@ from .base import (
     BlockLayout,
     BlockRecord,
     Hook,
+    loaded_classes,
     output_grid,
     register_adapter,
     watch_first_input,
@@ -44,14 +44,6 @@ __all__ = ["HFPvtAdapter", "HFPvtV2Adapter", "hf_pvt_attention_hooks"]
 
 _PVT_MODULE = "transformers.models.pvt.modeling_pvt"
 _PVT_V2_MODULE = "transformers.models.pvt_v2.modeling_pvt_v2"
-
-
-def _loaded_classes(module_name: str, names: Sequence[str]) -> Tuple[type, ...]:
-    """The classes ``names`` of ``module_name`` if transformers has loaded it, else ()."""
-    module = sys.modules.get(module_name)
-    if module is None:
-        return ()
-    return tuple(getattr(module, name) for name in names if hasattr(module, name))
 
 
 def hf_pvt_attention_hooks(
@@ -128,9 +120,9 @@ class HFPvtV2Adapter(_HFPyramidAdapter):
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        classes = _loaded_classes(_PVT_V2_MODULE, ("PvtV2Model", "PvtV2ForImageClassification"))
+        classes = loaded_classes(_PVT_V2_MODULE, ("PvtV2Model", "PvtV2ForImageClassification"))
         # PvtV2Backbone subclasses PvtV2Model but returns a tuple of feature maps.
-        backbones = _loaded_classes(_PVT_V2_MODULE, ("PvtV2Backbone",))
+        backbones = loaded_classes(_PVT_V2_MODULE, ("PvtV2Backbone",))
         return bool(classes) and isinstance(model, classes) and not isinstance(model, backbones)
 
     def attention_modules(self) -> List[nn.Module]:
@@ -201,7 +193,7 @@ class HFPvtAdapter(_HFPyramidAdapter):
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        classes = _loaded_classes(_PVT_MODULE, ("PvtModel", "PvtForImageClassification"))
+        classes = loaded_classes(_PVT_MODULE, ("PvtModel", "PvtForImageClassification"))
         return bool(classes) and isinstance(model, classes)
 
     def _stages(self) -> List[Tuple[nn.Module, List[nn.Module]]]:

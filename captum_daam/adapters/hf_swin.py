@@ -31,7 +31,7 @@ from timm.layers import to_2tuple
 from torch import Tensor, nn
 
 from ..decompose import SoftmaxAttention, class_attention_row
-from .base import BlockLayout, BlockRecord, Hook, register_adapter
+from .base import BlockLayout, BlockRecord, Hook, loaded_classes, register_adapter
 from .hf import TransformersHead
 from .pooled import PooledAdapter
 from .timm_swin import _window_bias
@@ -49,11 +49,7 @@ _CLASS_NAMES = {
 
 def _swin_classes(module_name: str) -> Tuple[type, ...]:
     """The bare model and the classifier of one of the two modeling modules, if it is loaded."""
-    modeling = sys.modules.get(module_name)
-    if modeling is None:
-        return ()
-    return tuple(getattr(modeling, name) for name in _CLASS_NAMES[module_name]
-                 if hasattr(modeling, name))
+    return loaded_classes(module_name, _CLASS_NAMES[module_name])
 
 
 def _partition(modeling: object) -> Callable[[Tensor, Tuple[int, int]], Tensor]:

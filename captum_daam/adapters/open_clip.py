@@ -19,7 +19,6 @@ open_clip is never imported here: :meth:`OpenClipVisionTransformerAdapter.suppor
 classes up in ``sys.modules``, so the package works without open_clip.
 """
 
-import sys
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -27,7 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..decompose import SoftmaxAttention, class_attention_row
-from .base import BlockRecord, Hook, ViTAdapter, register_adapter, watch_first_input
+from .base import (
+    BlockRecord,
+    Hook,
+    ViTAdapter,
+    loaded_classes,
+    register_adapter,
+    watch_first_input,
+)
 from .multihead import multihead_attention_hooks, unsupported_multihead_options
 
 __all__ = ["OpenClipVisionTransformerAdapter", "open_clip_attention_hooks"]
@@ -37,8 +43,8 @@ _TRANSFORMER_MODULE = "open_clip.transformer"
 
 def _open_clip_class(name: str) -> Optional[type]:
     """The class ``name`` of ``open_clip.transformer`` if open_clip is loaded, else None."""
-    module = sys.modules.get(_TRANSFORMER_MODULE)
-    return getattr(module, name, None) if module is not None else None
+    found = loaded_classes(_TRANSFORMER_MODULE, (name,))
+    return found[0] if found else None
 
 
 def open_clip_attention_hooks(attention: nn.Module, record: BlockRecord) -> List[Hook]:
