@@ -33,7 +33,7 @@ from .base import (
 )
 from .hf import TransformersHead
 from .pooled import PooledAdapter
-from .timm_hiera import mask_unit_attention_hooks
+from .timm_hiera import mask_unit_attention_hooks, pooled_cells
 
 __all__ = ["HFHieraAdapter", "hf_mask_unit_attention_hooks"]
 
@@ -155,13 +155,8 @@ class HFHieraAdapter(TransformersHead, PooledAdapter):
                      if attention.use_mask_unit_attn else 1)
             # Token j * W + w lies in unit w.
             layouts.append(BlockLayout((height, width), 0, order.view(-1, units).T.contiguous()))
-            if pooled > 1:  # each pooled token: the query_stride tokens N / query_stride apart
-                group = order.view(pooled, -1)
-                coarse = (group // width // stride_h) * (width // stride_w) + (
-                    group % width // stride_w)
-                if not bool((coarse == coarse[0]).all()):
-                    raise RuntimeError("Hiera pooled tokens of different neighbourhoods.")
-                height, width, order = height // stride_h, width // stride_w, coarse[0]
+            if pooled > 1:
+                (height, width), order = pooled_cells(order, pooled, width, (stride_h, stride_w))
         return layouts
 
     def block_hooks(self, attention: nn.Module, record: BlockRecord) -> List[Hook]:

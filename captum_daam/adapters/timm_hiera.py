@@ -73,6 +73,26 @@ def mask_unit_attention_hooks(attention: MaskUnitAttention, record: BlockRecord)
     ]
 
 
+
+def pooled_cells(
+    order: Tensor, pooled: int, width: int, stride: Tuple[int, int]
+) -> Tuple[Tuple[int, int], Tensor]:
+    """Hiera's query pooling on cell indices: ``order`` (N,) the cell (row-major on a grid
+    ``width`` wide) of each token in the order the block reads them; each pooled token takes
+    the ``pooled`` tokens N / pooled apart, which lie in one ``stride`` neighbourhood. Returns
+    the pooled grid's (rows, columns) and the cell of each pooled token on it.
+
+    Raises:
+        RuntimeError: when the tokens pooled together are not one neighbourhood.
+    """
+    stride_h, stride_w = stride
+    group = order.view(pooled, -1)
+    coarse = (group // width // stride_h) * (width // stride_w) + (group % width // stride_w)
+    if not bool((coarse == coarse[0]).all()):
+        raise RuntimeError("Hiera pooled tokens of different neighbourhoods.")
+    rows = int(order.numel()) // width // stride_h
+    return (rows, width // stride_w), coarse[0]
+
 @register_adapter
 class TimmHieraAdapter(PooledAdapter):
     """timm ``Hiera``: mask-unit and global attention with query pooling; every query row of
@@ -113,13 +133,8 @@ class TimmHieraAdapter(PooledAdapter):
         for block in self.model.blocks:
             read.append(((height, width), order))
             pooled = block.attn.q_stride
-            if pooled > 1:  # each pooled token: the q_stride tokens N / q_stride apart
-                group = order.view(pooled, -1)
-                coarse = (group // width // stride_h) * (width // stride_w) + (
-                    group % width // stride_w)
-                if not bool((coarse == coarse[0]).all()):
-                    raise RuntimeError("Hiera pooled tokens of different neighbourhoods.")
-                height, width, order = height // stride_h, width // stride_w, coarse[0]
+            if pooled > 1:
+                (height, width), order = pooled_cells(order, pooled, width, (stride_h, stride_w))
         return read
 
     def layouts(self, image_size: Tuple[int, int]) -> List[BlockLayout]:
