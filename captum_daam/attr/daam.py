@@ -121,7 +121,12 @@ class DAAM(ViTLayerAttribution, GradientAttribution):
                         DINO, SigLIP, CaiT, XCiT, BEiT, EVA, RelPos, NaFlexViT, VOLO, ConViT,
                         TNT, PiT, MViTv2, CrossViT, CoaT, Swin (timm, torchvision), SAM,
                         PVTv2, Twins, LeViT,
-                        torchvision and Hugging Face ViTs. For
+                        torchvision's ViT, Swin and MaxViT, the Hugging Face transformers
+                        vision encoders (ViT, DeiT, BEiT, DINOv2, DINOv3, CLIP, SigLIP,
+                        SigLIP 2, AIMv2, Swin, PVT, Hiera and more, found inside classifiers,
+                        embedding and image-text models) and open_clip's image towers
+                        (`captum-daam check --list` lists them all). For an image-text
+                        model, explain ``ImageTextSimilarity(model, ...)``. For
                         other models built from timm-style attention (T2T-ViT, research
                         code), give ``captum_daam.adapters.GenericAdapter(attention_modules)``.
         """
