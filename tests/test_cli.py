@@ -102,13 +102,13 @@ def test_the_chosen_blocks_are_printed_as_they_are(blocks, shown, numbers, tmp_p
     ([1, 2, 4, 5, 7], "1-2,4-5,7"),
 ])
 def test_block_numbers_are_described_as_ranges(numbers, shown):
-    from captum_daam.cli import _describe_blocks
+    from captum_daam.cli.explain import _describe_blocks
 
     assert _describe_blocks(numbers) == shown
 
 
 def test_the_description_of_any_blocks_reads_back_as_the_same_blocks():
-    from captum_daam.cli import _describe_blocks, _parse_blocks
+    from captum_daam.cli.explain import _describe_blocks, _parse_blocks
 
     generator = torch.Generator().manual_seed(0)
     for _ in range(200):

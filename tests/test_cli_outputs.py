@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import captum_daam.visualization
-from captum_daam.cli import _unique_stems, main
+from captum_daam.cli import main
+from captum_daam.cli._common import _unique_stems
 from helpers import save_shape_pngs
 
 

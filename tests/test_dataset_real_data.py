@@ -472,6 +472,7 @@ def test_other_settings_are_refused_before_the_model_and_the_data_are_loaded(
     tmp_path, capsys, monkeypatch
 ):
     from captum_daam import data
+    from captum_daam.cli import explain_dataset as command
 
     out = tmp_path / "m.zarr"
     assert run_command(["--data", "shapes:6", "--out", str(out), "--batch-size", "4"],
@@ -480,7 +481,7 @@ def test_other_settings_are_refused_before_the_model_and_the_data_are_loaded(
     def never(*args, **kwargs):
         raise AssertionError("loaded before the settings were compared")
 
-    monkeypatch.setattr(cli, "_load_model", never)
+    monkeypatch.setattr(command, "_load_model", never)  # where the command looks it up
     monkeypatch.setattr(data.ShapesDataset, "__init__", never)
     for changed, shown in [(["--batch-size", "8"], "batch_size 4 vs 8"),
                            (["--batch-size", "4", "--flow"], "return_flow False vs True"),

@@ -1,31 +1,31 @@
-"""The ``explain-dataset`` command: :func:`captum_daam.explain_dataset` from the command line.
+"""``captum-daam explain-dataset``: :func:`captum_daam.explain_dataset` from the command line.
 
-Runnable on its own, also under torchrun::
+Runnable also as a module, and so under torchrun::
 
-    python -m captum_daam._dataset_cli explain-dataset --model tiny-vit --data shapes:200 \\
+    python -m captum_daam.cli explain-dataset --model tiny-vit --data shapes:200 \\
         --out maps.zarr --flow --metrics pointing_game
-    torchrun --nproc_per_node=2 -m captum_daam._dataset_cli explain-dataset ...
+    torchrun --nproc_per_node=2 -m captum_daam.cli explain-dataset ...
 
-and meant to become a subcommand of ``captum-daam`` through
-:func:`add_explain_dataset_parser`. This module imports torch only when the command runs,
-not when the parser is built.
+torch is imported only when the command runs, not when the parser is built.
 """
 
 import argparse
 import os
 import re
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, Optional
 
-__all__ = ["add_explain_dataset_parser", "explain_dataset_command", "main"]
+from ._common import UsageError, _load_model, _one_line_warnings, _os_reason
+from ._common import _device as _checked_device
+
+__all__ = ["add_parser", "explain_dataset_command"]
 
 _DTYPES = ("float16", "float32", "float64")
 _METRICS = ("pointing_game", "energy_pointing_game", "deletion", "insertion")
 
 
-def add_explain_dataset_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``explain-dataset`` subcommand to ``subparsers`` (from ``add_subparsers``);
     it runs :func:`explain_dataset_command`."""
     parser = subparsers.add_parser(
@@ -91,8 +91,6 @@ def explain_dataset_command(args: argparse.Namespace) -> int:
     except OSError as error:  # the file system: a full disk, a folder it may not write to
         import errno
 
-        from .cli import _os_reason
-
         if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             remedy = "free some space"
         else:
@@ -103,22 +101,7 @@ def explain_dataset_command(args: argparse.Namespace) -> int:
         return 2
 
 
-@contextmanager
-def _one_line_warnings() -> Iterator[None]:
-    """Python's warnings as ``captum-daam: warning: ...`` lines (not file, line and source)."""
-    import warnings
-
-    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
-        print(f"captum-daam: warning: {' '.join(str(message).split())}", file=sys.stderr)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
-
-
 def _run(args: argparse.Namespace) -> int:
-    from .cli import UsageError
-
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.num_workers < 0:
@@ -136,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError('explain-dataset needs zarr>=3: pip install "captum-daam[dataset]"') \
             from error
 
-    from .dataset import argument_settings, refuse_other_settings
+    from ..dataset import argument_settings, refuse_other_settings
 
     # an existing store of other settings is refused before the model and the data are loaded
     refuse_other_settings(args.out, argument_settings(
@@ -145,9 +128,8 @@ def _run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .attr import DAAM
-    from .cli import _load_model
-    from .dataset import explain_dataset
+    from ..attr import DAAM
+    from ..dataset import explain_dataset
 
     device = _device(args.device)
     model = _load_model(args.model, args.arch, device)
@@ -162,8 +144,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _parse_target(text: Optional[str]) -> Any:
-    from .cli import UsageError
-
     if text is None or text == "label":
         return text
     if not re.fullmatch(r"\d+", text):
@@ -173,8 +153,6 @@ def _parse_target(text: Optional[str]) -> Any:
 
 def _parse_data(text: str) -> tuple:
     """('shapes', n, seed), ('hf', name, split), ('hf-disk', path) or ('folder', path)."""
-    from .cli import UsageError
-
     if text.startswith("shapes:"):
         match = re.fullmatch(r"shapes:(\d+)(?::(\d+))?", text)
         if not match or int(match.group(1)) < 1:
@@ -190,7 +168,7 @@ def _parse_data(text: str) -> tuple:
     if not path.is_dir():
         raise UsageError(f"--data {text} is not a folder (nor shapes:N or hf:NAME:SPLIT)")
     if (path / "dataset_dict.json").is_file():
-        from .data import load_hugging_face_folder
+        from ..data import load_hugging_face_folder
 
         try:
             load_hugging_face_folder(path)  # refuses a DatasetDict, naming its splits
@@ -206,20 +184,16 @@ def _device(text: str) -> Any:
     ``cuda`` is the process's own GPU (LOCAL_RANK)."""
     import torch
 
-    from .cli import _device as checked_device
-
-    device = checked_device(text)
+    device = _checked_device(text)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
 
 
 def _build_dataset(data: tuple, model: Any) -> Any:
-    from .cli import UsageError
-
     kind = data[0]
     if kind == "shapes":
-        from .data import ShapesDataset
+        from ..data import ShapesDataset
 
         return ShapesDataset(data[1], seed=data[2])
     if kind == "folder":
@@ -230,7 +204,7 @@ def _build_dataset(data: tuple, model: Any) -> Any:
         raise UsageError('Hugging Face data needs the datasets package: pip install '
                          '"captum-daam[hf-datasets]"') from error
     if kind == "hf-disk":
-        from .data import load_hugging_face_folder
+        from ..data import load_hugging_face_folder
 
         return load_hugging_face_folder(data[1])
     try:
@@ -238,17 +212,3 @@ def _build_dataset(data: tuple, model: Any) -> Any:
     except Exception as error:  # offline, unknown name or split: many kinds of errors
         raise UsageError(f"could not load the Hugging Face dataset {data[1]} split {data[2]}: "
                          f"{str(error).strip().splitlines()[0][:160]}") from error
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m captum_daam._dataset_cli explain-dataset ...`` until ``captum-daam``
-    carries the subcommand."""
-    parser = argparse.ArgumentParser(prog="captum-daam")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_explain_dataset_parser(commands)
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
