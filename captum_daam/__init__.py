@@ -17,6 +17,7 @@ _PUBLIC: Dict[str, str] = {
     "DAAM": ".attr",
     "AttentionRollout": ".attr",
     "GradientRollout": ".attr",
+    "LeGrad": ".attr",
     "MemoryBank": ".ssl",
     "ImageTextSimilarity": ".image_text",
     "explain_dataset": ".dataset",
@@ -45,6 +46,7 @@ __all__ = [
     "DAAM",
     "AttentionRollout",
     "GradientRollout",
+    "LeGrad",
     "MemoryBank",
     "ImageTextSimilarity",
     "explain_dataset",
@@ -73,7 +75,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
         register_adapter,
         supported_families,
     )
-    from .attr import DAAM, AttentionRollout, GradientRollout
+    from .attr import DAAM, AttentionRollout, GradientRollout, LeGrad
     from .dataset import explain_dataset
     from .image_text import ImageTextSimilarity
     from .decompose import (

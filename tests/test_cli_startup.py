@@ -74,7 +74,7 @@ def test_every_public_name_is_importable_and_listed():
 def test_the_lazy_names_are_the_objects_of_their_modules():
     from captum_daam import adapters, attr, dataset, decompose, image_text, ssl, token_grid
 
-    defined_in = {"DAAM": attr, "AttentionRollout": attr, "GradientRollout": attr,
+    defined_in = {"DAAM": attr, "AttentionRollout": attr, "GradientRollout": attr, "LeGrad": attr,
                   "MemoryBank": ssl, "TokenGrid": token_grid, "GenericAdapter": adapters,
                   "ViTAdapter": adapters, "adapter_for": adapters,
                   "register_adapter": adapters, "supported_families": adapters,

@@ -274,7 +274,8 @@ class ViTAdapter(ABC):
     models whose grid changes between blocks, or whose attention reads windows),
     :attr:`has_class_token`, :attr:`reads_class_token` and :attr:`head_queries` (for models
     without a [class] token or whose head pools the tokens), :meth:`latent_query_modules`
-    (for attention-pool heads), :attr:`in_channels`,
+    (for attention-pool heads), :meth:`block_modules` (for blocks kept elsewhere than in a
+    list of blocks), :attr:`in_channels`,
     :attr:`num_outputs` (for checks before the forward pass), :attr:`outputs_features` (for
     backbones without a classifier head), :meth:`grid_from_tokens` (for a grid known only from
     the token count) and :meth:`output_scores` (for models that return an output object rather
@@ -376,6 +377,48 @@ class ViTAdapter(ABC):
         no [class] query in a model that has one in later blocks (PVT v1's stages before its
         [class] token joins). The default is the latent-query modules."""
         return self.latent_query_modules()
+
+    def block_modules(self, attention_modules: Sequence[nn.Module]) -> List[nn.Module]:
+        """The block of each of ``attention_modules`` (some or all of
+        :meth:`attention_modules`), in the same order: the module that takes the tokens
+        entering the block and returns the tokens leaving it (LeGrad reads a score from each
+        block's output).
+
+        The default is the nearest module, from the attention module itself up, that is an
+        element of an ``nn.ModuleList`` or ``nn.Sequential`` inside the model: timm's
+        ``blocks[i]``, transformers' ``layers[i]`` (``encoder.layer[i]``), torchvision's
+        ``encoder.layers[i]``, open_clip's ``transformer.resblocks[i]``. Families that keep
+        their blocks otherwise override it.
+
+        Raises:
+            TypeError: for an adapter given no model, or an attention module that is in no
+                such list inside the model.
+        """
+        if self.model is None:
+            raise TypeError(
+                f"Expected an adapter that knows its model, to find the blocks around its "
+                f"attention modules, got a {type(self).__name__} given only the attention "
+                f"modules. Use the adapter of the model's family (adapter_for(model))."
+            )
+        parents = {
+            id(child): module for module in self.model.modules() for child in module.children()
+        }
+        blocks = []
+        for index, attention in enumerate(attention_modules):
+            module = attention
+            while module is not None and not isinstance(
+                parents.get(id(module)), (nn.ModuleList, nn.Sequential)
+            ):
+                module = parents.get(id(module))
+            if module is None:
+                raise TypeError(
+                    f"Expected attention module {index} ({type(attention).__name__}) inside an "
+                    f"element of an nn.ModuleList or nn.Sequential of {type(self.model).__name__}"
+                    f" (its list of blocks), found none. Override block_modules in the "
+                    f"{self.family} adapter."
+                )
+            blocks.append(module)
+        return blocks
 
     def grid_from_tokens(self, num_patches: int) -> Tuple[int, int]:
         """The patch grid of a forward pass that left ``num_patches`` patch tokens, used when
