@@ -21,6 +21,7 @@ _PUBLIC: Dict[str, str] = {
     "MemoryBank": ".ssl",
     "ImageTextSimilarity": ".image_text",
     "explain_dataset": ".dataset",
+    "compare": ".comparison",
     "TokenGrid": ".token_grid",
     "GenericAdapter": ".adapters",
     "ViTAdapter": ".adapters",
@@ -38,8 +39,8 @@ _PUBLIC: Dict[str, str] = {
 
 # Submodules reachable as attributes of the package, as when it imported them eagerly.
 _SUBMODULES = (
-    "adapters", "attr", "cli", "data", "dataset", "decompose", "image_text", "metrics", "ssl",
-    "token_grid", "visualization", "zoo",
+    "adapters", "attr", "cli", "comparison", "data", "dataset", "decompose", "image_text",
+    "metrics", "ssl", "token_grid", "visualization", "zoo",
 )
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "MemoryBank",
     "ImageTextSimilarity",
     "explain_dataset",
+    "compare",
     "TokenGrid",
     "metrics",
     "GenericAdapter",
@@ -76,6 +78,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
         supported_families,
     )
     from .attr import DAAM, AttentionRollout, GradientRollout, LeGrad
+    from .comparison import compare
     from .dataset import explain_dataset
     from .image_text import ImageTextSimilarity
     from .decompose import (

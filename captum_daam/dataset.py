@@ -6,19 +6,24 @@ Store layout (a Zarr v3 group; N examples, chunks of ``batch_size`` examples alo
 =========================  ====================  ==============================================
 array                      shape, dtype          content
 =========================  ====================  ==============================================
-``maps``                   (N, L, gh, gw), dtype  the flow D_1..D_L (``return_flow``) or the
-                                                  final map D_L alone (L = 1)
+``maps``                   (N, L, h, w), dtype    the flow D_1..D_L (``return_flow``) or the
+                                                  final map alone (L = 1), at the grid the
+                                                  attribution gives (patch grid or image)
 ``targets``                (N,) int64            the explained class
 ``predictions``            (N,) int64            the model's argmax class
 ``scores``                 (N,) float32          softmax probability of the explained class
 ``labels``                 (N,) int64            the dataset's label
 ``metrics/<name>``         (N,) float32          one array per metric, per example
+``curves/<name>``          (N, S) float32        the curve of a curve metric (deletion, ...)
+``seconds``                (C,) float64          seconds chunk c took to explain
 ``complete``               (C,) bool             chunk c done; written after the chunk's
                                                   other arrays
 =========================  ====================  ==============================================
 
 The group's attributes hold ``settings`` (everything the values depend on, compared on a
 re-run) and ``summary`` (the aggregated metrics and accuracy, rewritten by each run).
+A store of :func:`captum_daam.compare` holds the same per-example arrays once, and
+``maps``, ``metrics``, ``curves`` and ``seconds`` once per method, in ``methods/<name>/``.
 
 Why it is safe to kill: zarr's ``LocalStore`` writes every chunk to a temporary ``*.partial``
 file and renames it into place, so a chunk file is either absent, the old one or the new one.
@@ -42,7 +47,7 @@ import signal
 import socket
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -52,26 +57,31 @@ from torch.utils.data import Dataset
 
 from ._labels import LabelMeaning, model_class_names
 from ._warnings import warn_user
-from .attr import DAAM
+from ._methods import Method, as_method
+from ._names import MASK_METRICS, METRICS
 
 __all__ = ["explain_dataset", "METRICS", "argument_settings", "refuse_other_settings"]
 
 FORMAT_VERSION = 1
-#: Per-example metrics, from :mod:`captum_daam.metrics`, all computed on the final map D_L.
-METRICS = ("pointing_game", "energy_pointing_game", "deletion", "insertion")
-_MASK_METRICS = ("pointing_game", "energy_pointing_game")
+_MASK_METRICS = MASK_METRICS
+#: The curve metrics and the fractions of pixels along their curves.
+_CURVES = {
+    "deletion": [step / 32 for step in range(33)],
+    "insertion": [step / 32 for step in range(33)],
+    "positive_perturbation": [step / 10 for step in range(10)],
+    "negative_perturbation": [step / 10 for step in range(10)],
+}
 _DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
 _INSTALL_HINT = 'pip install "captum-daam[dataset]"'
 _UNKNOWN = object()  # a setting that cannot be known before the dataset is read
 _LOCK_FILE = ".captum_daam.lock"
-_ARRAYS = ("maps", "targets", "predictions", "scores", "labels", "complete")
-_STORE_FOLDERS = _ARRAYS + ("metrics",)  # the per-example metrics are a group of arrays
+_SHARED = ("targets", "predictions", "scores", "labels")  # per example, in every store
 # zarr's LocalStore writes each file to "<name without suffix>.<uuid4 hex>.partial" first
 _ZARR_TEMPORARY = re.compile(r"[^.]+\.[0-9a-f]{32}\.partial")
 
 
 def explain_dataset(
-    daam: DAAM,
+    attribution: Any,
     dataset: Any,
     out: Union[str, os.PathLike],
     batch_size: int = 64,
@@ -82,11 +92,15 @@ def explain_dataset(
     internal_batch_size: Optional[int] = None,
     num_workers: int = 0,
     progress: bool = True,
+    model: Optional[nn.Module] = None,
+    attribute_kwargs: Optional[Dict[str, Any]] = None,
 ) -> Any:
     r"""
-    Explain every example of a dataset with DAAM and write the maps, the predictions and
-    per-example metrics into one Zarr v3 store, resumably, on one process or on every
-    process of a ``torch.distributed`` job.
+    Explain every example of a dataset with DAAM, or with any other Captum attribution, and
+    write the maps, the predictions and per-example metrics into one Zarr v3 store,
+    resumably, on one process or on every process of a ``torch.distributed`` job. To run
+    several attributions on the same examples and compare them, see
+    :func:`captum_daam.compare`.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group is
     initialised here when it is not already (gloo for a model on the CPU, nccl for one on
@@ -101,9 +115,23 @@ def explain_dataset(
     differences; nothing is mixed.
 
     Args:
-        daam (DAAM): The attribution, ``DAAM(model)`` (with ``layer=`` for a part of the
-                    flow). Its model must classify (class scores), in eval mode, on the
-                    device the images should go to.
+        attribution (Attribution or Callable): The attribution:
+
+                    - ``DAAM(model)`` (with ``layer=`` for a part of the flow);
+                    - any other Captum attribution object (``GradientRollout(model)``,
+                      ``LayerGradCam(model, TokenGrid(model, layer))``,
+                      ``IntegratedGradients(model)``, ``Saliency``, ``Occlusion``,
+                      ``NoiseTunnel(...)`` around any of them, ...), called as
+                      ``attribute(images, target=targets, **attribute_kwargs)``;
+                    - a callable ``(images, targets) -> maps``, with ``model=``.
+
+                    Maps are stored at the grid they come in: DAAM, the rollouts, LeGrad
+                    and Grad-CAM on a ViT block on the patch grid, (gh, gw); pixel
+                    attributions at the input size, (H, W), summed over colour channels.
+                    The model (the attribution's ``forward_func`` unless ``model`` is
+                    given) must classify (class scores), in eval mode, on the device the
+                    images should go to. Random methods (``NoiseTunnel``) draw from a
+                    generator seeded per chunk, so a resumed run gives the same values.
         dataset (Dataset, str, Path or datasets.Dataset): What to explain:
 
                     - a map-style torch ``Dataset`` yielding ``(image, label)`` or
@@ -131,27 +159,45 @@ def explain_dataset(
                     - a list or 1-D tensor of N classes, one per example of the dataset.
 
                     Default: None
-        return_flow (bool, optional): Store the whole flow D_1..D_L, (N, L, gh, gw), not
-                    only the final map, (N, 1, gh, gw). Default: False
+        return_flow (bool, optional): DAAM only: store the whole flow D_1..D_L,
+                    (N, L, gh, gw), not only the final map, (N, 1, gh, gw). Default: False
         dtype (torch.dtype, optional): The dtype the maps are stored in:
                     ``torch.float16``, ``torch.float32`` or ``torch.float64`` (the maps are
                     computed in the model's dtype and cast; metrics use them uncast).
                     Default: torch.float16
         metrics (sequence of str, optional): Per-example metrics of the final map, from
                     :mod:`captum_daam.metrics` with their defaults, against the explained
-                    class: ``"pointing_game"`` (1.0 for a hit, else 0.0) and
-                    ``"energy_pointing_game"`` need masks from the dataset;
-                    ``"deletion"`` and ``"insertion"`` store the AUC of the curve (32 steps,
-                    33 more forward passes per example). Default: () (none)
-        internal_batch_size (int, optional): Passed to :meth:`DAAM.attribute`, to bound
-                    memory. Default: None (the whole batch in one pass)
+                    class (:data:`METRICS` lists them):
+
+                    - with masks from the dataset: ``"pointing_game"`` (1.0 for a hit,
+                      else 0.0), ``"energy_pointing_game"``, and the segmentation scores
+                      of the binarised map ``"pixel_accuracy"``, ``"miou"`` and
+                      ``"average_precision"`` (Chefer et al. 2021);
+                    - ``"deletion"`` and ``"insertion"`` (32 steps, 33 more forward passes
+                      per example), ``"positive_perturbation"`` and
+                      ``"negative_perturbation"`` (Chefer et al. 2021: 10 steps of 10%):
+                      the AUC, and the curve in ``curves/<name>`` (N, steps);
+                    - ``"average_drop"`` and ``"increase_in_confidence"`` (Grad-CAM++).
+
+                    Default: () (none)
+        internal_batch_size (int, optional): DAAM only: passed to
+                    :meth:`DAAM.attribute`, to bound memory (give other attributions
+                    theirs in ``attribute_kwargs``). Default: None (the whole batch)
         num_workers (int, optional): ``DataLoader`` worker processes. Default: 0
         progress (bool, optional): A tqdm bar (rank 0 only, over rank 0's examples) and
                     the aggregated metrics printed at the end. Default: True
+        model (nn.Module, optional): The model whose predictions and metrics go with the
+                    maps. Default: None, the attribution's ``forward_func`` (needed for a
+                    callable).
+        attribute_kwargs (dict, optional): Further arguments of every ``attribute`` call
+                    (e.g. ``{"n_steps": 32}`` for IntegratedGradients); part of the
+                    settings. Default: None
 
     Returns:
         *zarr.Group*: the store, opened read-only; ``group["maps"][i]`` reads example i
-        lazily as a numpy array, ``group.attrs["summary"]`` holds ``examples``, the
+        lazily as a numpy array, ``group["seconds"][c]`` the seconds chunk c took to
+        explain (maps, predictions; not the metrics), ``group.attrs["summary"]`` holds
+        ``examples``, the
         ``accuracy`` of the predictions against the labels and the mean of each metric
         over all N examples (read back from the store, so a resumed run counts every
         example, not only those it computed).
@@ -176,20 +222,14 @@ def explain_dataset(
         0.84
     """
     zarr = _import_zarr()
-    if not isinstance(daam, DAAM):
-        raise TypeError(f"Expected a captum_daam.DAAM attribution, got {type(daam).__name__}.")
+    method = _as_method(attribution, model, return_flow, internal_batch_size, attribute_kwargs)
     _check_positive_int("batch_size", batch_size)
     if internal_batch_size is not None:
         _check_positive_int("internal_batch_size", internal_batch_size)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"Expected num_workers to be a non-negative int, got {num_workers!r}.")
-    if dtype not in _DTYPES:
-        raise ValueError(
-            f"Expected dtype to be one of {', '.join(map(str, _DTYPES))} (zarr has no "
-            f"bfloat16), got {dtype!r}."
-        )
+    _check_num_workers(num_workers)
+    _check_dtype(dtype)
     metrics = _check_metrics(metrics)
-    device = _model_device(daam)
+    device = _model_device(method.model)
     out = Path(out)
     # Settings known from the arguments alone: a store of other settings is refused before the
     # dataset is read.
@@ -197,45 +237,150 @@ def explain_dataset(
                               return_flow, dtype, metrics)
     refuse_other_settings(out, {key: value for key, value in known.items()
                                 if value is not _UNKNOWN})
-    dataset = _as_dataset(dataset, daam)
-    num_examples = len(dataset)
-    if num_examples == 0:
-        raise ValueError("Expected a dataset with at least one example, got an empty one.")
-    first = _check_item(dataset[0], 0)
-    if first[2] is None and any(name in _MASK_METRICS for name in metrics):
-        raise ValueError(
-            f"Expected the dataset to yield (image, label, mask) for the metrics "
-            f"{[name for name in metrics if name in _MASK_METRICS]}, got items without masks."
-        )
-    target_spec, target_table = _check_target_spec(target, num_examples)
-    labels = getattr(dataset, "labels", None)
-    labels = labels if isinstance(labels, LabelMeaning) else None
-    if target_spec == "label" and labels is not None and not labels.comparable:
-        raise ValueError(
-            f'Expected labels that are the model\'s classes for target="label", got '
-            f"{labels.note}. Name the classes (the class folders) after the model's classes, "
-            f"or give target=None (the predicted class) or a class index."
-        )
+    job = _Job.prepare(dataset, method.model, _inner_model(method), target, metrics, batch_size)
     settings = {
-        **argument_settings(batch_size, internal_batch_size, target_spec, return_flow, dtype,
-                            metrics),
-        "model": _model_identity(daam),
-        "flow_blocks": _flow_blocks(daam),
-        "dataset": _dataset_identity(dataset),
-        "examples": num_examples,
-        "image_shape": list(first[0].shape),
+        **argument_settings(batch_size, internal_batch_size, job.target_spec, return_flow,
+                            dtype, metrics),
+        "model": _model_identity(method.model),
+        "method": method.settings(),
+        **job.settings(),
     }
+    if method.is_daam:
+        settings["flow_blocks"] = settings["method"]["blocks"]
     refuse_other_settings(out, settings)
 
-    # One example through DAAM: the flow's length and grid (and any error about the model).
-    first_target = first[1] if target_spec == "label" else (
-        None if target_table is None else int(target_table[0]))
-    probe = daam.attribute(first[0].unsqueeze(0).to(device), target=first_target,
-                           return_flow=True)
-    settings.update(grid=list(probe.shape[-2:]), blocks=probe.shape[1])
-    map_shape = (probe.shape[1] if return_flow else 1, *probe.shape[-2:])
-    num_chunks = -(-num_examples // batch_size)
+    # One example through the method: the maps' shape (and any error about the model).
+    probe = job.probe(method, device)
+    if method.is_daam:
+        settings.update(blocks=probe.shape[1])
+    settings["grid"] = list(probe.shape[-2:])
+    arrays = {"maps": _maps_array(probe.shape[1:], settings["dtype"]),
+              "seconds": _ArraySpec((), "float64", float("nan"), per_chunk=True)}
+    arrays.update(_metric_arrays("", metrics))
 
+    def compute(images: Tensor, targets: Optional[Tensor], masks: Optional[Tensor],
+                chunk: int) -> Dict[str, Tensor]:
+        started = _clock(device)
+        if method.is_daam:
+            maps, logits = _attribute_with_scores(method, images, targets)
+            values = _per_example(logits, targets)
+        else:
+            values = _per_example(_logits(method.model, images), targets)
+            maps = _explain_seeded(method, images, values["targets"], chunk)
+        targets = values["targets"]
+        values["maps"] = maps.to(dtype)
+        values.update(_metric_values("", metrics, method.model, images, maps[:, -1:],
+                                     targets, masks))
+        values["seconds"] = torch.tensor(_clock(device) - started, dtype=torch.float64)
+        return values
+
+    def summarise(means: Dict[str, float], summary: Dict[str, Any]) -> Dict[str, Any]:
+        summary["metrics"] = {name: means[f"metrics/{name}"] for name in metrics}
+        return summary
+
+    return _run_store(zarr, out, settings, arrays, job, compute, summarise, device,
+                      num_workers, progress, "explain_dataset")
+
+
+class _ArraySpec(NamedTuple):
+    """One array of a store beside the shared per-example ones: per example, shaped
+    (N, *shape), or per chunk, (C, *shape)."""
+
+    shape: Tuple[int, ...]
+    dtype: str
+    fill: Any
+    dims: Tuple[str, ...] = ()
+    per_chunk: bool = False
+
+
+def _maps_array(shape: Sequence[int], dtype: str) -> _ArraySpec:
+    return _ArraySpec(tuple(shape), dtype, 0, ("block", "row", "column"))
+
+
+def _metric_arrays(prefix: str, metrics: Sequence[str]) -> Dict[str, _ArraySpec]:
+    arrays = {f"{prefix}metrics/{name}": _ArraySpec((), "float32", float("nan"))
+              for name in metrics}
+    for name in metrics:
+        if name in _CURVES:
+            arrays[f"{prefix}curves/{name}"] = _ArraySpec(
+                (len(_CURVES[name]),), "float32", float("nan"), ("step",))
+    return arrays
+
+
+class _Job:
+    """A dataset's examples and their targets, checked before any work."""
+
+    def __init__(self, dataset: Any, first: Tuple[Tensor, int, Optional[Tensor]],
+                 target_spec: Any, target_table: Optional[Tensor],
+                 labels: Optional[LabelMeaning], batch_size: int) -> None:
+        self.dataset, self.first, self.labels = dataset, first, labels
+        self.target_spec, self.target_table = target_spec, target_table
+        self.batch_size = batch_size
+        self.num_examples = len(dataset)
+        self.num_chunks = -(-self.num_examples // batch_size)
+
+    @classmethod
+    def prepare(cls, dataset: Any, model: nn.Module, inner: nn.Module, target: Any,
+                metrics: Sequence[str], batch_size: int) -> "_Job":
+        dataset = _as_dataset(dataset, model, inner)
+        num_examples = len(dataset)
+        if num_examples == 0:
+            raise ValueError("Expected a dataset with at least one example, got an empty one.")
+        first = _check_item(dataset[0], 0)
+        needs_masks = [name for name in metrics if name in _MASK_METRICS]
+        if first[2] is None and needs_masks:
+            raise ValueError(
+                f"Expected the dataset to yield (image, label, mask) for the metrics "
+                f"{needs_masks}, got items without masks."
+            )
+        target_spec, target_table = _check_target_spec(target, num_examples)
+        labels = getattr(dataset, "labels", None)
+        labels = labels if isinstance(labels, LabelMeaning) else None
+        if target_spec == "label" and labels is not None and not labels.comparable:
+            raise ValueError(
+                f'Expected labels that are the model\'s classes for target="label", got '
+                f"{labels.note}. Name the classes (the class folders) after the model's "
+                f"classes, or give target=None (the predicted class) or a class index."
+            )
+        return cls(dataset, first, target_spec, target_table, labels, batch_size)
+
+    def settings(self) -> Dict[str, Any]:
+        return {"dataset": _dataset_identity(self.dataset), "examples": self.num_examples,
+                "image_shape": list(self.first[0].shape)}
+
+    def first_image(self, device: torch.device) -> Tensor:
+        return self.first[0].unsqueeze(0).to(device)
+
+    def probe(self, method: Method, device: torch.device) -> Tensor:
+        """The method's maps of the first example (their shape; any error about the model
+        before the store is made)."""
+        image = self.first[0].unsqueeze(0).to(device)
+        if self.target_spec == "label":
+            target = torch.tensor([self.first[1]], device=device)
+        elif self.target_table is not None:
+            target = self.target_table[:1].to(device)
+        else:
+            target = None if method.is_daam else _logits(method.model, image).argmax(1)
+        return method.explain(image, target)
+
+    def targets(self, labels: Tensor, rows: slice, device: torch.device) -> Optional[Tensor]:
+        """The batch's targets, or None for the predicted classes."""
+        if self.target_spec == "label":
+            return labels.to(device)
+        if self.target_table is not None:
+            return self.target_table[rows].to(device)
+        return None
+
+
+def _run_store(
+    zarr: Any, out: Path, settings: Dict[str, Any], arrays: Dict[str, _ArraySpec], job: _Job,
+    compute: Callable[..., Dict[str, Tensor]],
+    summarise: Callable[[Dict[str, float], Dict[str, Any]], Dict[str, Any]],
+    device: torch.device, num_workers: int, progress: bool, name: str,
+) -> Any:
+    """Open or create the store, explain the chunks still to do (this rank's share), and
+    store the summary: the accuracy and the mean of every array under a ``metrics`` group
+    (over all examples, also those of earlier runs), given to ``summarise``."""
     created_group = _init_distributed(device)
     try:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -243,8 +388,8 @@ def explain_dataset(
         with contextlib.ExitStack() as held:
             if rank == 0:
                 try:
-                    todo = _open_or_create(zarr, out, settings, num_chunks, map_shape, metrics,
-                                           labels, held)
+                    todo = _open_or_create(zarr, out, settings, job.num_chunks, arrays,
+                                           job.labels, held)
                     message = [None, todo]
                 except (ValueError, TypeError, OSError) as error:
                     message = [error, None]
@@ -252,34 +397,40 @@ def explain_dataset(
                 dist.broadcast_object_list(message, src=0)
             if message[0] is not None:
                 raise message[0]
-            if rank == 0 and labels is not None and not labels.comparable:
-                warn_user(f"explain_dataset: the labels are {labels.note}; the mapping is in "
+            if rank == 0 and job.labels is not None and not job.labels.comparable:
+                warn_user(f"{name}: the labels are {job.labels.note}; the mapping is in "
                           f"the store's attributes (labels).")
             todo = message[1]
             group = zarr.open_group(str(out), mode="r+")
             mine = todo[rank::world]
+            metric_names = [key for key in arrays if _is_metric(key)]
             computed = _explain_chunks(
-                daam, dataset, group, mine, settings, target_table, metrics, device,
-                num_workers, progress and rank == 0, dtype, first[0],
-                "explain_dataset" if world == 1 else
-                f"explain_dataset, rank 0's share of {world} processes")
+                compute, job, group, mine, arrays, metric_names, device, num_workers,
+                progress and rank == 0,
+                name if world == 1 else f"{name}, rank 0's share of {world} processes")
             if world > 1:
                 dist.barrier()
             # Chunks complete before this run are read back, each by one rank (c % world).
             pending = set(todo)
-            stored = [c for c in range(rank, num_chunks, world) if c not in pending]
-            summary = _aggregate(group, metrics, computed, stored, batch_size, world, device,
-                                 labels is None or labels.comparable)
+            stored = [c for c in range(rank, job.num_chunks, world) if c not in pending]
+            means, summary = _aggregate(group, metric_names, computed, stored, job.batch_size,
+                                        world, device,
+                                        job.labels is None or job.labels.comparable)
             if rank == 0:
+                summary = summarise(means, summary)
                 group.attrs["summary"] = summary
                 if progress:
-                    print(_describe_summary(summary, out))
+                    print(_describe_summary(summary, out, name))
             if world > 1:
                 dist.barrier()
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
     return zarr.open_group(str(out), mode="r")
+
+
+def _is_metric(key: str) -> bool:
+    return key.split("/")[-2:-1] == ["metrics"]
 
 
 # ---- checks made before any work ---------------------------------------------------------
@@ -444,11 +595,12 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-def _as_dataset(dataset: Any, daam: DAAM) -> Any:
+def _as_dataset(dataset: Any, model: nn.Module, inner: nn.Module) -> Any:
     """A map-style dataset of tuples: a folder of class folders becomes an
     :class:`~captum_daam.data.ImageFolderImages`, a Hugging Face Dataset (or a folder written
     by its ``save_to_disk``) a :class:`~captum_daam.data.HuggingFaceImages`, both with the
-    model's timm transform and its class names."""
+    timm transform of ``inner`` (the ViT inside the model) and the model's class names."""
+    from ._images import timm_preprocessing
     from .data import HuggingFaceImages, ImageFolderImages, load_hugging_face_folder
 
     if isinstance(dataset, (str, os.PathLike)):
@@ -458,11 +610,12 @@ def _as_dataset(dataset: Any, daam: DAAM) -> Any:
                              f"which is not a folder.")
         loaded = load_hugging_face_folder(root)
         if loaded is None:
-            return ImageFolderImages(root, _timm_transform(daam), _model_classes(daam))
+            return ImageFolderImages(root, timm_preprocessing(inner),
+                                     _model_classes(model, inner))
         dataset = loaded
     if type(dataset).__module__.split(".")[0] == "datasets":
-        return HuggingFaceImages(dataset, _timm_transform(daam),
-                                 model_classes=_model_classes(daam))
+        return HuggingFaceImages(dataset, timm_preprocessing(inner),
+                                 model_classes=_model_classes(model, inner))
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise TypeError(
             f"Expected a map-style dataset (with __getitem__ and __len__), an image folder or "
@@ -471,26 +624,50 @@ def _as_dataset(dataset: Any, daam: DAAM) -> Any:
     return dataset
 
 
-def _model_classes(daam: DAAM) -> Optional[List[List[str]]]:
-    """The class names of the explained model (the forward function's, where it says)."""
-    forward = daam.forward_func
-    names = model_class_names(forward) if isinstance(forward, nn.Module) else None
-    return names if names is not None else model_class_names(daam.adapter.model)
+def _model_classes(model: nn.Module, inner: nn.Module) -> Optional[List[List[str]]]:
+    """The class names of the explained model (the outer module's, where it says)."""
+    names = model_class_names(model)
+    return names if names is not None else model_class_names(inner)
 
 
-def _timm_transform(daam: DAAM) -> Any:
-    """Float RGB images in [0, 1] to the model's input, by its timm data config."""
-    from ._images import timm_preprocessing
+def _inner_model(method: Method) -> nn.Module:
+    """The ViT inside the model (DAAM's adapter's), for its timm data config."""
+    adapter = getattr(method.attribution, "adapter", None)
+    return adapter.model if adapter is not None else method.model
 
-    return timm_preprocessing(daam.adapter.model)
 
-
-def _model_device(daam: DAAM) -> torch.device:
+def _model_device(model: nn.Module) -> torch.device:
     """The model's device; a model on the meta device (no values) is refused, as
     :meth:`DAAM.attribute` refuses it."""
-    daam._check_model_has_values()
-    parameter = next(iter(daam.adapter.model.parameters()), None)
+    parameter = next(iter(model.parameters()), None)
+    if parameter is not None and parameter.is_meta:
+        raise ValueError(
+            "Expected a model with values, got one on the meta device (built without "
+            "weights); load or materialise its weights first (e.g. model.to_empty(device=...) "
+            "and load_state_dict).")
     return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _as_method(attribution: Any, model: Optional[nn.Module], return_flow: bool,
+               internal_batch_size: Optional[int],
+               attribute_kwargs: Optional[Dict[str, Any]]) -> Method:
+    method = as_method(attribution, model, return_flow, internal_batch_size, attribute_kwargs)
+    if method.is_daam:
+        method.attribution._check_model_has_values()
+    return method
+
+
+def _check_num_workers(num_workers: object) -> None:
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"Expected num_workers to be a non-negative int, got {num_workers!r}.")
+
+
+def _check_dtype(dtype: object) -> None:
+    if dtype not in _DTYPES:
+        raise ValueError(
+            f"Expected dtype to be one of {', '.join(map(str, _DTYPES))} (zarr has no "
+            f"bfloat16), got {dtype!r}."
+        )
 
 
 # ---- the settings the values depend on ---------------------------------------------------
@@ -502,15 +679,9 @@ def _package_version() -> str:
     return __version__
 
 
-def _explained_module(daam: DAAM) -> nn.Module:
-    forward = daam.forward_func
-    return forward if isinstance(forward, nn.Module) else daam.adapter.model
-
-
-def _model_identity(daam: DAAM) -> Dict[str, str]:
+def _model_identity(module: nn.Module) -> Dict[str, str]:
     """The explained module's class and a SHA-256 of its state dict (names, dtypes, shapes
     and values, in name order)."""
-    module = _explained_module(daam)
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
@@ -519,13 +690,6 @@ def _model_identity(daam: DAAM) -> Dict[str, str]:
     kind = type(module)
     return {"class": f"{kind.__module__}.{kind.__qualname__}", "state_dict_sha256":
             digest.hexdigest()}
-
-
-def _flow_blocks(daam: DAAM) -> List[int]:
-    """Positions of the flow's attention modules among the model's."""
-    modules = daam.adapter.attention_modules()
-    return [next(i for i, module in enumerate(modules) if module is layer)
-            for layer in daam.layer]
 
 
 def _dataset_identity(dataset: Any) -> Dict[str, Any]:
@@ -609,7 +773,7 @@ def _refuse_differences(path: Path, stored: Dict[str, Any], given: Dict[str, Any
 
 def _open_or_create(
     zarr: Any, path: Path, settings: Dict[str, Any], num_chunks: int,
-    map_shape: Tuple[int, ...], metrics: Sequence[str], labels: Optional[LabelMeaning],
+    arrays: Dict[str, "_ArraySpec"], labels: Optional[LabelMeaning],
     held: contextlib.ExitStack,
 ) -> List[int]:
     """Rank 0: open the store at ``path`` (checking its settings) or create it, and hold a
@@ -621,7 +785,7 @@ def _open_or_create(
     (same settings) or is refused (other settings)."""
     stored = _stored_settings(path)
     if stored is None:
-        if _create_whole(zarr, path, settings, num_chunks, map_shape, metrics, labels):
+        if _create_whole(zarr, path, settings, num_chunks, arrays, labels):
             held.enter_context(_shared_lock(path, clean=False))
             return list(range(num_chunks))
         stored = _stored_settings(path)
@@ -651,7 +815,7 @@ def _shown(value: Any, most: int = 100) -> str:
 
 def _create_whole(
     zarr: Any, path: Path, settings: Dict[str, Any], num_chunks: int,
-    map_shape: Tuple[int, ...], metrics: Sequence[str], labels: Optional[LabelMeaning],
+    arrays: Dict[str, "_ArraySpec"], labels: Optional[LabelMeaning],
 ) -> bool:
     """Create the store in a new folder beside ``path`` and rename it to ``path``. False when
     another run's store took the place first (this run's folder is removed again)."""
@@ -660,7 +824,7 @@ def _create_whole(
     building = path.parent / f"{_creation_prefix(path)}{socket.gethostname()}.{os.getpid()}." \
                              f"{uuid.uuid4().hex}"
     try:
-        _create(zarr, building, settings, num_chunks, map_shape, metrics, labels)
+        _create(zarr, building, settings, num_chunks, arrays, labels)
         try:
             os.rename(building, path)  # atomic; replaces an empty folder, never a full one
         except OSError as error:
@@ -728,13 +892,9 @@ def _shared_lock(path: Path, clean: bool):
 
 
 def _remove_temporaries(path: Path) -> None:
-    """zarr's temporaries in the store's own folders (the group's, and each array's metadata
+    """zarr's temporaries in the store's folders (the group's, and each array's metadata
     and chunk folders), named as zarr's LocalStore names them."""
-    folders = [path]
-    for name in _STORE_FOLDERS:
-        if (path / name).is_dir():
-            folders += [path / name, *(item for item in (path / name).rglob("*")
-                                       if item.is_dir())]
+    folders = [path, *(item for item in path.rglob("*") if item.is_dir())]
     for folder in folders:
         for item in folder.iterdir():
             if item.is_file() and _ZARR_TEMPORARY.fullmatch(item.name):
@@ -743,7 +903,7 @@ def _remove_temporaries(path: Path) -> None:
 
 def _create(
     zarr: Any, path: Path, settings: Dict[str, Any], num_chunks: int,
-    map_shape: Tuple[int, ...], metrics: Sequence[str], labels: Optional[LabelMeaning],
+    arrays: Dict[str, "_ArraySpec"], labels: Optional[LabelMeaning],
 ) -> None:
     """The group, its arrays and its attributes (the settings, and what the labels mean)."""
     attributes: Dict[str, Any] = {"captum_daam_format": FORMAT_VERSION}
@@ -751,21 +911,15 @@ def _create(
         attributes["labels"] = labels.describe()
     group = zarr.open_group(str(path), mode="w", attributes=attributes)
     n, chunk = settings["examples"], settings["batch_size"]
-    example = ("example",)
-
-    def per_example(name: str, dtype: str, fill: Any) -> None:
-        group.create_array(name, shape=(n,), chunks=(chunk,), dtype=dtype, fill_value=fill,
-                           dimension_names=example)
-
-    group.create_array("maps", shape=(n, *map_shape), chunks=(chunk, *map_shape),
-                       dtype=settings["dtype"], fill_value=0,
-                       dimension_names=("example", "block", "row", "column"))
-    per_example("targets", "int64", -1)
-    per_example("predictions", "int64", -1)
-    per_example("scores", "float32", float("nan"))
-    per_example("labels", "int64", -1)
-    for name in metrics:
-        per_example(f"metrics/{name}", "float32", float("nan"))
+    shared = {"targets": _ArraySpec((), "int64", -1), "predictions": _ArraySpec((), "int64", -1),
+              "scores": _ArraySpec((), "float32", float("nan")),
+              "labels": _ArraySpec((), "int64", -1)}
+    for name, spec in {**shared, **arrays}.items():
+        dims = ("chunk",) if spec.per_chunk else ("example",)
+        group.create_array(name, shape=((num_chunks,) if spec.per_chunk else (n,)) + spec.shape,
+                           chunks=(1 if spec.per_chunk else chunk,) + spec.shape,
+                           dtype=spec.dtype, fill_value=spec.fill,
+                           dimension_names=dims + (spec.dims or ()))
     group.create_array("complete", shape=(num_chunks,), chunks=(1,), dtype="bool",
                        fill_value=False, dimension_names=("chunk",))
     group.attrs["settings"] = settings
@@ -818,52 +972,35 @@ class _Collate:
 
 
 def _explain_chunks(
-    daam: DAAM, dataset: Any, group: Any, chunks: List[int], settings: Dict[str, Any],
-    target_table: Optional[Tensor], metrics: Sequence[str], device: torch.device,
-    num_workers: int, progress: bool, dtype: torch.dtype, like: Tensor,
-    description: str = "explain_dataset",
+    compute: Callable[..., Dict[str, Tensor]], job: "_Job", group: Any, chunks: List[int],
+    arrays: Dict[str, "_ArraySpec"], metric_names: Sequence[str], device: torch.device,
+    num_workers: int, progress: bool, description: str,
 ) -> Tensor:
     """Explain and write ``chunks``; returns their summary totals (:func:`_totals`)."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    n, size = settings["examples"], settings["batch_size"]
+    n, size = job.num_examples, job.batch_size
     batches = [list(range(c * size, min(n, (c + 1) * size))) for c in chunks]
-    loader = DataLoader(_Indexed(dataset), batch_sampler=batches, num_workers=num_workers,
-                        collate_fn=_Collate(like), pin_memory=device.type == "cuda",
+    loader = DataLoader(_Indexed(job.dataset), batch_sampler=batches, num_workers=num_workers,
+                        collate_fn=_Collate(job.first[0]), pin_memory=device.type == "cuda",
                         worker_init_fn=_quiet_on_sigterm if num_workers else None)
-    arrays = {name: group[name] for name in _ARRAYS}
-    arrays.update({f"metrics/{name}": group[f"metrics/{name}"] for name in metrics})
+    handles = {name: group[name] for name in (*_SHARED, *arrays, "complete")}
+    per_chunk = {name for name, spec in arrays.items() if spec.per_chunk}
     bar = tqdm(total=sum(map(len, batches)), desc=description, unit="image",
                disable=not progress)
-    writer = _ChunkWriter(arrays)
-    totals = torch.zeros(len(metrics) + 3, dtype=torch.float64)
+    writer = _ChunkWriter(handles, per_chunk)
+    totals = torch.zeros(2 * len(metric_names) + 3, dtype=torch.float64)
     try:
         for chunk, (images, labels, masks) in zip(chunks, loader):
             start, stop = chunk * size, chunk * size + len(images)
             images = images.to(device, non_blocking=True)
-            if settings["target"] == "label":
-                targets = labels.to(device)
-            elif target_table is not None:
-                targets = target_table[start:stop].to(device)
-            else:
-                targets = None
-            flow, logits = _attribute_with_scores(daam, images, targets, settings)
-            targets = logits.argmax(1) if targets is None else targets
-            final = flow[:, -1:]
-            values = {
-                "maps": flow if settings["return_flow"] else final,
-                "targets": targets,
-                "predictions": logits.argmax(1),
-                "scores": logits.float().softmax(1).gather(1, targets[:, None])[:, 0],
-                "labels": labels,
-            }
-            for name in metrics:
-                values[f"metrics/{name}"] = _metric(name, daam, images, final, targets, masks)
-            values["maps"] = values["maps"].to(dtype)
+            targets = job.targets(labels, slice(start, stop), device)
+            values = compute(images, targets, masks, chunk)
+            values["labels"] = labels
             stored = {name: value.detach().cpu().numpy() for name, value in values.items()}
             writer.put(chunk, slice(start, stop), stored)
-            totals += _totals(stored, metrics)
+            totals += _totals(stored, metric_names)
             bar.update(len(images))
         writer.close()
     finally:
@@ -892,11 +1029,11 @@ class _ChunkWriter:
     one's completion bit after its arrays; the first error stops the writing (nothing is
     written after it, as after a kill) and is raised in the caller's thread."""
 
-    def __init__(self, arrays: Dict[str, Any]) -> None:
+    def __init__(self, arrays: Dict[str, Any], per_chunk: Any = ()) -> None:
         import queue
         import threading
 
-        self.arrays, self.error = arrays, None
+        self.arrays, self.per_chunk, self.error = arrays, set(per_chunk), None
         self.queue: Any = queue.Queue(maxsize=2)
         self.thread = threading.Thread(target=self._run, name="explain_dataset-writer",
                                        daemon=True)
@@ -912,7 +1049,7 @@ class _ChunkWriter:
             chunk, rows, values = item
             try:
                 for name, value in values.items():
-                    self.arrays[name][rows] = value
+                    self.arrays[name][chunk if name in self.per_chunk else rows] = value
                 self.arrays["complete"][chunk] = True  # last: the chunk's values are in place
             except BaseException as error:  # raised again in the caller's thread
                 self.error = error
@@ -934,10 +1071,11 @@ class _ChunkWriter:
 
 
 def _attribute_with_scores(
-    daam: DAAM, images: Tensor, targets: Optional[Tensor], settings: Dict[str, Any]
+    method: Method, images: Tensor, targets: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor]:
-    """DAAM's flow and the class scores of the same forward pass (read by a forward hook,
+    """DAAM's maps and the class scores of the same forward pass (read by a forward hook,
     removed afterwards; a forward function that is not a module is run once more)."""
+    daam = method.attribution
     outputs: List[Tensor] = []
     module = daam.forward_func
     handle = None
@@ -945,36 +1083,103 @@ def _attribute_with_scores(
         handle = module.register_forward_hook(
             lambda _module, _args, output: outputs.append(daam._scores(output).detach()))
     try:
-        flow = daam.attribute(images, target=targets, return_flow=True,
-                              internal_batch_size=settings["internal_batch_size"])
+        maps = method.explain(images, targets)
     finally:
         if handle is not None:
             handle.remove()
     if handle is None:
         with torch.no_grad():
             outputs.append(daam._scores(module(images)))
-    return flow, torch.cat(outputs)
+    return maps, torch.cat(outputs)
 
 
-def _metric(name: str, daam: DAAM, images: Tensor, final: Tensor, targets: Tensor,
-            masks: Optional[Tensor]) -> Tensor:
-    from . import metrics
+def _logits(model: nn.Module, images: Tensor) -> Tensor:
+    """The model's class scores (one forward pass without gradients)."""
+    from ._outputs import scores_in_output
 
-    if name == "pointing_game":
-        return metrics.pointing_game(final, masks).float()
-    if name == "energy_pointing_game":
-        return metrics.energy_pointing_game(final, masks).float()
-    curve = getattr(metrics, name)(daam.forward_func, images, final, target=targets)
-    return curve.auc.float()
+    with torch.no_grad():
+        output = model(images)
+    scores = output if isinstance(output, Tensor) else scores_in_output(output)
+    if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[0] != len(images):
+        raise ValueError(f"Expected the model to give ({len(images)}, classes) scores, got "
+                         f"{_describe(scores)}.")
+    return scores
 
 
-def _totals(values: Dict[str, Any], metrics: Sequence[str]) -> Tensor:
-    """Sums over some examples, as stored (dtypes of the store): each metric, then the
-    correct predictions, the examples with a label (>= 0), and the examples."""
-    totals = torch.zeros(len(metrics) + 3, dtype=torch.float64)
-    for index, name in enumerate(metrics):
-        totals[index] = float(np.asarray(values[f"metrics/{name}"], np.float32)
-                              .astype(np.float64).sum())
+def _explain_seeded(method: Method, images: Tensor, targets: Tensor, chunk: int) -> Tensor:
+    """The method's maps with torch's random generators seeded by the chunk, so that a
+    random method (NoiseTunnel) gives the same values in a resumed run."""
+    devices = [images.device.index or 0] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(chunk)
+        return method.explain(images, targets)
+
+
+def _clock(device: torch.device) -> float:
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _per_example(logits: Tensor, targets: Optional[Tensor]) -> Dict[str, Tensor]:
+    """The shared per-example arrays of a batch (all but the labels); targets None: the
+    predicted classes."""
+    targets = logits.argmax(1) if targets is None else targets
+    if targets.numel() and int(targets.max()) >= logits.shape[1]:
+        raise ValueError(f"Expected target classes below the model's {logits.shape[1]} "
+                         f"outputs, got {int(targets.max())}.")
+    return {
+        "targets": targets,
+        "predictions": logits.argmax(1),
+        "scores": logits.float().softmax(1).gather(1, targets[:, None])[:, 0],
+    }
+
+
+def _metric_values(prefix: str, names: Sequence[str], model: nn.Module, images: Tensor,
+                   final: Tensor, targets: Tensor, masks: Optional[Tensor]
+                   ) -> Dict[str, Tensor]:
+    """Per-example values of the metrics ``names`` (and the curves of curve metrics), keyed
+    by their arrays' names under ``prefix``."""
+    from . import metrics as m
+
+    values: Dict[str, Tensor] = {}
+    wanted = set(names)
+    if wanted & {"pixel_accuracy", "miou", "average_precision"}:
+        scores = m.segmentation(final, masks)
+        values.update(pixel_accuracy=scores.pixel_accuracy, miou=scores.iou,
+                      average_precision=scores.average_precision)
+    if wanted & {"average_drop", "increase_in_confidence"}:
+        change = m.confidence_change(model, images, final, target=targets)
+        values.update(average_drop=change.drop, increase_in_confidence=change.increase)
+    if "pointing_game" in wanted:
+        values["pointing_game"] = m.pointing_game(final, masks)
+    if "energy_pointing_game" in wanted:
+        values["energy_pointing_game"] = m.energy_pointing_game(final, masks)
+    out: Dict[str, Tensor] = {}
+    for name in names:
+        if name in ("deletion", "insertion"):
+            curve = getattr(m, name)(model, images, final, target=targets)
+            values[name], out[f"{prefix}curves/{name}"] = curve.auc, curve.probabilities
+        elif name in ("positive_perturbation", "negative_perturbation"):
+            curve = m.perturbation(model, images, final, target=targets,
+                                   positive=name.startswith("positive"))
+            values[name], out[f"{prefix}curves/{name}"] = curve.auc, curve.correct
+        out[f"{prefix}metrics/{name}"] = values[name].float()
+    return out
+
+
+def _totals(values: Dict[str, Any], metric_names: Sequence[str]) -> Tensor:
+    """Sums over some examples, as stored (dtypes of the store): each metric array's sum
+    and count of its finite values, then the correct predictions, the examples with a label
+    (>= 0), and the examples."""
+    totals = torch.zeros(2 * len(metric_names) + 3, dtype=torch.float64)
+    for index, name in enumerate(metric_names):
+        value = np.asarray(values[name], np.float32).astype(np.float64)
+        finite = np.isfinite(value)
+        totals[2 * index] = float(value[finite].sum())
+        totals[2 * index + 1] = float(finite.sum())
     labels, predictions = np.asarray(values["labels"]), np.asarray(values["predictions"])
     totals[-3] = float(((labels == predictions) & (labels >= 0)).sum())
     totals[-2] = float((labels >= 0).sum())
@@ -982,34 +1187,38 @@ def _totals(values: Dict[str, Any], metrics: Sequence[str]) -> Tensor:
     return totals
 
 
-def _aggregate(group: Any, metrics: Sequence[str], computed: Tensor, stored_chunks: List[int],
-               batch_size: int, world: int, device: torch.device, labels_are_classes: bool
-               ) -> Dict[str, Any]:
-    """The accuracy and the mean of each metric over all examples: this rank's totals of the
-    chunks it computed plus those of ``stored_chunks`` (complete before this run, read back),
-    summed over the ranks (all_reduce). No accuracy where the labels are not the model's
-    classes."""
+def _aggregate(group: Any, metric_names: Sequence[str], computed: Tensor,
+               stored_chunks: List[int], batch_size: int, world: int, device: torch.device,
+               labels_are_classes: bool) -> Tuple[Dict[str, float], Dict[str, Any]]:
+    """The accuracy and the mean of each metric array over all examples (its finite values):
+    this rank's totals of the chunks it computed plus those of ``stored_chunks`` (complete
+    before this run, read back), summed over the ranks (all_reduce). No accuracy where the
+    labels are not the model's classes."""
     totals = computed.clone()
     for chunk in stored_chunks:
         rows = slice(chunk * batch_size, (chunk + 1) * batch_size)
-        names = [f"metrics/{name}" for name in metrics] + ["labels", "predictions"]
-        totals += _totals({name: group[name][rows] for name in names}, metrics)
+        names = list(metric_names) + ["labels", "predictions"]
+        totals += _totals({name: group[name][rows] for name in names}, metric_names)
     if world > 1:
         carrier = totals.to(device) if dist.get_backend() == "nccl" else totals
         dist.all_reduce(carrier)
         totals = carrier.cpu()
-    count = int(totals[-1])
-    return {
-        "examples": count,
+    means = {name: float(totals[2 * i] / totals[2 * i + 1]) if totals[2 * i + 1] > 0
+             else float("nan") for i, name in enumerate(metric_names)}
+    return means, {
+        "examples": int(totals[-1]),
         "accuracy": float(totals[-3] / totals[-2]) if totals[-2] > 0 and labels_are_classes
         else None,
-        "metrics": {name: float(totals[i] / count) for i, name in enumerate(metrics)},
     }
 
 
-def _describe_summary(summary: Dict[str, Any], out: Any) -> str:
+def _describe_summary(summary: Dict[str, Any], out: Any, name: str = "explain_dataset") -> str:
     parts = [f"{summary['examples']} examples in {out}"]
     if summary["accuracy"] is not None:
         parts.append(f"accuracy {summary['accuracy']:.4f}")
-    parts += [f"{name} {value:.4f}" for name, value in summary["metrics"].items()]
-    return "explain_dataset: " + ", ".join(parts)
+    for key, value in summary.get("metrics", {}).items():
+        if isinstance(value, dict):
+            parts += [f"{key} {metric} {mean:.4f}" for metric, mean in value.items()]
+        else:
+            parts.append(f"{key} {value:.4f}")
+    return f"{name}: " + ", ".join(parts)

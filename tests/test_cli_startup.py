@@ -72,7 +72,8 @@ def test_every_public_name_is_importable_and_listed():
 
 
 def test_the_lazy_names_are_the_objects_of_their_modules():
-    from captum_daam import adapters, attr, dataset, decompose, image_text, ssl, token_grid
+    from captum_daam import (
+        adapters, attr, comparison, dataset, decompose, image_text, ssl, token_grid)
 
     defined_in = {"DAAM": attr, "AttentionRollout": attr, "GradientRollout": attr, "LeGrad": attr,
                   "MemoryBank": ssl, "TokenGrid": token_grid, "GenericAdapter": adapters,
@@ -82,7 +83,8 @@ def test_the_lazy_names_are_the_objects_of_their_modules():
                   "class_token_contributions": decompose,
                   "paper_display_mapping": decompose, "per_map_scaling": decompose,
                   "scale_flow": decompose, "shared_linear_scaling": decompose,
-                  "explain_dataset": dataset, "ImageTextSimilarity": image_text}
+                  "explain_dataset": dataset, "ImageTextSimilarity": image_text,
+                  "compare": comparison}
     assert set(defined_in) | {"metrics"} == set(captum_daam.__all__)
     for name, module in defined_in.items():
         assert getattr(captum_daam, name) is getattr(module, name)

@@ -20,6 +20,7 @@ from torchcam.metrics import ClassificationMetric
 from captum_daam.metrics import (
     SegmentationScores,
     bootstrap_interval,
+    bootstrap_intervals,
     confidence_change,
     paired_difference,
     perturbation,
@@ -605,3 +606,17 @@ def test_bootstrap_intervals_cover_the_true_mean_of_normal_samples():
 def test_bootstrap_refuses_bad_arguments(call, error, message):
     with pytest.raises(error, match=re.escape(message)):
         call()
+
+
+def test_bootstrap_intervals_of_columns_equal_each_columns_bootstrap_interval():
+    generator = torch.Generator().manual_seed(5)
+    columns = torch.rand(300, 4, generator=generator, dtype=torch.float64)
+    columns[7, 2] = float("nan")  # this column is resampled on its own
+    together = bootstrap_intervals(columns, confidence=0.9, resamples=700, seed=4)
+    for k in range(4):
+        alone = bootstrap_interval(columns[:, k], confidence=0.9, resamples=700, seed=4)
+        assert tuple(together[k]) == pytest.approx(tuple(alone), rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError, match="2-D"):
+        bootstrap_intervals(columns[:, 0])
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_intervals(columns, confidence=1.5)
