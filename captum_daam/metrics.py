@@ -13,14 +13,16 @@ torchcam 0.5.0 and Chefer et al.'s scripts in hila-chefer/Transformer-Explainabi
 - **Deletion / insertion** (Petsiuk et al. 2018): here. ``captum.metrics`` has only
   infidelity and sensitivity; pytorch-grad-cam's ROAD and confidence-change metrics perturb at
   one threshold, not along a curve; quantus has deletion only: ``PixelFlipping`` flips each
-  element (a colour channel of a pixel) as a feature, sorts unstably, leaves out the
-  unperturbed point and integrates over the step index with ``np.trapz``, which numpy 2.4 no
-  longer has (AttributeError); ``RegionPerturbation`` removes 8 x 8 patches ranked by their
-  summed attribution and records the drop of the score, not a curve of probabilities.
+  element (a colour channel of a pixel) as a feature, leaves out the unperturbed point, needs
+  its step to divide the pixel count, and its per-example AUC integrates over the step index
+  with ``np.trapz``, which numpy 2.4 no longer has (AttributeError); its curve equals
+  :func:`deletion`'s probabilities after step 0 for a one-channel map with zeros as baseline
+  (tests/test_metrics_quantus.py). ``RegionPerturbation`` removes 8 x 8 patches ranked by
+  their summed attribution and records the drop of the score, not a curve of probabilities.
 - **Positive / negative perturbation** (Chefer, Gur & Wolf, CVPR 2021): here. Their
   ``pertubation_eval_from_hdf5.py`` ranks pixels with ``torch.topk`` (ties in no set order),
   sets them to 0 before the normalisation and saves the hits per step; no library above has
-  this accuracy curve.
+  this accuracy curve (quantus' PixelFlipping gives its probabilities, tested).
 - **ImageNet-segmentation scores** (Chefer et al. 2021, ``imagenet_seg_eval.py``): here,
   without sklearn (their average precision is ``sklearn.metrics.average_precision_score``).
   quantus' localisation ``AUC`` is the ROC AUC of the raw map, and it has no IoU.
@@ -28,20 +30,23 @@ torchcam 0.5.0 and Chefer et al.'s scripts in hila-chefer/Transformer-Explainabi
   here, as torchcam's ``ClassificationMetric`` computes them (without its 1e-7 and 1e-8
   guards, and leaving the model's mode alone); pytorch-grad-cam's ``DropInConfidence`` is the
   plain difference max(0, Y - O), not divided by Y, of the logit by default.
-- **Pointing game** (Zhang et al. 2018): here. quantus' ``PointingGame`` has no tolerance,
-  counts an image with an empty mask as a hit (it stores NaN into a bool array) and a constant
-  map as a hit (every pixel is a maximum).
-- **Energy-based pointing game** (Wang et al. 2020): here. quantus' ``RelevanceMassAccuracy``
+- **Pointing game** (Zhang et al. 2018): here; equal to quantus' ``PointingGame`` on maps
+  with one maximum and non-empty masks (tested). quantus has no tolerance, counts an image
+  with an empty mask as a hit (it stores NaN into a bool array), a constant map as a hit
+  (every pixel is a maximum), and any tied maximum on the object as a hit.
+- **Energy-based pointing game** (Wang et al. 2020): here; equal to quantus'
+  ``AttributionLocalisation(abs=False, positive_attributions=True)`` but for an empty mask
+  (NaN there), and to ``RelevanceMassAccuracy`` on non-negative maps (tested); the latter
   divides the signed attribution (no ReLU: values outside [0, 1]) and gives NaN for a zero map.
-- **Model randomisation** (Adebayo et al. 2018): here. quantus' ``MPRT`` re-initialises every
-  module that has ``reset_parameters`` one after another (each Linear and LayerNorm is a
-  "layer"; a ViT's class token and position embedding never change), reseeds the global RNG
-  and needs scipy.
+- **Model randomisation** (Adebayo et al. 2018): here; the first step equals quantus'
+  ``MPRT`` (tested). ``MPRT`` re-initialises every module that has ``reset_parameters`` one
+  after another (each Linear and LayerNorm is a "layer"; a ViT's class token and position
+  embedding never change), reseeding the global RNG with the same seed for each.
 - **Bootstrap intervals** of a mean and of a paired difference of means (Efron's percentile
   bootstrap): here, in torch; ``scipy.stats.bootstrap`` would bring scipy.
 
 quantus would also bring pandas, opencv-python, scikit-image, scikit-learn and scipy (about
-0.5 GB) and works on numpy arrays on the CPU; so no metric here depends on it.
+0.5 GB) and works on numpy arrays on the CPU; so no metric here depends on it (the tests do).
 """
 
 import copy

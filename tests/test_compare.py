@@ -400,3 +400,39 @@ def test_command_line_errors_are_one_line_and_write_nothing(tmp_path, capsys):
         error = capsys.readouterr().err
         assert code == 2 and error.count("\n") == 1 and message in error, error
         assert not out.exists()
+
+
+def test_a_partial_store_reports_its_complete_chunks_and_says_so(model, tmp_path):
+    data = FailingShapes(9, seed=5)
+    data.fail_at = 7
+    out = tmp_path / "partial.zarr"
+    with pytest.raises(RuntimeError, match="injected"):
+        compare(model, data, ["daam", "random"], metrics=("deletion",), out=out,
+                batch_size=3, dtype=torch.float32, progress=False)
+    result = report(out, resamples=200)
+    assert result["examples"] == 6 and result["of_examples"] == 9
+    stored = zarr.open_group(str(out), mode="r")["methods/daam/metrics/deletion"][:6]
+    row = next(row for row in result["rows"] if row["method"] == "daam")
+    assert row["deletion"]["mean"] == pytest.approx(float(stored.astype(np.float64).mean()))
+    assert "(of 9: the store is partial)" in (out / "report" / "compare.md").read_text()
+
+
+def test_the_default_methods_leave_out_those_that_refuse_the_model(tmp_path):
+    import timm
+
+    pooled = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                               patch_size=8, depth=2, num_classes=5, class_token=False,
+                               global_pool="avg").eval()
+    images = torch.rand(4, 3, 32, 32)
+    data = [(image, index % 5) for index, image in enumerate(images)]
+    with pytest.warns(UserWarning, match="left out rollout"):
+        store = compare(pooled, data, metrics=(), out=tmp_path / "c.zarr", batch_size=2,
+                        progress=False, resamples=50)
+    kept = sorted(store["methods"].group_keys())
+    assert "rollout" not in kept and "gradient-rollout" not in kept
+    assert {"daam", "gradcam", "saliency", "random", "occlusion",
+            "integrated-gradients"} <= set(kept)
+    with pytest.raises(TypeError, match="method 'rollout'"):
+        compare(pooled, data, ["daam", "rollout"], metrics=(), out=tmp_path / "n.zarr",
+                progress=False)
+    assert not (tmp_path / "n.zarr").exists()
