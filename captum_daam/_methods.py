@@ -76,7 +76,14 @@ class Method:
             raise ValueError(
                 f"Expected return_flow=False for {_describe(attribution)}: only DAAM has a "
                 f"flow of block maps.")
+        if internal_batch_size is not None and not self.is_daam:
+            raise ValueError(
+                f"Expected internal_batch_size=None for {_describe(attribution)}: it is "
+                f"DAAM's; give other attributions theirs in attribute_kwargs (e.g. "
+                f"IntegratedGradients' internal_batch_size, Occlusion's "
+                f"perturbations_per_eval).")
         self.return_flow, self.internal_batch_size = bool(return_flow), internal_batch_size
+        self.flow_length: Optional[int] = None  # DAAM's, once it has run
         reserved = {"target", "inputs", "return_flow", "internal_batch_size"} & set(self.kwargs) \
             if self.is_daam else {"target", "inputs"} & set(self.kwargs)
         if reserved:
@@ -89,6 +96,7 @@ class Method:
             maps = self.attribution.attribute(
                 images, target=targets, return_flow=True,
                 internal_batch_size=self.internal_batch_size, **self.kwargs)
+            self.flow_length = maps.shape[1]
             return maps if self.return_flow else maps[:, -1:]
         if hasattr(self.attribution, "attribute"):
             maps = self.attribution.attribute(images, target=targets, **self.kwargs)
@@ -109,7 +117,13 @@ class Method:
         return maps.float() if not maps.is_floating_point() else maps
 
     def settings(self) -> Dict[str, Any]:
-        """The method and its arguments, as a store's settings hold them."""
+        """The method and what its maps depend on besides the model and the data, as a
+        store's settings hold them: its class (and the class it wraps), its layer or layers
+        (by their names in the model), whether it multiplies by the inputs, its forward
+        function where that is not the model, a callable's description, and the arguments
+        of its calls."""
+        from .data import stable_repr
+
         attribution = self.attribution
         described: Dict[str, Any] = {"class": _qualified_name(attribution)}
         if self.is_daam:
@@ -119,13 +133,20 @@ class Method:
         inner = getattr(attribution, "attribution_method", None)
         if inner is not None:  # NoiseTunnel
             described["wraps"] = _qualified_name(inner)
-            attribution = inner
-        layer = getattr(attribution, "layer", None)
-        if isinstance(layer, nn.Module) and not self.is_daam:
-            described["layer"] = _module_name(self.model, layer)
+        for part in (attribution, inner):
+            layer = getattr(part, "layer", None)
+            if isinstance(layer, nn.Module):
+                described["layer"] = _module_name(self.model, layer)
+            elif isinstance(layer, (list, tuple)) and not self.is_daam:
+                described["layer"] = [_module_name(self.model, module) for module in layer]
+        multiplies = getattr(inner or attribution, "_multiply_by_inputs", None)
+        if isinstance(multiplies, bool):
+            described["multiplies_by_inputs"] = multiplies
+        forward = getattr(attribution, "forward_func", None)
+        if forward is not None and forward is not self.model:
+            described["forward_func"] = _model_identity(forward) \
+                if isinstance(forward, nn.Module) else stable_repr(forward)
         if not hasattr(self.attribution, "attribute"):
-            from .data import stable_repr
-
             described["callable"] = stable_repr(self.attribution)
         described["arguments"] = _jsonable(self.kwargs)
         return described
@@ -195,8 +216,10 @@ def named_method(name: str, model: nn.Module, grid: Tuple[int, int],
         channels, height, width = image_shape
         window = (channels, max(1, height // grid[0]), max(1, width // grid[1]))
         stride = (channels, max(1, window[1] // 2), max(1, window[2] // 2))
+        # Captum runs perturbations_per_eval x batch images per forward pass
         return Occlusion(model), {"sliding_window_shapes": window, "strides": stride,
-                                  "baselines": 0.0, "perturbations_per_eval": 64}
+                                  "baselines": 0.0,
+                                  "perturbations_per_eval": max(1, 256 // batch_size)}
     if name == "random":
         return RandomMaps(grid), {}
     raise ValueError(f"Expected a method among {', '.join(METHOD_NAMES)}, got {name!r}.")
@@ -224,6 +247,12 @@ def last_block_input(model: nn.Module) -> nn.Module:
         f"Expected a norm in the last block ({names.get(id(block), type(block).__name__)}) "
         f"of this model for gradcam; give LayerGradCam(model, TokenGrid(model, layer)) "
         f"with the layer to read instead.")
+
+
+def _model_identity(module: nn.Module) -> Dict[str, str]:
+    from .dataset import _model_identity as identity
+
+    return identity(module)
 
 
 def _parents(model: nn.Module):

@@ -139,9 +139,10 @@ def compare(
     ds.refuse_other_settings(out, {key: value for key, value in known.items()
                                    if value is not ds._UNKNOWN})
     job = ds._Job.prepare(dataset, model, _inner(model), target, metrics, batch_size)
-    grid = _patch_grid(model, job, device)
-    built = _build_methods(specs, model, grid, tuple(job.first[0].shape), batch_size,
-                           return_flow, explicit=not _is_default(methods))
+    grid = _patch_grid(model, job, device)  # DAAM's checks of the images and the model first
+    job.check_targets(model, device)
+    built, probes = _build_methods(specs, model, job, device, grid, batch_size, return_flow,
+                                   explicit=not _is_default(methods))
     settings = {
         **ds.argument_settings(batch_size, None, job.target_spec, return_flow, dtype,
                                metrics),
@@ -155,7 +156,7 @@ def compare(
     arrays: Dict[str, Any] = {}
     block_metrics = [name for name in metrics if name in _BLOCK_METRICS]
     for name, method in built.items():
-        probe = job.probe(method, device)
+        probe = probes[name]
         prefix = f"methods/{name}/"
         arrays[prefix + "maps"] = ds._maps_array(probe.shape[1:], settings["dtype"])
         arrays.update(ds._metric_arrays(prefix, metrics))
@@ -258,6 +259,9 @@ def report(store: Union[str, os.PathLike, Any], out: Optional[Union[str, os.Path
     metrics = list(settings["metrics"])
     complete = np.asarray(group["complete"][:])
     rows_done = _complete_rows(complete, settings["batch_size"], settings["examples"])
+    if not len(rows_done):
+        raise ValueError(f"Expected a store with at least one complete chunk to report, got "
+                         f"{path}, which has none yet; run compare on it to fill it.")
     if reference is None:
         reference = next((name for name in names if methods[name]["class"].endswith(".DAAM")),
                          names[0])
@@ -348,25 +352,43 @@ def _method_specs(methods: Any) -> Dict[str, Any]:
     return specs
 
 
-def _build_methods(specs: Dict[str, Any], model: nn.Module, grid: Any, image_shape: tuple,
-                   batch_size: int, return_flow: bool, explicit: bool) -> Dict[str, Method]:
+def _build_methods(specs: Dict[str, Any], model: nn.Module, job: Any, device: torch.device,
+                   grid: Any, batch_size: int, return_flow: bool, explicit: bool):
+    """Each method built and run on the first example (its maps' shape); a method that
+    refuses the model, at construction or when it runs, is an error when the methods were
+    named, and left out with a warning when they are the defaults."""
     built: Dict[str, Method] = {}
+    probes: Dict[str, Tensor] = {}
     for name, spec in specs.items():
         try:
             if isinstance(spec, str):
-                spec = named_method(spec, model, grid, image_shape, batch_size)
+                spec = named_method(spec, model, grid, tuple(job.first[0].shape), batch_size)
             method = as_method(spec, model)
+            _check_forward(method, model)
+            if method.is_daam and return_flow:
+                method.return_flow = True
+            probes[name] = job.probe(method, device)
         except (TypeError, ValueError) as error:
             if explicit:
                 raise type(error)(f"method {name!r}: {str(error).splitlines()[0]}") from error
             warn_user(f"compare: left out {name}: {str(error).splitlines()[0]}")
             continue
-        if method.is_daam and return_flow:
-            method.return_flow = True
         built[name] = method
     if not built:
         raise ValueError("Expected at least one method that takes this model, got none.")
-    return built
+    return built, probes
+
+
+def _check_forward(method: Method, model: nn.Module) -> None:
+    """An attribution object must explain ``model`` itself: its forward function is the
+    model whose predictions and metrics the store holds (a callable is the user's to say)."""
+    forward = getattr(method.attribution, "forward_func", None)
+    if hasattr(method.attribution, "attribute") and forward is not model:
+        raise ValueError(
+            f"Expected an attribution built on the compared model (forward_func is model), "
+            f"got a {type(method.attribution).__name__} whose forward function is "
+            f"{type(forward).__name__}; build it on the model given to compare, or give a "
+            f"callable (images, targets) -> maps.")
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -382,13 +404,14 @@ def _inner(model: nn.Module) -> nn.Module:
 def _patch_grid(model: nn.Module, job: Any, device: torch.device) -> tuple:
     """The model's patch grid (DAAM's final map of the first example), or the image size
     over 16 for a model DAAM does not take."""
-    try:
-        from .attr import DAAM
+    from .attr import DAAM
 
-        return tuple(job.probe(as_method(DAAM(model), model), device).shape[-2:])
-    except (TypeError, ValueError):
+    try:
+        daam = DAAM(model)
+    except TypeError:
         height, width = job.first[0].shape[-2:]
         return (max(1, height // 16), max(1, width // 16))
+    return tuple(job.probe(as_method(daam, model), device).shape[-2:])
 
 
 def _rank() -> int:

@@ -196,8 +196,8 @@ def explain_dataset(
     Returns:
         *zarr.Group*: the store, opened read-only; ``group["maps"][i]`` reads example i
         lazily as a numpy array, ``group["seconds"][c]`` the seconds chunk c took to
-        explain (maps, predictions; not the metrics), ``group.attrs["summary"]`` holds
-        ``examples``, the
+        explain (the maps and the predictions, not the metrics),
+        ``group.attrs["summary"]`` holds ``examples``, the
         ``accuracy`` of the predictions against the labels and the mean of each metric
         over all N examples (read back from the store, so a resumed run counts every
         example, not only those it computed).
@@ -250,9 +250,13 @@ def explain_dataset(
     refuse_other_settings(out, settings)
 
     # One example through the method: the maps' shape (and any error about the model).
+    if not method.is_daam:  # DAAM checks the images and the model itself, first
+        job.check_targets(method.model, device)
     probe = job.probe(method, device)
     if method.is_daam:
-        settings.update(blocks=probe.shape[1])
+        job.check_targets(method.model, device)
+    if method.is_daam:
+        settings.update(blocks=method.flow_length)
     settings["grid"] = list(probe.shape[-2:])
     arrays = {"maps": _maps_array(probe.shape[1:], settings["dtype"]),
               "seconds": _ArraySpec((), "float64", float("nan"), per_chunk=True)}
@@ -267,11 +271,10 @@ def explain_dataset(
         else:
             values = _per_example(_logits(method.model, images), targets)
             maps = _explain_seeded(method, images, values["targets"], chunk)
-        targets = values["targets"]
+        values["seconds"] = torch.tensor(_clock(device) - started, dtype=torch.float64)
         values["maps"] = maps.to(dtype)
         values.update(_metric_values("", metrics, method.model, images, maps[:, -1:],
-                                     targets, masks))
-        values["seconds"] = torch.tensor(_clock(device) - started, dtype=torch.float64)
+                                     values["targets"], masks))
         return values
 
     def summarise(means: Dict[str, float], summary: Dict[str, Any]) -> Dict[str, Any]:
@@ -351,9 +354,23 @@ class _Job:
     def first_image(self, device: torch.device) -> Tensor:
         return self.first[0].unsqueeze(0).to(device)
 
+    def check_targets(self, model: nn.Module, device: torch.device) -> None:
+        """Refuse, before any work, fixed targets (an int, one per example, the first
+        example's label) that the model's scores do not have."""
+        if self.target_spec == "predicted":
+            return
+        classes = _logits(model, self.first[0].unsqueeze(0).to(device)).shape[1]
+        if self.target_table is not None:
+            highest = int(self.target_table.max()) if len(self.target_table) else -1
+        else:
+            highest = self.first[1] if self.target_spec == "label" else -1
+        if highest >= classes:
+            raise ValueError(f"Expected target classes below the model's {classes} outputs, "
+                             f"got {highest}.")
+
     def probe(self, method: Method, device: torch.device) -> Tensor:
         """The method's maps of the first example (their shape; any error about the model
-        before the store is made)."""
+        before the store is made), with torch's random generators left as they were."""
         image = self.first[0].unsqueeze(0).to(device)
         if self.target_spec == "label":
             target = torch.tensor([self.first[1]], device=device)
@@ -361,7 +378,7 @@ class _Job:
             target = self.target_table[:1].to(device)
         else:
             target = None if method.is_daam else _logits(method.model, image).argmax(1)
-        return method.explain(image, target)
+        return _explain_seeded(method, image, target, 0)
 
     def targets(self, labels: Tensor, rows: slice, device: torch.device) -> Optional[Tensor]:
         """The batch's targets, or None for the predicted classes."""
@@ -1109,7 +1126,7 @@ def _logits(model: nn.Module, images: Tensor) -> Tensor:
 def _explain_seeded(method: Method, images: Tensor, targets: Tensor, chunk: int) -> Tensor:
     """The method's maps with torch's random generators seeded by the chunk, so that a
     random method (NoiseTunnel) gives the same values in a resumed run."""
-    devices = [images.device.index or 0] if images.device.type == "cuda" else []
+    devices = list(range(torch.cuda.device_count())) if images.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(chunk)
         return method.explain(images, targets)

@@ -324,8 +324,12 @@ def test_refusals_before_any_work(model, shapes, tmp_path):
         (dict(metrics=("accuracy",)), ValueError, "metrics among"),
         (dict(dataset=[(image, label) for image, label, _ in [shapes[0], shapes[1]]],
               metrics=("miou",)), ValueError, "mask"),
-        (dict(methods={"gr": GradientRollout(tiny_vit(pretrained=False)), "d": "daam"},
-              batch_size=0), ValueError, "batch_size"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(methods={"gr": GradientRollout(tiny_vit(pretrained=False)), "d": "daam"}),
+         ValueError, "method 'gr': Expected an attribution built on the compared model"),
+        (dict(target=5), ValueError, "below the model's 5 outputs"),
+        (dict(methods=["rollout", "random"], target=[0] * 9 + [7]), ValueError,
+         "below the model's 5 outputs, got 7"),
     ]
     for changed, kind, message in cases:
         arguments = dict(dataset=shapes, methods=["daam"], progress=False)
@@ -436,3 +440,60 @@ def test_the_default_methods_leave_out_those_that_refuse_the_model(tmp_path):
         compare(pooled, data, ["daam", "rollout"], metrics=(), out=tmp_path / "n.zarr",
                 progress=False)
     assert not (tmp_path / "n.zarr").exists()
+
+
+def test_what_the_maps_depend_on_is_in_the_settings(model, shapes, tmp_path):
+    """A resumed store refuses a method built otherwise: its layer, whether it multiplies by
+    the inputs, its forward function."""
+    out = tmp_path / "s.zarr"
+    for first, second, difference in [
+        (AttentionRollout(model), AttentionRollout(model, layer=[block.attn for block in model.blocks[3:]]),
+         "method.layer"),
+        (IntegratedGradients(model), IntegratedGradients(model, multiply_by_inputs=False),
+         "method.multiplies_by_inputs"),
+        (Saliency(model), Saliency(lambda x: model(x).softmax(-1)), "method.forward_func"),
+    ]:
+        kwargs = {"n_steps": 2} if isinstance(first, IntegratedGradients) else {}
+        explain_dataset(first, shapes, out, batch_size=5, model=model,
+                        attribute_kwargs=kwargs, progress=False)
+        with pytest.raises(ValueError, match=difference):
+            explain_dataset(second, shapes, out, batch_size=5, model=model,
+                            attribute_kwargs=kwargs, progress=False)
+        import shutil
+
+        shutil.rmtree(out)
+    with pytest.raises(ValueError, match="internal_batch_size"):
+        explain_dataset(Saliency(model), shapes, out, internal_batch_size=2, progress=False)
+    assert not out.exists()
+
+
+def test_a_target_out_of_range_leaves_no_store(model, shapes, tmp_path):
+    out = tmp_path / "never.zarr"
+    for attribution, target in [(RandomMaps((8, 8)), 9), (DAAM(model), [0] * 9 + [5]),
+                                (AttentionRollout(model), 5)]:
+        with pytest.raises(ValueError, match="below the model's 5 outputs"):
+            explain_dataset(attribution, shapes, out, model=model, target=target,
+                            progress=False)
+        assert not out.exists()
+
+
+def test_the_default_methods_leave_out_a_method_that_refuses_when_it_runs(tmp_path):
+    import timm
+
+    pit = timm.create_model("pit_ti_224", pretrained=False, img_size=64, num_classes=3).eval()
+    data = [(torch.rand(3, 64, 64), index % 3) for index in range(2)]
+    with pytest.warns(UserWarning, match="left out gradient-rollout: GradientRollout multiplies"):
+        store = compare(pit, data, metrics=(), out=tmp_path / "c.zarr", batch_size=2,
+                        progress=False, resamples=50)
+    kept = set(store["methods"].group_keys())
+    assert "daam" in kept and "rollout" not in kept and "gradient-rollout" not in kept
+
+
+def test_a_store_without_a_complete_chunk_is_not_reported(model, tmp_path):
+    data = FailingShapes(6, seed=1)
+    data.fail_at = 1  # in the first chunk, after the first example was checked
+    out = tmp_path / "empty.zarr"
+    with pytest.raises(RuntimeError, match="injected"):
+        compare(model, data, ["daam"], metrics=(), out=out, batch_size=3, progress=False)
+    with pytest.raises(ValueError, match="no complete chunk|none yet"):
+        report(out)
