@@ -197,13 +197,21 @@ def test_legrad_equals_the_explicit_rule(case, target):
         logits = model(images)
     assert_close_relative(expected["logits"], getattr(logits, "logits", logits).double(), 1e-5)
     assert all(float(layer_map.amax()) > 0 for layer_map in expected["layer_maps"])
-    legrad = LeGrad(model)
+    legrad = LeGrad(model, layer=every_block(model))
     raw = legrad.attribute(images, target=target, normalize=False)
     assert raw.shape == (3, 1, *grid)
     assert_close_relative(raw, expected["raw"])
     normalized = legrad.attribute(images, target=target)
     assert_close_relative(normalized, expected["normalized"])
+    # the default: the last two blocks, as the authors' LeWrapper(layer_index=-2)
+    last_two = torch.stack(expected["layer_maps"][-2:]).mean(dim=0)
+    assert_close_relative(LeGrad(model).attribute(images, target=target, normalize=False),
+                          last_two)
     assert module_hook_count(model) == 0
+
+
+def every_block(model):
+    return adapter_for(model).attention_modules()
 
 
 def test_internal_batch_size_and_input_shaped_give_the_same_maps():
@@ -285,7 +293,8 @@ def test_errors_leave_nothing_behind():
     # The model still runs as before, and LeGrad on it too.
     images = make_images(2, 32, 32)
     expected = explicit_legrad(timm_parts, model, images, 1, 1, (4, 4))
-    assert_close_relative(LeGrad(model).attribute(images, target=1), expected["normalized"])
+    assert_close_relative(LeGrad(model, layer=every_block(model)).attribute(images, target=1),
+                          expected["normalized"])
 
 
 def test_training_mode_warns():

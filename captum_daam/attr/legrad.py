@@ -114,9 +114,10 @@ class LeGrad(ViTLayerAttribution, GradientAttribution):
             model (torch.nn.Module or Callable): The Vision Transformer, or a callable that
                         runs it, with ``adapter`` given.
             layer (torch.nn.Module or list[torch.nn.Module], optional): The attention modules
-                        of the blocks whose maps are averaged, taken in block order (the
-                        authors' code takes the blocks from a starting depth on).
-                        Default: None, every block.
+                        of the blocks whose maps are averaged, taken in block order.
+                        Default: None, the last two blocks, as the authors' code
+                        (``LeWrapper(model, layer_index=-2)``); give
+                        ``adapter_for(model).attention_modules()`` for every block.
             adapter (ViTAdapter, optional): Default: None, the registered adapter of the
                         model's family. Models whose blocks have no full self-attention
                         (CaiT, XCiT, CoaT) are refused.
@@ -131,7 +132,7 @@ class LeGrad(ViTLayerAttribution, GradientAttribution):
             )
         latent = {id(module) for module in self.adapter.latent_query_modules()}
         if layer is None:
-            self.layer = [module for module in self.layer if id(module) not in latent]
+            self.layer = [module for module in self.layer if id(module) not in latent][-2:]
         elif any(id(module) in latent for module in self.layer):
             raise ValueError(
                 "Expected layer to hold the attention modules of the model's blocks, got its "
