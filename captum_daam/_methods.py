@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ._names import METHOD_NAMES
 
-__all__ = ["Method", "as_method", "named_method", "RandomMaps", "METHOD_NAMES"]
+__all__ = ["Method", "as_method", "named_method", "RandomMaps", "ScoresOf", "METHOD_NAMES"]
 
 class RandomMaps:
     r"""Uniformly random maps on a fixed grid: the chance level of every metric.
@@ -49,6 +49,27 @@ class RandomMaps:
 
     def __repr__(self) -> str:
         return f"RandomMaps(grid={self.grid}, seed={self.seed})"
+
+
+class ScoresOf(nn.Module):
+    """A model as a function from images to class scores: a transformers output object gives
+    the scores it holds (:func:`captum_daam._outputs.scores_in_output`), so that Captum's
+    attributions and the metrics, which need a tensor, take any model the adapters take."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Any:
+        from ._outputs import scores_in_output
+
+        output = self.model(images)
+        return output if isinstance(output, Tensor) else scores_in_output(output)
+
+
+def explains(forward: Any, model: nn.Module) -> bool:
+    """Whether ``forward`` is ``model`` or its scores."""
+    return forward is model or (isinstance(forward, ScoresOf) and forward.model is model)
 
 
 class Method:
@@ -143,7 +164,7 @@ class Method:
         if isinstance(multiplies, bool):
             described["multiplies_by_inputs"] = multiplies
         forward = getattr(attribution, "forward_func", None)
-        if forward is not None and forward is not self.model:
+        if forward is not None and not explains(forward, self.model):
             described["forward_func"] = _model_identity(forward) \
                 if isinstance(forward, nn.Module) else stable_repr(forward)
         if not hasattr(self.attribution, "attribute"):
@@ -170,6 +191,8 @@ def as_method(spec: Any, model: Optional[nn.Module] = None, return_flow: bool = 
 
         if isinstance(spec, DAAM):
             forward = forward if isinstance(forward, nn.Module) else spec.adapter.model
+        if isinstance(forward, ScoresOf):
+            forward = forward.model
         if not isinstance(forward, nn.Module):
             raise TypeError(
                 f"Expected a Captum attribution whose forward_func is the model (an "
@@ -201,23 +224,24 @@ def named_method(name: str, model: nn.Module, grid: Tuple[int, int],
         from .attr import LeGrad
 
         return LeGrad(model), {}
+    scores = ScoresOf(model)  # Captum's own attributions need scores as a tensor
     if name == "gradcam":
         from .token_grid import TokenGrid
 
-        return LayerGradCam(model, TokenGrid(model, last_block_input(model))), \
+        return LayerGradCam(scores, TokenGrid(model, last_block_input(model))), \
             {"relu_attributions": True}
     if name == "integrated-gradients":
-        return IntegratedGradients(model), {"n_steps": 32, "internal_batch_size": batch_size}
+        return IntegratedGradients(scores), {"n_steps": 32, "internal_batch_size": batch_size}
     if name == "saliency":
-        return Saliency(model), {}
+        return Saliency(scores), {}
     if name == "input-x-gradient":
-        return InputXGradient(model), {}
+        return InputXGradient(scores), {}
     if name == "occlusion":
         channels, height, width = image_shape
         window = (channels, max(1, height // grid[0]), max(1, width // grid[1]))
         stride = (channels, max(1, window[1] // 2), max(1, window[2] // 2))
         # Captum runs perturbations_per_eval x batch images per forward pass
-        return Occlusion(model), {"sliding_window_shapes": window, "strides": stride,
+        return Occlusion(scores), {"sliding_window_shapes": window, "strides": stride,
                                   "baselines": 0.0,
                                   "perturbations_per_eval": max(1, 256 // batch_size)}
     if name == "random":

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._methods import METHOD_NAMES, Method, RandomMaps, as_method, named_method
+from ._methods import METHOD_NAMES, Method, RandomMaps, as_method, explains, named_method
 from ._warnings import warn_user
 
 __all__ = ["compare", "report", "RandomMaps", "DEFAULT_METHODS", "LOWER_IS_BETTER"]
@@ -383,7 +383,7 @@ def _check_forward(method: Method, model: nn.Module) -> None:
     """An attribution object must explain ``model`` itself: its forward function is the
     model whose predictions and metrics the store holds (a callable is the user's to say)."""
     forward = getattr(method.attribution, "forward_func", None)
-    if hasattr(method.attribution, "attribute") and forward is not model:
+    if hasattr(method.attribution, "attribute") and not explains(forward, model):
         raise ValueError(
             f"Expected an attribution built on the compared model (forward_func is model), "
             f"got a {type(method.attribution).__name__} whose forward function is "

@@ -57,7 +57,7 @@ from torch.utils.data import Dataset
 
 from ._labels import LabelMeaning, model_class_names
 from ._warnings import warn_user
-from ._methods import Method, as_method
+from ._methods import Method, ScoresOf, as_method
 from ._names import MASK_METRICS, METRICS
 
 __all__ = ["explain_dataset", "METRICS", "argument_settings", "refuse_other_settings"]
@@ -1112,11 +1112,8 @@ def _attribute_with_scores(
 
 def _logits(model: nn.Module, images: Tensor) -> Tensor:
     """The model's class scores (one forward pass without gradients)."""
-    from ._outputs import scores_in_output
-
     with torch.no_grad():
-        output = model(images)
-    scores = output if isinstance(output, Tensor) else scores_in_output(output)
+        scores = ScoresOf(model)(images)
     if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[0] != len(images):
         raise ValueError(f"Expected the model to give ({len(images)}, classes) scores, got "
                          f"{_describe(scores)}.")
@@ -1161,6 +1158,7 @@ def _metric_values(prefix: str, names: Sequence[str], model: nn.Module, images: 
     by their arrays' names under ``prefix``."""
     from . import metrics as m
 
+    model = ScoresOf(model)  # a model output object (transformers) as its class scores
     values: Dict[str, Tensor] = {}
     wanted = set(names)
     if wanted & {"pixel_accuracy", "miou", "average_precision"}:

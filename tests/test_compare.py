@@ -15,7 +15,8 @@ from captum.attr import IntegratedGradients, LayerGradCam, NoiseTunnel, Saliency
 
 zarr = pytest.importorskip("zarr", minversion="3")
 
-from captum_daam import DAAM, AttentionRollout, GradientRollout, explain_dataset  # noqa: E402
+from captum_daam import (  # noqa: E402
+    DAAM, AttentionRollout, GradientRollout, LeGrad, explain_dataset)
 from captum_daam import metrics  # noqa: E402
 from captum_daam._methods import RandomMaps  # noqa: E402
 from captum_daam.comparison import compare, report  # noqa: E402
@@ -447,7 +448,8 @@ def test_what_the_maps_depend_on_is_in_the_settings(model, shapes, tmp_path):
     the inputs, its forward function."""
     out = tmp_path / "s.zarr"
     for first, second, difference in [
-        (AttentionRollout(model), AttentionRollout(model, layer=[block.attn for block in model.blocks[3:]]),
+        (AttentionRollout(model),
+         AttentionRollout(model, layer=[block.attn for block in model.blocks[3:]]),
          "method.layer"),
         (IntegratedGradients(model), IntegratedGradients(model, multiply_by_inputs=False),
          "method.multiplies_by_inputs"),
@@ -497,3 +499,79 @@ def test_a_store_without_a_complete_chunk_is_not_reported(model, tmp_path):
         compare(model, data, ["daam"], metrics=(), out=out, batch_size=3, progress=False)
     with pytest.raises(ValueError, match="no complete chunk|none yet"):
         report(out)
+
+
+# ---- what users feed it: image folders, Hugging Face datasets, library models -------------
+
+
+def test_compare_reads_an_image_folder_and_a_hugging_face_dataset(model, tmp_path):
+    import datasets
+
+    from captum_daam.data import CLASSES
+    from test_dataset import save_image_folder, to_uint8_pictures
+
+    data = ShapesDataset(6, seed=12)
+    pictures = to_uint8_pictures(data.images)
+    save_image_folder(tmp_path / "folder", pictures, [CLASSES[int(i)] for i in data.labels])
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=list(CLASSES))})
+    table = datasets.Dataset.from_dict(
+        {"image": pictures, "label": data.labels.tolist()}, features=features)
+    # independently: the PNG pixels in [0, 1] (the bundled model's data config keeps 64 x 64
+    # and normalises with mean 0, std 1)
+    images = torch.stack([torch.from_numpy(np.array(picture)).permute(2, 0, 1)
+                          for picture in pictures]).float() / 255
+    stores = {}
+    for name, source in [("folder", tmp_path / "folder"), ("hf", table)]:
+        stores[name] = compare(model, source, ["daam", "saliency", "random"],
+                               metrics=("insertion",), out=tmp_path / f"{name}.zarr",
+                               batch_size=4, target="label", dtype=torch.float32,
+                               progress=False, resamples=100)
+    folder_order = torch.from_numpy(stores["folder"]["labels"][:])
+    for name, store in stores.items():
+        order = torch.arange(6) if name == "hf" else torch.tensor(sorted(
+            range(6), key=lambda i: (CLASSES[int(data.labels[i])], f"{i}.png")))
+        targets = data.labels[order]
+        np.testing.assert_array_equal(store["targets"][:], targets.numpy())
+        expected = in_batches(lambda x, t: Saliency(model).attribute(x, target=t),
+                              images[order], targets, 4)
+        np.testing.assert_allclose(store["methods/saliency/maps"][:], expected.numpy(),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+        flow = torch.cat([DAAM(model).attribute(images[order][rows], target=targets[rows],
+                                                return_flow=True)
+                          for rows in (slice(0, 4), slice(4, 6))])
+        np.testing.assert_allclose(store["methods/daam/maps"][:], flow.numpy(), rtol=1e-5,
+                                   atol=1e-6, err_msg=name)
+    assert folder_order.tolist() == data.labels[torch.tensor(sorted(
+        range(6), key=lambda i: (CLASSES[int(data.labels[i])], f"{i}.png")))].tolist()
+    assert (tmp_path / "hf.zarr" / "report" / "compare.md").is_file()
+
+
+def test_compare_on_timm_and_transformers_models_built_from_their_configs(tmp_path):
+    import timm
+    import transformers
+
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    data = [(image, index % 3) for index, image in enumerate(images)]
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32,
+                             patch_size=8, depth=2, num_classes=3).eval()
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+                                    num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, num_labels=3)
+    hf_vit = transformers.ViTForImageClassification(config).eval()
+    for name, model in [("timm", deit), ("hf", hf_vit)]:
+        store = compare(model, data, ["daam", "legrad", "gradient-rollout", "gradcam",
+                                      "saliency", "random"],
+                        metrics=("deletion",), out=tmp_path / f"{name}.zarr", batch_size=2,
+                        dtype=torch.float32, progress=False, resamples=100)
+        with torch.no_grad():
+            output = model(images)
+        logits = getattr(output, "logits", output)
+        np.testing.assert_array_equal(store["predictions"][:], logits.argmax(1).numpy())
+        expected = torch.cat([LeGrad(model).attribute(images[rows], target=logits[rows].argmax(1))
+                              for rows in (slice(0, 2), slice(2, 4))])
+        np.testing.assert_allclose(store["methods/legrad/maps"][:], expected.numpy(),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+        assert store["methods/daam/maps"].shape == (4, 2, 4, 4)
+        assert store["methods/gradcam/maps"].shape == (4, 1, 4, 4)
+        assert store["methods/saliency/maps"].shape == (4, 1, 32, 32)
