@@ -421,6 +421,24 @@ def chunks(batch_size: int, internal_batch_size: Optional[int]) -> List[slice]:
     return [slice(start, min(start + size, batch_size)) for start in range(0, batch_size, size)]
 
 
+def over_chunks(
+    compute: Callable[[Tensor, Optional[Tensor], Any], Tensor], images: Tensor,
+    target_indices: Optional[Tensor], additional_forward_args: Any,
+    internal_batch_size: Optional[int],
+) -> Tensor:
+    """``compute(images, targets, additional_forward_args)`` on each chunk of at most
+    ``internal_batch_size`` examples, the chunk's share of the targets and of the forward
+    arguments, concatenated along the batch."""
+    return torch.cat([
+        compute(
+            images[examples],
+            None if target_indices is None else target_indices[examples],
+            split_forward_args(additional_forward_args, examples, images.shape[0]),
+        )
+        for examples in chunks(images.shape[0], internal_batch_size)
+    ])
+
+
 def split_forward_args(additional_forward_args: Any, examples: slice, batch_size: int) -> Any:
     """The additional forward arguments of a chunk of the batch: tensors whose first dimension
     is the batch size are split with the inputs (as Captum splits them); everything else, an

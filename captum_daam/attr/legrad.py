@@ -29,9 +29,8 @@ from .base import (
     ViTLayerAttribution,
     backward_to_records,
     check_output_options,
-    chunks,
     format_attributions,
-    split_forward_args,
+    over_chunks,
 )
 
 __all__ = ["LeGrad", "legrad_layer_map"]
@@ -204,16 +203,9 @@ class LeGrad(ViTLayerAttribution, GradientAttribution):
         target_indices = self._check_target(target, images.shape[0], images.device)
         self._warn_if_training()
         self._warn_if_explaining_a_feature(target)
-        maps = torch.cat(
-            [
-                self._legrad(
-                    images[examples],
-                    None if target_indices is None else target_indices[examples],
-                    split_forward_args(additional_forward_args, examples, images.shape[0]),
-                    grid,
-                )
-                for examples in chunks(images.shape[0], internal_batch_size)
-            ]
+        maps = over_chunks(
+            lambda chunk, targets, forward_args: self._legrad(chunk, targets, forward_args, grid),
+            images, target_indices, additional_forward_args, internal_batch_size,
         )
         self._warn_if_all_zero(maps)
         if normalize:

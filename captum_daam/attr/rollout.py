@@ -23,9 +23,8 @@ from .base import (
     ViTLayerAttribution,
     backward_to_records,
     check_output_options,
-    chunks,
     format_attributions,
-    split_forward_args,
+    over_chunks,
 )
 
 __all__ = ["AttentionRollout", "GradientRollout"]
@@ -182,16 +181,9 @@ class AttentionRollout(_RolloutBase):
         target_indices = self._check_target(target, images.shape[0], images.device)
         self._warn_if_training()
         self._warn_if_class_token_unread()
-        maps = torch.cat(
-            [
-                self._rollout(
-                    images[examples],
-                    split_forward_args(additional_forward_args, examples, images.shape[0]),
-                    grid,
-                    None if target_indices is None else target_indices[examples],
-                )
-                for examples in chunks(images.shape[0], internal_batch_size)
-            ]
+        maps = over_chunks(
+            lambda chunk, targets, forward_args: self._rollout(chunk, forward_args, grid, targets),
+            images, target_indices, additional_forward_args, internal_batch_size,
         )
         return format_attributions(maps, images, is_tuple, input_shaped, interpolate_mode)
 
@@ -299,16 +291,9 @@ class GradientRollout(_RolloutBase, GradientAttribution):
         self._warn_if_training()
         self._warn_if_class_token_unread()
         self._warn_if_explaining_a_feature(target)
-        maps = torch.cat(
-            [
-                self._rollout(
-                    images[examples],
-                    None if target_indices is None else target_indices[examples],
-                    split_forward_args(additional_forward_args, examples, images.shape[0]),
-                    grid,
-                )
-                for examples in chunks(images.shape[0], internal_batch_size)
-            ]
+        maps = over_chunks(
+            lambda chunk, targets, forward_args: self._rollout(chunk, targets, forward_args, grid),
+            images, target_indices, additional_forward_args, internal_batch_size,
         )
         self._warn_if_all_zero(maps)
         return format_attributions(maps, images, is_tuple, input_shaped, interpolate_mode)
