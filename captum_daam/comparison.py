@@ -39,10 +39,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._methods import METHOD_NAMES, Method, RandomMaps, as_method, explains, named_method
+from ._methods import (
+    METHOD_NAMES, Method, RandomMaps, ScoresOf, as_method, explains, named_method)
 from ._warnings import warn_user
 
-__all__ = ["compare", "report", "RandomMaps", "DEFAULT_METHODS", "LOWER_IS_BETTER"]
+__all__ = ["compare", "report", "RandomMaps", "ScoresOf", "DEFAULT_METHODS", "LOWER_IS_BETTER"]
 
 #: The methods compared when none are named.
 DEFAULT_METHODS = ("daam", "gradient-rollout", "rollout", "gradcam", "integrated-gradients",

@@ -575,3 +575,25 @@ def test_compare_on_timm_and_transformers_models_built_from_their_configs(tmp_pa
         assert store["methods/daam/maps"].shape == (4, 2, 4, 4)
         assert store["methods/gradcam/maps"].shape == (4, 1, 4, 4)
         assert store["methods/saliency/maps"].shape == (4, 1, 32, 32)
+
+
+def test_captum_attributions_on_a_transformers_model_through_its_scores(tmp_path):
+    import transformers
+
+    from captum_daam.comparison import ScoresOf
+
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+                                    num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, num_labels=3)
+    model = transformers.ViTForImageClassification(config).eval()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    store = compare(model, [(image, 1) for image in images],
+                    {"ig": (IntegratedGradients(ScoresOf(model)), {"n_steps": 4})},
+                    metrics=("deletion",), out=tmp_path / "c.zarr", batch_size=2,
+                    dtype=torch.float32, progress=False, resamples=50)
+    targets = model(images).logits.argmax(1)
+    expected = IntegratedGradients(lambda x: model(x).logits).attribute(
+        images, target=targets, n_steps=4).sum(dim=1, keepdim=True)
+    np.testing.assert_allclose(store["methods/ig/maps"][:], expected.detach().numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert "forward_func" not in store.attrs["settings"]["methods"]["ig"]
