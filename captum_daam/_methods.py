@@ -104,7 +104,6 @@ class Method:
                 f"IntegratedGradients' internal_batch_size, Occlusion's "
                 f"perturbations_per_eval).")
         self.return_flow, self.internal_batch_size = bool(return_flow), internal_batch_size
-        self.flow_length: Optional[int] = None  # DAAM's, once it has run
         reserved = {"target", "inputs", "return_flow", "internal_batch_size"} & set(self.kwargs) \
             if self.is_daam else {"target", "inputs"} & set(self.kwargs)
         if reserved:
@@ -117,7 +116,6 @@ class Method:
             maps = self.attribution.attribute(
                 images, target=targets, return_flow=True,
                 internal_batch_size=self.internal_batch_size, **self.kwargs)
-            self.flow_length = maps.shape[1]
             return maps if self.return_flow else maps[:, -1:]
         if hasattr(self.attribution, "attribute"):
             maps = self.attribution.attribute(images, target=targets, **self.kwargs)
@@ -258,17 +256,12 @@ def last_block_input(model: nn.Module) -> nn.Module:
     adapter = adapter_for(model)
     latent = {id(module) for module in adapter.latent_query_modules()}
     attention = [module for module in adapter.attention_modules() if id(module) not in latent]
-    names = {id(module): name for name, module in model.named_modules()}
-    parents = dict(_parents(model))
-    block = attention[-1]
-    while id(block) in parents and not isinstance(parents[id(block)],
-                                                  (nn.ModuleList, nn.Sequential)):
-        block = parents[id(block)]
+    block = adapter.block_modules(attention[-1:])[0]
     for module in block.modules():
         if "norm" in type(module).__name__.lower() or isinstance(module, nn.LayerNorm):
             return module
     raise TypeError(
-        f"Expected a norm in the last block ({names.get(id(block), type(block).__name__)}) "
+        f"Expected a norm in the last block ({_module_name(model, block)}) "
         f"of this model for gradcam; give LayerGradCam(model, TokenGrid(model, layer)) "
         f"with the layer to read instead.")
 
@@ -277,12 +270,6 @@ def _model_identity(module: nn.Module) -> Dict[str, str]:
     from .dataset import _model_identity as identity
 
     return identity(module)
-
-
-def _parents(model: nn.Module):
-    for parent in model.modules():
-        for child in parent.children():
-            yield id(child), parent
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:

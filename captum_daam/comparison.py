@@ -139,7 +139,7 @@ def compare(
              "target": ds._target_name(target), "dtype": ds._DTYPES[dtype]}
     ds.refuse_other_settings(out, {key: value for key, value in known.items()
                                    if value is not ds._UNKNOWN})
-    job = ds._Job.prepare(dataset, model, _inner(model), target, metrics, batch_size)
+    job = ds._Job.prepare(dataset, model, ds._inner_model(model), target, metrics, batch_size)
     grid = _patch_grid(model, job, device)  # DAAM's checks of the images and the model first
     job.check_targets(model, device)
     built, probes = _build_methods(specs, model, job, device, grid, batch_size, return_flow,
@@ -390,16 +390,6 @@ def _check_forward(method: Method, model: nn.Module) -> None:
             f"got a {type(method.attribution).__name__} whose forward function is "
             f"{type(forward).__name__}; build it on the model given to compare, or give a "
             f"callable (images, targets) -> maps.")
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    """The ViT inside ``model`` where an adapter finds one (for its timm data config)."""
-    try:
-        from .adapters import adapter_for
-
-        return adapter_for(model).model
-    except (TypeError, ValueError):
-        return model
 
 
 def _patch_grid(model: nn.Module, job: Any, device: torch.device) -> tuple:

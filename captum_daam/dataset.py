@@ -237,7 +237,8 @@ def explain_dataset(
                               return_flow, dtype, metrics)
     refuse_other_settings(out, {key: value for key, value in known.items()
                                 if value is not _UNKNOWN})
-    job = _Job.prepare(dataset, method.model, _inner_model(method), target, metrics, batch_size)
+    job = _Job.prepare(dataset, method.model, _inner_model(method.model, method.attribution),
+                       target, metrics, batch_size)
     settings = {
         **argument_settings(batch_size, internal_batch_size, job.target_spec, return_flow,
                             dtype, metrics),
@@ -256,7 +257,7 @@ def explain_dataset(
     if method.is_daam:
         job.check_targets(method.model, device)
     if method.is_daam:
-        settings.update(blocks=method.flow_length)
+        settings.update(blocks=len(method.attribution.layer))  # one flow map per module
     settings["grid"] = list(probe.shape[-2:])
     arrays = {"maps": _maps_array(probe.shape[1:], settings["dtype"]),
               "seconds": _ArraySpec((), "float64", float("nan"), per_chunk=True)}
@@ -647,10 +648,18 @@ def _model_classes(model: nn.Module, inner: nn.Module) -> Optional[List[List[str
     return names if names is not None else model_class_names(inner)
 
 
-def _inner_model(method: Method) -> nn.Module:
-    """The ViT inside the model (DAAM's adapter's), for its timm data config."""
-    adapter = getattr(method.attribution, "adapter", None)
-    return adapter.model if adapter is not None else method.model
+def _inner_model(model: nn.Module, attribution: Any = None) -> nn.Module:
+    """The ViT inside the model, for its timm data config: the attribution's adapter's, or
+    the one the registered adapters find in ``model``; the model itself otherwise."""
+    adapter = getattr(attribution, "adapter", None)
+    if adapter is not None:
+        return adapter.model
+    from .adapters import adapter_for
+
+    try:
+        return adapter_for(model).model
+    except (TypeError, ValueError):
+        return model
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -748,8 +748,8 @@ def bootstrap_intervals(
     seed), and their bootstrap means are formed as the counts of each example in each
     resample times the values (a matrix product), so the cost is one draw of the indices for
     all columns, not one per column; a column with NaNs is resampled on its own, over its
-    values that are not NaN, as :func:`bootstrap_interval` does. The means agree with
-    :func:`bootstrap_interval`'s to rounding (the sums are taken in another order).
+    values that are not NaN, as :func:`bootstrap_interval` does (which forms its means the
+    same way).
 
     Args:
         columns (Tensor): (n, K) real values, one column per quantity.
@@ -765,30 +765,16 @@ def bootstrap_intervals(
                          f"{_shape_of(columns)}.")
     columns = torch.stack([_check_values(column, "columns") for column in columns.T], dim=1) \
         if columns.shape[1] else columns.to(torch.float64)
+    _check_bootstrap(confidence, resamples, seed)
     intervals: List[Optional[Interval]] = [None] * columns.shape[1]
     whole = [k for k in range(columns.shape[1]) if not bool(columns[:, k].isnan().any())]
     for k in range(columns.shape[1]):
         if k not in whole:
             intervals[k] = _bootstrap(columns[:, k], confidence, resamples, seed)
     if whole:
-        _bootstrap(columns[:1, whole[0]], confidence, resamples, seed)  # checks the settings
-        values = columns[:, whole]
-        count = values.shape[0]
-        generator = torch.Generator().manual_seed(seed)
-        rows = max(1, _BOOTSTRAP_BLOCK // count)
-        means = []
-        for first in range(0, resamples, rows):
-            indices = torch.randint(count, (min(rows, resamples - first), count),
-                                    generator=generator)
-            counts = torch.zeros(indices.shape, dtype=torch.float64).scatter_add_(
-                1, indices, torch.ones(indices.shape, dtype=torch.float64))
-            means.append(counts @ values / count)
-        tail = (1 - confidence) / 2
-        levels = torch.tensor([tail, 1 - tail], dtype=torch.float64)
-        bounds = torch.quantile(torch.cat(means), levels, dim=0)
-        for index, k in enumerate(whole):
-            intervals[k] = Interval(float(values[:, index].mean()), float(bounds[0, index]),
-                                    float(bounds[1, index]))
+        for k, interval in zip(whole, _bootstrap_columns(columns[:, whole], confidence,
+                                                         resamples, seed)):
+            intervals[k] = interval
     return intervals  # type: ignore[return-value]
 
 
@@ -915,6 +901,36 @@ def _check_values(values: Tensor, name: str) -> Tensor:
 
 def _bootstrap(values: Tensor, confidence: float, resamples: int, seed: int) -> Interval:
     """The percentile-bootstrap interval of the mean of the values that are not NaN."""
+    _check_bootstrap(confidence, resamples, seed)
+    kept = values[~values.isnan()]
+    if len(kept) == 0:
+        raise ValueError(f"Expected at least one value that is not NaN, got {len(values)} NaNs.")
+    return _bootstrap_columns(kept.unsqueeze(1), confidence, resamples, seed)[0]
+
+
+def _bootstrap_columns(values: Tensor, confidence: float, resamples: int, seed: int
+                       ) -> List[Interval]:
+    """The percentile-bootstrap interval of the mean of each column of (n, K) values without
+    NaN, every column over the same resampled examples: the resamples' indices drawn from
+    ``seed`` in blocks of rows (bounding their memory), each resample's means formed as the
+    examples' counts in it times the values."""
+    count = values.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    rows = max(1, _BOOTSTRAP_BLOCK // count)
+    means = []
+    for first in range(0, resamples, rows):
+        indices = torch.randint(count, (min(rows, resamples - first), count), generator=generator)
+        counts = torch.zeros(indices.shape, dtype=torch.float64).scatter_add_(
+            1, indices, torch.ones(indices.shape, dtype=torch.float64))
+        means.append(counts @ values / count)
+    tail = (1 - confidence) / 2
+    levels = torch.tensor([tail, 1 - tail], dtype=torch.float64)
+    bounds = torch.quantile(torch.cat(means), levels, dim=0)
+    return [Interval(float(values[:, k].mean()), float(bounds[0, k]), float(bounds[1, k]))
+            for k in range(values.shape[1])]
+
+
+def _check_bootstrap(confidence: float, resamples: int, seed: int) -> None:
     if (
         isinstance(confidence, bool)
         or not isinstance(confidence, (int, float))
@@ -925,20 +941,6 @@ def _bootstrap(values: Tensor, confidence: float, resamples: int, seed: int) -> 
         raise ValueError(f"Expected resamples to be a positive int, got {resamples!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"Expected seed to be an int, got {seed!r}.")
-    kept = values[~values.isnan()]
-    count = len(kept)
-    if count == 0:
-        raise ValueError(f"Expected at least one value that is not NaN, got {len(values)} NaNs.")
-    generator = torch.Generator().manual_seed(seed)
-    rows = max(1, _BOOTSTRAP_BLOCK // count)  # bounds the memory of the drawn indices
-    means = []
-    for first in range(0, resamples, rows):
-        indices = torch.randint(count, (min(rows, resamples - first), count), generator=generator)
-        means.append(kept[indices].mean(dim=1))
-    tail = (1 - confidence) / 2
-    levels = torch.tensor([tail, 1 - tail], dtype=torch.float64)
-    low, high = torch.quantile(torch.cat(means), levels)
-    return Interval(float(kept.mean()), float(low), float(high))
 
 
 def _shape_of(value: object) -> str:

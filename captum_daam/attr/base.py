@@ -95,6 +95,23 @@ class ViTLayerAttribution(LayerAttribution):
         checked right after the forward pass, against the scores' width."""
         return forward_output_width(self.forward_func, self.adapter)[0]
 
+    def _block_attention(self) -> List[nn.Module]:
+        """The attention modules of the model's blocks: all but an attention-pool head's."""
+        latent = {id(module) for module in self.adapter.latent_query_modules()}
+        return [module for module in self.adapter.attention_modules() if id(module) not in latent]
+
+    def _leave_out_attention_pool(self, layer_given: bool, why: str) -> None:
+        """Without ``layer``, drop an attention-pool head's modules from :attr:`layer`; with
+        it, refuse them (their learned queries are no tokens), saying ``why``."""
+        blocks = {id(module) for module in self._block_attention()}
+        if not layer_given:
+            self.layer = [module for module in self.layer if id(module) in blocks]
+        elif any(id(module) not in blocks for module in self.layer):
+            raise ValueError(
+                f"Expected layer to hold the attention modules of the model's blocks, got its "
+                f"attention-pool head, whose learned queries are no tokens: {why} Leave it out."
+            )
+
     def _warn_if_training(self) -> None:
         if self._in_training_mode():
             warn_user(

@@ -129,18 +129,11 @@ class LeGrad(ViTLayerAttribution, GradientAttribution):
                 f"({self.adapter.family}) give attention weights for the [class] query only "
                 f"(class-attention blocks, or factorised attention). Use DAAM for this model."
             )
-        latent = {id(module) for module in self.adapter.latent_query_modules()}
+        self._leave_out_attention_pool(
+            layer is not None, "LeGrad reads each block's score through that head.")
         if layer is None:
-            self.layer = [module for module in self.layer if id(module) not in latent][-2:]
-        elif any(id(module) in latent for module in self.layer):
-            raise ValueError(
-                "Expected layer to hold the attention modules of the model's blocks, got its "
-                "attention-pool head, whose learned queries are no tokens: LeGrad reads each "
-                "block's score through that head. Leave it out."
-            )
-        self._all_attention = [
-            module for module in self.adapter.attention_modules() if id(module) not in latent
-        ]
+            self.layer = self.layer[-2:]
+        self._all_attention = self._block_attention()
         self._blocks = self.adapter.block_modules(self._all_attention)
         if len({id(block) for block in self._blocks}) != len(self._blocks):
             raise TypeError(

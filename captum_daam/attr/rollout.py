@@ -57,15 +57,8 @@ class _RolloutBase(ViTLayerAttribution):
                 f"model has no [class] token ({self.adapter.family}). Use DAAM, which explains "
                 f"every query row of such a model."
             )
-        latent = {id(module) for module in self.adapter.latent_query_modules()}
-        if layer is None:
-            self.layer = [module for module in self.layer if id(module) not in latent]
-        elif any(id(module) in latent for module in self.layer):
-            raise ValueError(
-                f"Expected layer to hold the attention modules of the model's blocks, got its "
-                f"attention-pool head, whose learned queries are no tokens: "
-                f"{type(self).__name__} multiplies square attention matrices. Leave it out."
-            )
+        self._leave_out_attention_pool(
+            layer is not None, f"{type(self).__name__} multiplies square attention matrices.")
         if not self.adapter.self_attention:
             raise TypeError(
                 f"{type(self).__name__} needs full self-attention matrices, but the blocks of "
@@ -79,9 +72,7 @@ class _RolloutBase(ViTLayerAttribution):
         between blocks (the rollout multiplies the blocks' attention matrices, which must be
         square and of one size: a model that pools tokens anywhere is refused, whichever
         blocks ``layer`` picks)."""
-        latent = {id(module) for module in self.adapter.latent_query_modules()}
-        blocks = [module for module in self.adapter.attention_modules() if id(module) not in latent]
-        layouts = self.adapter.block_layouts(blocks, image_size)
+        layouts = self.adapter.block_layouts(self._block_attention(), image_size)
         if any(layout.positions is not None for layout in layouts):
             raise ValueError(
                 f"{type(self).__name__} multiplies the attention matrices of consecutive "
