@@ -521,21 +521,11 @@ def _plot_flow(group: Any, name: str, rows: np.ndarray, path: Path) -> str:
     import matplotlib.pyplot as plt
 
     maps = group[f"methods/{name}/maps"]
-    chunk = maps.chunks[0]
-    total = np.zeros(maps.shape[1])
-    count = 0
-    for start in range(0, maps.shape[0], chunk):
-        take = rows[(rows >= start) & (rows < start + chunk)]
-        if not len(take):
-            continue
-        flow = np.asarray(maps[start:start + chunk], np.float64)[take - start]
-        mass = np.clip(flow, 0, None).sum(axis=(2, 3))
-        final = np.where(mass[:, -1:] > 0, mass[:, -1:], 1.0)
-        total += (mass / final).sum(axis=0)
-        count += len(take)
+    count = len(rows)
     blocks = np.arange(1, maps.shape[1] + 1)
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    axis.plot(blocks, total / max(1, count), marker="o", label="mass of D_l / mass of D_L")
+    axis.plot(blocks, _mean_flow_mass(maps, rows), marker="o",
+              label="mass of D_l / mass of D_L")
     if f"methods/{name}/block_metrics" in group:
         for metric in sorted(group[f"methods/{name}/block_metrics"].array_keys()):
             values = np.asarray(group[f"methods/{name}/block_metrics/{metric}"][:])[rows]
@@ -547,6 +537,22 @@ def _plot_flow(group: Any, name: str, rows: np.ndarray, path: Path) -> str:
     _save_figure(figure, path)
     plt.close(figure)
     return str(path)
+
+
+def _mean_flow_mass(maps: Any, rows: np.ndarray) -> np.ndarray:
+    """Over the examples ``rows`` of a stored flow (N, L, h, w), read chunk by chunk: the
+    mean share of the final map's mass (its positive sum) that each D_l holds."""
+    chunk = maps.chunks[0]
+    total = np.zeros(maps.shape[1])
+    for start in range(0, maps.shape[0], chunk):
+        take = rows[(rows >= start) & (rows < start + chunk)]
+        if not len(take):
+            continue
+        flow = np.asarray(maps[start:start + chunk], np.float64)[take - start]
+        mass = np.clip(flow, 0, None).sum(axis=(2, 3))
+        final = np.where(mass[:, -1:] > 0, mass[:, -1:], 1.0)
+        total += (mass / final).sum(axis=0)
+    return total / max(1, len(rows))
 
 
 def _save_figure(figure: Any, path: Path) -> None:

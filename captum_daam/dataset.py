@@ -13,6 +13,8 @@ array                      shape, dtype          content
 ``predictions``            (N,) int64            the model's argmax class
 ``scores``                 (N,) float32          softmax probability of the explained class
 ``labels``                 (N,) int64            the dataset's label
+``thumbnails``             (N, h, w, 3) uint8    the image the model was given, un-normalised,
+                                                  longest side 96 (for the viewer)
 ``metrics/<name>``         (N,) float32          one array per metric, per example
 ``curves/<name>``          (N, S) float32        the curve of a curve metric (deletion, ...)
 ``seconds``                (C,) float64          seconds chunk c took to explain
@@ -59,6 +61,7 @@ from ._labels import LabelMeaning, model_class_names
 from ._warnings import warn_user
 from ._methods import Method, ScoresOf, as_method
 from ._names import MASK_METRICS, METRICS
+from ._thumbnails import input_normalisation, thumbnail_shape, thumbnails
 
 __all__ = ["explain_dataset", "METRICS", "argument_settings", "refuse_other_settings"]
 
@@ -75,7 +78,7 @@ _DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.float64: "f
 _INSTALL_HINT = 'pip install "captum-daam[dataset]"'
 _UNKNOWN = object()  # a setting that cannot be known before the dataset is read
 _LOCK_FILE = ".captum_daam.lock"
-_SHARED = ("targets", "predictions", "scores", "labels")  # per example, in every store
+_SHARED = ("targets", "predictions", "scores", "labels", "thumbnails")  # in every store
 # zarr's LocalStore writes each file to "<name without suffix>.<uuid4 hex>.partial" first
 _ZARR_TEMPORARY = re.compile(r"[^.]+\.[0-9a-f]{32}\.partial")
 
@@ -322,6 +325,8 @@ class _Job:
         self.batch_size = batch_size
         self.num_examples = len(dataset)
         self.num_chunks = -(-self.num_examples // batch_size)
+        self.thumbnail_shape = thumbnail_shape(first[0].shape)
+        self.normalisation = input_normalisation(dataset)
 
     @classmethod
     def prepare(cls, dataset: Any, model: nn.Module, inner: nn.Module, target: Any,
@@ -350,7 +355,8 @@ class _Job:
 
     def settings(self) -> Dict[str, Any]:
         return {"dataset": _dataset_identity(self.dataset), "examples": self.num_examples,
-                "image_shape": list(self.first[0].shape)}
+                "image_shape": list(self.first[0].shape),
+                "thumbnails": list(self.thumbnail_shape)}
 
     def first_image(self, device: torch.device) -> Tensor:
         return self.first[0].unsqueeze(0).to(device)
@@ -939,7 +945,9 @@ def _create(
     n, chunk = settings["examples"], settings["batch_size"]
     shared = {"targets": _ArraySpec((), "int64", -1), "predictions": _ArraySpec((), "int64", -1),
               "scores": _ArraySpec((), "float32", float("nan")),
-              "labels": _ArraySpec((), "int64", -1)}
+              "labels": _ArraySpec((), "int64", -1),
+              "thumbnails": _ArraySpec((*settings["thumbnails"], 3), "uint8", 0,
+                                       ("y", "x", "rgb"))}
     for name, spec in {**shared, **arrays}.items():
         dims = ("chunk",) if spec.per_chunk else ("example",)
         group.create_array(name, shape=((num_chunks,) if spec.per_chunk else (n,)) + spec.shape,
@@ -1024,6 +1032,7 @@ def _explain_chunks(
             targets = job.targets(labels, slice(start, stop), device)
             values = compute(images, targets, masks, chunk)
             values["labels"] = labels
+            values["thumbnails"] = thumbnails(images, job.thumbnail_shape, job.normalisation)
             stored = {name: value.detach().cpu().numpy() for name, value in values.items()}
             writer.put(chunk, slice(start, stop), stored)
             totals += _totals(stored, metric_names)
