@@ -22,6 +22,8 @@ _PUBLIC: Dict[str, str] = {
     "ImageTextSimilarity": ".image_text",
     "explain_dataset": ".dataset",
     "compare": ".comparison",
+    "view": ".viewer",
+    "FlowView": ".viewer",
     "TokenGrid": ".token_grid",
     "GenericAdapter": ".adapters",
     "ViTAdapter": ".adapters",
@@ -40,7 +42,7 @@ _PUBLIC: Dict[str, str] = {
 # Submodules reachable as attributes of the package, as when it imported them eagerly.
 _SUBMODULES = (
     "adapters", "attr", "cli", "comparison", "data", "dataset", "decompose", "image_text",
-    "metrics", "ssl", "token_grid", "visualization", "zoo",
+    "metrics", "ssl", "token_grid", "viewer", "visualization", "zoo",
 )
 
 __all__ = [
@@ -52,6 +54,8 @@ __all__ = [
     "ImageTextSimilarity",
     "explain_dataset",
     "compare",
+    "view",
+    "FlowView",
     "TokenGrid",
     "metrics",
     "GenericAdapter",
@@ -92,6 +96,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     )
     from .ssl import MemoryBank
     from .token_grid import TokenGrid
+    from .viewer import FlowView, view
 
 
 def __getattr__(name: str) -> Any:

@@ -36,6 +36,7 @@ def test_demo_writes_a_flow_png_and_gif_per_image(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--images", "2"]) == 0
     assert _files(out) == [
+        "index.html",
         "shapes_0_flow.gif",
         "shapes_0_flow.png",
         "shapes_1_flow.gif",
@@ -67,7 +68,7 @@ def test_explain_with_the_bundled_model_saves_raw_maps(tmp_path, shape_files, ca
         ]
     )
     assert code == 0
-    assert _files(out) == sorted(
+    assert _files(out) == ["index.html"] + sorted(
         f"shape{i}_{kind}" for i in range(2) for kind in ("daam.npz", "flow.gif", "flow.png")
     )
     raw = np.load(out / "shape0_daam.npz")

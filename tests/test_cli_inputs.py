@@ -208,7 +208,7 @@ def test_a_training_checkpoint_with_its_arguments_still_loads(tmp_path, shape_pn
                 "args": argparse.Namespace(lr=0.1), "epoch": 3}, checkpoint)
     code, out = _explain_checkpoint(shape_png, checkpoint, tmp_path)
     assert code == 0
-    assert _files(out) == ["shape_flow.gif", "shape_flow.png"]
+    assert _files(out) == ["index.html", "shape_flow.gif", "shape_flow.png"]
 
 
 def test_a_checkpoint_that_does_not_fit_names_the_parameters(tmp_path, shape_png, capsys):

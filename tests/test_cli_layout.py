@@ -17,7 +17,7 @@ import captum_daam.cli
 
 PACKAGE = "captum_daam.cli"
 FOLDER = Path(captum_daam.cli.__file__).parent
-SUBCOMMANDS = ["demo", "explain", "check", "explain-dataset", "compare"]
+SUBCOMMANDS = ["demo", "explain", "check", "explain-dataset", "compare", "view"]
 
 
 def _module_name(path: Path) -> str:
@@ -92,7 +92,7 @@ GRAPH = _import_graph({module: path.read_text() for module, path in MODULES.item
 
 def test_the_package_has_one_module_per_command():
     assert COMMAND_MODULES == [f"{PACKAGE}.{name}" for name in
-                               ("check", "compare", "demo", "explain", "explain_dataset")]
+                               ("check", "compare", "demo", "explain", "explain_dataset", "view")]
     assert {f"{PACKAGE}._common", f"{PACKAGE}.__main__"} <= set(MODULES)
     # the two modules the package replaced are gone
     assert not (FOLDER.parent / "cli.py").exists()

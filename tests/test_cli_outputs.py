@@ -97,7 +97,7 @@ def test_images_of_the_same_name_in_three_folders_all_get_their_outputs(tmp_path
     out = tmp_path / "out"
     assert main(["explain", *sources, "--model", "tiny-vit", "--out", str(out), "--save-raw",
                  "--no-progress"]) == 0
-    assert _files(out) == sorted(
+    assert _files(out) == ["index.html"] + sorted(
         f"{stem}_{kind}" for stem in ("x", "x_1", "x_2")
         for kind in ("daam.npz", "flow.gif", "flow.png")
     )

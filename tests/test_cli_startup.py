@@ -73,7 +73,7 @@ def test_every_public_name_is_importable_and_listed():
 
 def test_the_lazy_names_are_the_objects_of_their_modules():
     from captum_daam import (
-        adapters, attr, comparison, dataset, decompose, image_text, ssl, token_grid)
+        adapters, attr, comparison, dataset, decompose, image_text, ssl, token_grid, viewer)
 
     defined_in = {"DAAM": attr, "AttentionRollout": attr, "GradientRollout": attr, "LeGrad": attr,
                   "MemoryBank": ssl, "TokenGrid": token_grid, "GenericAdapter": adapters,
@@ -84,7 +84,7 @@ def test_the_lazy_names_are_the_objects_of_their_modules():
                   "paper_display_mapping": decompose, "per_map_scaling": decompose,
                   "scale_flow": decompose, "shared_linear_scaling": decompose,
                   "explain_dataset": dataset, "ImageTextSimilarity": image_text,
-                  "compare": comparison}
+                  "compare": comparison, "view": viewer, "FlowView": viewer}
     assert set(defined_in) | {"metrics"} == set(captum_daam.__all__)
     for name, module in defined_in.items():
         assert getattr(captum_daam, name) is getattr(module, name)

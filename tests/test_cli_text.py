@@ -56,7 +56,7 @@ def test_one_flow_per_text_from_a_local_model_folder(tmp_path, clip_folder, imag
         arguments += ["--text", text]
     assert main(arguments) == 0
     assert _files(out) == [
-        "shape_t1-a-photo-of-a-dog_daam.npz", "shape_t1-a-photo-of-a-dog_flow.gif",
+        "index.html", "shape_t1-a-photo-of-a-dog_daam.npz", "shape_t1-a-photo-of-a-dog_flow.gif",
         "shape_t1-a-photo-of-a-dog_flow.png", "shape_t2-a-cat_daam.npz",
         "shape_t2-a-cat_flow.gif", "shape_t2-a-cat_flow.png",
     ]
@@ -85,7 +85,7 @@ def test_a_classifier_folder_explains_its_predicted_class(tmp_path, image_file, 
     out = tmp_path / "out"
     assert main(["explain", image_file, "--model", str(folder), "--out", str(out),
                  "--no-progress"]) == 0
-    assert _files(out) == ["shape_flow.gif", "shape_flow.png"]
+    assert _files(out) == ["index.html", "shape_flow.gif", "shape_flow.png"]
     assert "explained class " in capsys.readouterr().out
     code = main(["explain", image_file, "--model", str(folder), "--out", str(tmp_path / "x"),
                  "--text", "a dog"])
@@ -116,7 +116,8 @@ def test_open_clip_with_its_bundled_tokenizer(tmp_path, image_file, capsys):
     assert main(["explain", image_file, "--model", "open_clip:ViT-B-32", "--out", str(out),
                  "--text", "a circle", "--text", "a square", "--blocks", "11-12",
                  "--no-progress"]) == 0
-    assert _files(out) == ["shape_t1-a-circle_flow.gif", "shape_t1-a-circle_flow.png",
+    assert _files(out) == ["index.html", "shape_t1-a-circle_flow.gif",
+                           "shape_t1-a-circle_flow.png",
                            "shape_t2-a-square_flow.gif", "shape_t2-a-square_flow.png"]
     printed = capsys.readouterr().out
     assert "explained text 'a square'" in printed and "blocks 11-12" in printed

@@ -1,7 +1,8 @@
 """The ``captum-daam`` command line: :func:`main` and :func:`build_parser`.
 
 One module per command, each with ``add_parser(subparsers)`` and the function the command
-runs: :mod:`.demo`, :mod:`.explain`, :mod:`.check`, :mod:`.explain_dataset`, :mod:`.compare`.
+runs: :mod:`.demo`, :mod:`.explain`, :mod:`.check`, :mod:`.explain_dataset`, :mod:`.compare`,
+:mod:`.view`.
 What several commands share is in :mod:`._common` (and, for the two that write a store, in
 :mod:`._stores`); a command module imports from there (and the rest of the package), never
 from this module nor from another command. A new command is one more import
@@ -19,7 +20,7 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
-from . import check, compare, demo, explain, explain_dataset
+from . import check, compare, demo, explain, explain_dataset, view
 from ._common import _SIGNALS, Terminated, UsageError, _Parser
 
 __all__ = ["build_parser", "main"]
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_parser(commands)
     explain_dataset.add_parser(commands)
     compare.add_parser(commands)
+    view.add_parser(commands)
     return parser
 
 

@@ -19,7 +19,7 @@ import threading
 import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:
     import torch
@@ -164,6 +164,31 @@ def _write_outputs(
             f"another --out"
         ) from error
     return [figure_path, gif_path] + ([raw_path] if raw is not None else [])
+
+
+def _page_entry(name: str, picture: Any, flow: Any, target: int, score: Any, what: str,
+                block_numbers: List[int]) -> dict:
+    """One explained image as the viewer's page takes it (captum_daam.viewer.FlowData)."""
+    return {"name": f"{name}: {what}", "image": picture.cpu(), "flow": flow.cpu(),
+            "target": target, "score": float(score), "label": what,
+            "block_numbers": block_numbers}
+
+
+def _finish_page(out: Path, shown: Sequence[dict], title: str) -> Path:
+    """index.html beside the PNGs and GIFs: every explained image in the viewer's example
+    view (block slider, play button, scalings), one self-contained file, written whole or
+    not at all once every image is explained."""
+    from ..viewer import flow_page
+
+    path = out / "index.html"
+    page = flow_page(shown, title)
+    try:
+        _write_together([(path, lambda temporary: temporary.write_text(page, encoding="utf-8"))])
+    except OSError as error:
+        raise UsageError(f"could not write {path.name} to --out {out}: "
+                         f"{_os_reason(error)}; choose another --out") from error
+    print(f"  the flows, interactively: {path}", flush=True)
+    return path
 
 
 def _os_reason(error: OSError) -> str:

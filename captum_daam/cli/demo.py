@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._common import SCALINGS, _positive_int, _prepare_out, _remove_if_empty, _write_outputs
+from ._common import (
+    SCALINGS, _finish_page, _page_entry, _positive_int, _prepare_out, _remove_if_empty,
+    _write_outputs,
+)
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Explain a few generated shape images with the bundled tiny ViT: flow PNGs and GIFs."""
+    """Explain a few generated shape images with the bundled tiny ViT: flow PNGs and GIFs,
+    and index.html, every flow with a block slider."""
     import torch
 
     from .. import DAAM
@@ -34,6 +38,10 @@ def demo(args: argparse.Namespace) -> int:
                   f"{CLASSES[int(predicted[index])]} "
                   f"(p = {float(probabilities[index].max()):.2f}); "
                   f"wrote {', '.join(str(path) for path in written)}", flush=True)
+        _finish_page(out, [
+            _page_entry(f"shapes_{index}", images[index], flow[index], int(predicted[index]),
+                        probabilities[index].max(), CLASSES[int(predicted[index])],
+                        block_numbers) for index in range(args.images)], "captum-daam demo")
     except BaseException:
         _remove_if_empty(created)
         raise

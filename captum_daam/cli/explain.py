@@ -21,6 +21,8 @@ from ._common import (
     _remove_if_empty,
     _unique_stems,
     _write_outputs,
+    _finish_page,
+    _page_entry,
 )
 
 if TYPE_CHECKING:
@@ -146,6 +148,7 @@ def _explain(args: argparse.Namespace, device: torch.device, out: Path) -> int:
         # On stdout, with the report: stderr carries only the one line of an error.
         print(BUNDLED_MODEL_NOTE.format(classes=", ".join(CLASSES)), flush=True)
     stems = _unique_stems(args.images)
+    shown = []
     for image_path, picture, stem in tqdm(
         list(zip(args.images, pictures, stems)), desc="images", disable=not args.progress
     ):
@@ -160,10 +163,13 @@ def _explain(args: argparse.Namespace, device: torch.device, out: Path) -> int:
             raw = {"flow": flow.cpu().numpy(), "block_numbers": block_numbers, "target": target}
         written = _write_outputs(out, stem, picture.cpu(), flow.cpu(), block_numbers,
                                  args.scaling, raw)
+        shown.append(_page_entry(stem, picture, flow, target, probabilities[target],
+                                 f"class {names(target)}", block_numbers))
         tqdm.write(f"  {image_path}: explained class {names(target)} (p = "
                    f"{float(probabilities[target]):.2f}); wrote "
                    f"{', '.join(str(path) for path in written)}")
         sys.stdout.flush()
+    _finish_page(out, shown, f"captum-daam explain: {args.model}")
     return 0
 
 
@@ -252,6 +258,7 @@ def _explain_with_ecosystem_model(
     print(f"captum-daam explain: {args.model}, blocks {_describe_blocks(block_numbers)} "
           f"({len(block_numbers)} maps), writing to {out}/", flush=True)
     stems = _unique_stems(args.images)
+    shown = []
     for image_path, stem in tqdm(
         list(zip(args.images, stems)), desc="images", disable=not args.progress
     ):
@@ -280,10 +287,13 @@ def _explain_with_ecosystem_model(
                        "target": target}
             written = _write_outputs(out, name, picture.cpu(), flow.cpu(), block_numbers,
                                      args.scaling, raw)
+            shown.append(_page_entry(name, picture, flow, target, probabilities[target], what,
+                                     block_numbers))
             tqdm.write(f"  {image_path}: explained {what} (p = "
                        f"{float(probabilities[target]):.2f}); wrote "
                        f"{', '.join(str(path) for path in written)}")
         sys.stdout.flush()
+    _finish_page(out, shown, f"captum-daam explain: {args.model}")
     return 0
 
 
@@ -318,7 +328,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--blocks", default=None,
                         help="blocks of the flow, 1-based, e.g. 1-12 or 9-12 or 3,6,9 "
                         "(default: all)")
-    parser.add_argument("--out", default="daam-out", help="output folder (default: %(default)s)")
+    parser.add_argument("--out", default="daam-out",
+                        help="output folder: a flow PNG and GIF per image, and index.html, "
+                        "every flow with a block slider (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     parser.add_argument("--save-raw", action="store_true",
                         help="also write the raw flow of each image as .npz")
