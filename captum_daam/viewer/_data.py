@@ -125,6 +125,7 @@ class StoreData:
             "score_histogram": _histogram(self._shared["scores"][rows].astype(np.float64)),
             "flow_mass": {item["name"]: self._flow_mass(self.methods[item["name"]])
                           for item in methods if item["flow"]},
+            "block_metrics": self._block_metrics(),
             "confidence": self.confidence,
             "resamples": self.resamples,
             "group_size": GROUP_SIZE,
@@ -197,6 +198,19 @@ class StoreData:
             }
         return stats
 
+    def _block_metrics(self) -> Dict[str, Dict[str, List[Optional[float]]]]:
+        """Per method with a flow, each block metric's mean over the examples, per block
+        (compare stores keep the pointing games of every D_l)."""
+        found: Dict[str, Dict[str, List[Optional[float]]]] = {}
+        for name, prefix in self.methods.items():
+            if f"{prefix}block_metrics" not in self.group:
+                continue
+            folder = self.group[f"{prefix}block_metrics"]
+            found[name] = {metric: _rounded(np.nanmean(np.asarray(folder[metric][:], np.float64)
+                                                       [self.rows], axis=0))
+                           for metric in sorted(folder.array_keys())}
+        return found
+
     def _flow_mass(self, prefix: str) -> List[float]:
         from ..comparison import _mean_flow_mass
 
@@ -232,7 +246,8 @@ class FlowData:
                          "grid": [int(side) for side in first.shape[1:]],
                          "flow": int(first.shape[0]) > 1}],
             "metrics": [], "lower_is_better": [], "stats": {"DAAM": {}},
-            "score_histogram": None, "flow_mass": {}, "confidence": None, "resamples": None,
+            "score_histogram": None, "flow_mass": {}, "block_metrics": {}, "confidence": None,
+            "resamples": None,
             "group_size": max(1, len(self.examples)), "images": True,
             "names": [item["name"] for item in self.examples],
             "block_numbers": self.examples[0].get("block_numbers"),

@@ -10,6 +10,7 @@
   var T = null;        // the table (columns)
   var position = {};   // example index -> row of the table
   var player = null;   // the play button's timer
+  var keys = null;     // the example page's keyboard handler
   var PAGE = 60;       // gallery cards per page
   var TINY = 1.1754943508222875e-38;  // float32's smallest normal, as decompose clamps with
 
@@ -59,6 +60,7 @@
   }
   // the model's block number of the l-th map (1-based): explain --blocks 9-12 shows 9..12
   function blockName(l) { return S.block_numbers ? S.block_numbers[l - 1] : l; }
+  function shortName(index) { return S.classes[String(index)] || String(index); }
   function labelKnown(row) { return T.label[row] >= 0; }
   function correct(row) {
     if (!S.labels_are_classes || !labelKnown(row)) return null;
@@ -171,6 +173,7 @@
 
   function setPage(name) {
     stopPlaying();
+    keys = null;
     ["summary", "gallery"].forEach(function (page) {
       var link = document.getElementById("nav-" + page);
       if (link) link.className = page === name ? "active" : "";
@@ -260,6 +263,10 @@
       app.appendChild(el("p", { "class": "note", text: "The mean share of the final map's mass " +
         "that each accumulated map D_l holds, over the " + S.shown + " examples." }));
       app.appendChild(lineChart(S.flow_mass[name], name));
+      Object.keys((S.block_metrics || {})[name] || {}).forEach(function (metric) {
+        app.appendChild(el("p", { "class": "note", text: "The mean " + metric + " of each accumulated map D_l:" }));
+        app.appendChild(lineChart(S.block_metrics[name][metric], name + "/" + metric));
+      });
     });
   }
 
@@ -443,7 +450,9 @@
       var caption = el("div", { "class": "caption" });
       caption.appendChild(el("div", { text: "#" + index + (verdict === null ? "" : verdict ? " ✓" : " ✗"),
         "class": verdict === false ? "wrong" : "" }));
-      caption.appendChild(el("div", { "class": "small", text: (labelKnown(row) ? className(T.label[row]) + " → " : "") + className(T.prediction[row]) }));
+      var classes = verdict === true ? shortName(T.label[row])
+        : (labelKnown(row) ? shortName(T.label[row]) + " → " : "") + shortName(T.prediction[row]);
+      caption.appendChild(el("div", { "class": "small", text: classes, title: "label → prediction" }));
       var shown = sortKey === "index" || sortKey === "score" ? "p " + fmt(T.score[row], 2) : fmt(valueOf(sortKey, row), 3) + " · p " + fmt(T.score[row], 2);
       caption.appendChild(el("div", { "class": "small value", text: shown }));
       card.appendChild(caption);
@@ -465,6 +474,10 @@
   }
 
   // The example page ------------------------------------------------------------------------
+
+  function blocksHint(blocks) {
+    return blocks > 1 ? "  keys: ← → block, space play, [ ] previous / next example" : "  keys: [ ] previous / next example";
+  }
 
   function stopPlaying() {
     if (player !== null) { clearInterval(player); player = null; }
@@ -495,14 +508,20 @@
     if (S.kind !== "explain") facts.push("predicted " + className(T.prediction[row]));
     if (verdict !== null) facts.push(verdict ? "correct" : "wrong");
     head.appendChild(el("p", { "class": "facts-line" + (verdict === false ? " wrong" : ""), text: facts.join(" · ") }));
+    // previous and next in the order of the gallery the example was opened from
+    var from = params.get("from");
+    var order = from ? selectRows(new URLSearchParams(from.split("?")[1] || "")) : null;
+    var at = order ? order.indexOf(row) : -1;
+    if (at < 0) { order = T.index.map(function (_, r) { return r; }); at = row; }
     var step = el("p", { "class": "steps" });
-    var rowsInOrder = T.index;
-    [["previous", row - 1], ["next", row + 1]].forEach(function (item) {
-      if (item[1] >= 0 && item[1] < rowsInOrder.length) {
-        step.appendChild(el("a", { id: "example-" + item[0], href: "#/example/" + rowsInOrder[item[1]], text: item[0] }));
+    [["previous", at - 1], ["next", at + 1]].forEach(function (item) {
+      if (item[1] >= 0 && item[1] < order.length) {
+        step.appendChild(el("a", { id: "example-" + item[0], text: item[0],
+          href: "#/example/" + T.index[order[item[1]]] + (from ? "?from=" + encodeURIComponent(from) : "") }));
       }
     });
-    if (params.get("from")) step.appendChild(el("a", { href: params.get("from"), text: "back to the gallery" }));
+    if (from) step.appendChild(el("a", { id: "example-back", href: from, text: "back to the gallery" }));
+    step.appendChild(el("span", { "class": "small", text: blocksHint(blocks) }));
     head.appendChild(step);
     app.appendChild(head);
 
@@ -553,8 +572,8 @@
         var shape = entry.shape, size = shape[1] * shape[2];
         var ratio = aspect || shape[2] / shape[1];
         var canvas = el("canvas", { "class": "map", "data-method": method.name });
-        canvas.width = ratio >= 1 ? 320 : Math.round(320 * ratio);
-        canvas.height = ratio >= 1 ? Math.round(320 / ratio) : 320;
+        canvas.width = ratio >= 1 ? 256 : Math.round(256 * ratio);
+        canvas.height = ratio >= 1 ? Math.round(256 / ratio) : 256;
         var metricsLine = S.metrics.map(function (metric) {
           var values = (T.metrics[method.name] || {})[metric];
           return metric + " " + fmt(values ? values[row] : null);
@@ -615,6 +634,23 @@
       scaling.addEventListener("change", function () { state.scaling = scaling.value; draw(); });
       alpha.addEventListener("input", function () { state.alpha = Number(alpha.value); draw(); });
       showImage.addEventListener("change", function () { state.image = showImage.checked; draw(); });
+      keys = function (event) {
+        if ((event.key === "ArrowRight" || event.key === "ArrowLeft") && blocks > 1) {
+          stopPlaying();
+          play.textContent = "▶ play";
+          state.block = Math.min(blocks, Math.max(1, state.block + (event.key === "ArrowRight" ? 1 : -1)));
+          slider.value = state.block;
+          draw();
+        } else if (event.key === " " && blocks > 1) {
+          play.click();
+        } else if (event.key === "[" || event.key === "]") {
+          var link = document.getElementById(event.key === "[" ? "example-previous" : "example-next");
+          if (link) location.hash = link.getAttribute("href");
+        } else {
+          return;
+        }
+        event.preventDefault();
+      };
       play.addEventListener("click", function () {
         if (player !== null) { stopPlaying(); play.textContent = "▶ play"; return; }
         play.textContent = "❚❚ pause";
@@ -652,6 +688,10 @@
           "Run the command again to finish it, then view it again.";
       }
       window.addEventListener("hashchange", route);
+      document.addEventListener("keydown", function (event) {
+        var typing = event.target && event.target.matches && event.target.matches("input[type=number], select, textarea");
+        if (keys && !typing && !event.ctrlKey && !event.metaKey && !event.altKey) keys(event);
+      });
       route();
     }).catch(function (error) {
       document.getElementById("app").innerHTML = "";
