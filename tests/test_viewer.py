@@ -455,6 +455,7 @@ def test_serve_answers_the_same_pages_from_the_store(compared, tmp_path, chromiu
 
 
 def test_the_serve_command_prints_its_address_and_serves(compared, tmp_path):
+    before = listing(compared)
     process = subprocess.Popen(
         [sys.executable, "-m", "captum_daam.cli", "view", str(compared), "--serve", "--port",
          "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
@@ -468,7 +469,7 @@ def test_the_serve_command_prints_its_address_and_serves(compared, tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
-    assert not (compared / "view").exists() or (compared / "view").is_dir()
+    assert listing(compared) == before  # serving writes nothing
 
 
 # ---- explain's page and the notebook view -----------------------------------------------------
