@@ -40,9 +40,9 @@ def thumbnails(images: Tensor, shape: Tuple[int, int],
                normalisation: Optional[Tuple[Sequence[float], Sequence[float]]]) -> Tensor:
     """(B, C, H, W) model inputs -> (B, h, w, 3) uint8 pictures.
 
-    Un-normalised with ``normalisation`` (mean, std) where given; otherwise taken as they
-    are when they lie in [0, 1], and else stretched from their own range to [0, 1] (each
-    image by its minimum and maximum over all channels, so colours keep their relations).
+    Un-normalised with ``normalisation`` (mean, std) where given; otherwise an image that
+    lies in [0, 1] is taken as it is, and one that does not is stretched from its own range
+    to [0, 1] (its minimum and maximum over all channels, so colours keep their relations).
     One channel is shown grey; of more than three, the first three are shown.
     """
     pictures = images.detach().float()
@@ -50,11 +50,13 @@ def thumbnails(images: Tensor, shape: Tuple[int, int],
         mean, std = (torch.tensor(values, dtype=pictures.dtype, device=pictures.device)
                      for values in normalisation)
         pictures = pictures * std[:, None, None] + mean[:, None, None]
-    elif pictures.amin() < 0 or pictures.amax() > 1:
+    else:  # each image outside [0, 1] stretched by its own range, whatever its batch
         flat = pictures.flatten(1)
-        low = flat.amin(1)[:, None, None, None]
-        span = (flat.amax(1)[:, None, None, None] - low).clamp_min(1e-12)
-        pictures = (pictures - low) / span
+        low, high = flat.amin(1), flat.amax(1)
+        outside = (low < 0) | (high > 1)
+        low = torch.where(outside, low, torch.zeros_like(low))[:, None, None, None]
+        span = torch.where(outside, high - low[:, 0, 0, 0], torch.ones_like(high))
+        pictures = (pictures - low) / span.clamp_min(1e-12)[:, None, None, None]
     if pictures.shape[1] == 1:
         pictures = pictures.expand(-1, 3, -1, -1)
     elif pictures.shape[1] != 3:

@@ -794,6 +794,8 @@ def _stored_settings(path: Path) -> Optional[Dict[str, Any]]:
 
 
 def _refuse_differences(path: Path, stored: Dict[str, Any], given: Dict[str, Any]) -> None:
+    if stored.get("thumbnails") is None:  # written before stores kept thumbnails: resumed without
+        given = {key: value for key, value in given.items() if key != "thumbnails"}
     differences = _differences(stored, given)
     if differences:
         raise ValueError(
@@ -1019,7 +1021,9 @@ def _explain_chunks(
     loader = DataLoader(_Indexed(job.dataset), batch_sampler=batches, num_workers=num_workers,
                         collate_fn=_Collate(job.first[0]), pin_memory=device.type == "cuda",
                         worker_init_fn=_quiet_on_sigterm if num_workers else None)
-    handles = {name: group[name] for name in (*_SHARED, *arrays, "complete")}
+    # a store written before thumbnails were kept is resumed without them
+    shared = [name for name in _SHARED if name != "thumbnails" or name in group]
+    handles = {name: group[name] for name in (*shared, *arrays, "complete")}
     per_chunk = {name for name, spec in arrays.items() if spec.per_chunk}
     bar = tqdm(total=sum(map(len, batches)), desc=description, unit="image",
                disable=not progress)
@@ -1032,7 +1036,9 @@ def _explain_chunks(
             targets = job.targets(labels, slice(start, stop), device)
             values = compute(images, targets, masks, chunk)
             values["labels"] = labels
-            values["thumbnails"] = thumbnails(images, job.thumbnail_shape, job.normalisation)
+            if "thumbnails" in handles:
+                values["thumbnails"] = thumbnails(images, job.thumbnail_shape,
+                                                  job.normalisation)
             stored = {name: value.detach().cpu().numpy() for name, value in values.items()}
             writer.put(chunk, slice(start, stop), stored)
             totals += _totals(stored, metric_names)

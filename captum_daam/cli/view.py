@@ -7,7 +7,7 @@ torch is imported only when the command runs, not when the parser is built.
 import argparse
 from typing import Any
 
-from ._common import UsageError
+from ._common import UsageError, _os_reason
 
 __all__ = ["add_parser", "view_command"]
 
@@ -39,8 +39,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="with --serve: the port (default: 8000; 0 takes a free one)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="with --serve: the address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--resamples", type=int, default=2000,
-                        help="bootstrap resamples of the metrics' intervals (default: 2000)")
+    parser.add_argument("--resamples", type=int, default=10_000,
+                        help="bootstrap resamples of the metrics' intervals, as compare's "
+                        "report (default: 10000)")
     parser.set_defaults(run=view_command)
     return parser
 
@@ -64,6 +65,10 @@ def view_command(args: argparse.Namespace) -> int:
         data.resamples = args.resamples
     except ViewerInputError as error:
         raise UsageError(str(error)) from error
+    except OSError as error:  # writing the report: a full disk, a folder not writable
+        place = args.out or f"{args.store}/view"
+        raise UsageError(f"could not write the report to {place}: {_os_reason(error)}; free "
+                         f"some space or choose another --out") from error
     try:
         server = make_server(data, args.host, args.port)
     except OSError as error:
@@ -74,6 +79,8 @@ def view_command(args: argparse.Namespace) -> int:
           flush=True)
     try:
         server.serve_forever()
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: not an error
+        print("captum-daam view: stopped", flush=True)
     finally:
         server.server_close()
     return 0

@@ -33,6 +33,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
+import torch
+
 from ._data import GROUP_SIZE, FlowData, StoreData, ViewerInputError, open_store
 
 __all__ = ["view", "serve", "make_server", "open_store", "FlowView", "flow_page",
@@ -41,28 +43,30 @@ __all__ = ["view", "serve", "make_server", "open_store", "FlowView", "flow_page"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def view(store: PathLike, out: Optional[PathLike] = None, resamples: int = 2000) -> Path:
+def view(store: PathLike, out: Optional[PathLike] = None, resamples: int = 10_000) -> Path:
     r"""
     Write the report of an explain_dataset or compare store: a folder with ``index.html``
     that opens offline in a browser.
 
     A partial store (a run still going, or stopped) is shown on its complete chunks, and
     the page says so. The folder is written beside its place and moved there whole, so an
-    error leaves nothing; an earlier report at ``out`` is replaced.
+    error leaves nothing; an earlier report at ``out`` is replaced, and a folder holding
+    anything else is refused.
 
     Args:
         store (str or Path): The store folder of :func:`captum_daam.explain_dataset` or
                     :func:`captum_daam.compare`.
         out (str or Path, optional): The report's folder. Default: ``store/view``
-        resamples (int, optional): Bootstrap resamples of the metrics' intervals.
-                    Default: 2000
+        resamples (int, optional): Bootstrap resamples of the metrics' intervals (as
+                    :func:`captum_daam.comparison.report`'s, so both give the same
+                    intervals). Default: 10,000
 
     Returns:
         Path: the report's ``index.html``.
 
     Raises:
         ViewerInputError: (a ValueError) when ``store`` is not a store of this package, or
-                    has no complete chunk yet.
+                    has no complete chunk yet, or ``out`` holds anything but a report.
 
     Example::
 
@@ -74,8 +78,7 @@ def view(store: PathLike, out: Optional[PathLike] = None, resamples: int = 2000)
     data = open_store(store)
     data.resamples = resamples
     out = Path(out) if out is not None else data.path / "view"
-    if out.resolve() == data.path.resolve():
-        raise ViewerInputError(f"Expected a report folder other than the store, got {out}.")
+    _check_out(out, data.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     building = out.parent / f".{out.name}.{uuid.uuid4().hex}.partial"
     try:
@@ -92,8 +95,30 @@ def view(store: PathLike, out: Optional[PathLike] = None, resamples: int = 2000)
     return out / "index.html"
 
 
+#: What a report folder holds at its top: an earlier report there is replaced.
+REPORT_ENTRIES = {"index.html", "assets", "data", "images"}
+
+
+def _check_out(out: Path, store: Path) -> None:
+    """Refuse a report folder that is, or holds, the store, or that holds anything but an
+    earlier report (which is replaced): nothing of a user's is ever removed."""
+    if out.exists() and not out.is_dir():
+        raise ViewerInputError(f"Expected --out to be a folder for the report, got {out}, a "
+                               f"file; choose another --out.")
+    if store.resolve() == out.resolve() or out.resolve() in store.resolve().parents:
+        raise ViewerInputError(f"Expected a report folder outside the store, got {out}, which "
+                               f"holds the store {store}; choose another --out.")
+    if out.is_dir():
+        entries = {path.name for path in out.iterdir()}
+        if entries and not (entries <= REPORT_ENTRIES and {"index.html", "data"} <= entries):
+            raise ViewerInputError(
+                f"Expected --out to be absent, empty or an earlier report (replaced), got "
+                f"{out}, which holds other files ({', '.join(sorted(entries)[:3])}); choose "
+                f"another --out.")
+
+
 def serve(store: PathLike, port: int = 8000, host: str = "127.0.0.1",
-          resamples: int = 2000) -> None:
+          resamples: int = 10_000) -> None:
     """Serve the report of ``store`` at ``http://host:port/`` until interrupted, making each
     file when the page asks for it (nothing is written): for a store too large to write
     out at once. See :func:`make_server` for a server to run in a thread of your own."""
@@ -136,7 +161,9 @@ class FlowView:
 
     def __init__(self, image: Any, flow: Any, target: int = 0, score: float = float("nan"),
                  label: Optional[str] = None, height: int = 640) -> None:
-        flow = flow[0] if getattr(flow, "dim", lambda: 3)() == 4 else flow
+        flow = torch.as_tensor(flow).detach().float().cpu()
+        flow = flow[0] if flow.dim() == 4 else flow
+        image = torch.as_tensor(image).detach().float().cpu()
         self.page = flow_page([{"name": label or f"class {target}", "image": image,
                                 "flow": flow, "target": int(target), "score": float(score),
                                 "label": label}], title="DAAM flow")
@@ -156,8 +183,9 @@ def _static(name: str) -> str:
 
 
 def _script_data(key: str, value: Any) -> str:
-    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
-    return f"DAAMView.receive({json.dumps(key)},{text.replace('</', '<' + chr(92) + '/')});\n"
+    # "<" as its JSON escape: no "</script>" or "<!--" can end or change the script element
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    return f"DAAMView.receive({json.dumps(key)},{text});\n"
 
 
 def _page(data: Any, inline: bool) -> str:
@@ -170,7 +198,8 @@ def _page(data: Any, inline: bool) -> str:
                 .replace("{{DATA}}", ""))
     import base64
 
-    parts = [_script_data("summary", data.summary()), _script_data("table", data.table())]
+    parts = [_script_data("summary", data.summary()), _script_data("stats", data.stats()),
+             _script_data("table", data.table())]
     for number in range(data.group_count()):
         parts.append(_script_data(f"maps/{number}", data.maps(number)))
         images = {str(index): "data:image/jpeg;base64," + base64.b64encode(picture).decode()
@@ -187,6 +216,7 @@ def _write_report(data: StoreData, folder: Path) -> None:
     for name in ("viewer.js", "viewer.css"):
         (folder / "assets" / name).write_text(_static(name), encoding="utf-8")
     (folder / "data" / "summary.js").write_text(_script_data("summary", data.summary()))
+    (folder / "data" / "stats.js").write_text(_script_data("stats", data.stats()))
     (folder / "data" / "table.js").write_text(_script_data("table", data.table()))
     for number in range(data.group_count()):
         maps = data.maps(number)
@@ -208,9 +238,9 @@ def _write_report(data: StoreData, folder: Path) -> None:
 
 def make_server(data: StoreData, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     """An HTTP server (not yet serving) that answers the report's requests from ``data``.
-    The summary and the table are made at once, in a thread, so the first page does not wait
-    for them; thumbnails are read a group at a time (a store chunk is decompressed whole),
-    the last groups read kept."""
+    The summary, the table and the metrics' statistics (their bootstrap) are made at once, in
+    threads, so the first page waits for them the least; maps and thumbnails are made a
+    group at a time (a store chunk is decompressed whole), the last groups kept."""
     cache: Dict[str, bytes] = {}
     locks: Dict[str, threading.Lock] = {}
     guard = threading.Lock()
@@ -223,7 +253,11 @@ def make_server(data: StoreData, host: str = "127.0.0.1", port: int = 0) -> Thre
                 cache[key] = make()
             return cache[key]
 
+    recent_lock = threading.Lock()
+    # one group made at a time: requests for the same group wait for it instead of making it
     group_images = functools.lru_cache(maxsize=8)(data.images)
+    group_maps = functools.lru_cache(maxsize=8)(
+        lambda number: _script_data(f"maps/{number}", data.maps(number)).encode())
 
     def answer(path: str) -> Optional[tuple]:
         if path in ("/", "/index.html"):
@@ -238,16 +272,20 @@ def make_server(data: StoreData, host: str = "127.0.0.1", port: int = 0) -> Thre
         if path == "/data/table.js":
             return "text/javascript", made("table", lambda: _script_data(
                 "table", data.table()).encode())
+        if path == "/data/stats.js":
+            return "text/javascript", made("stats", lambda: _script_data(
+                "stats", data.stats()).encode())
         parts = path.strip("/").split("/")
         if len(parts) == 3 and parts[:2] == ["data", "maps"] and parts[2].endswith(".js"):
             number = _number(parts[2][:-3])
             if number is not None and number < data.group_count():
-                return "text/javascript", _script_data(f"maps/{number}",
-                                                       data.maps(number)).encode()
+                with recent_lock:
+                    return "text/javascript", group_maps(number)
         if len(parts) == 3 and parts[0] == "images" and parts[2].endswith(".jpg"):
             number, index = _number(parts[1]), _number(parts[2][:-4])
             if number is not None and index is not None and index // GROUP_SIZE == number:
-                picture = group_images(number).get(index)
+                with recent_lock:
+                    picture = group_images(number).get(index)
                 if picture is not None:
                     return "image/jpeg", picture
         return None
@@ -270,10 +308,10 @@ def make_server(data: StoreData, host: str = "127.0.0.1", port: int = 0) -> Thre
             pass  # quiet: the command prints the address once
 
     server = ThreadingHTTPServer((host, port), Handler)
-    for path in ("/data/summary.js", "/data/table.js"):
+    for path in ("/data/summary.js", "/data/table.js", "/data/stats.js"):
         threading.Thread(target=answer, args=(path,), daemon=True).start()
     return server
 
 
 def _number(text: str) -> Optional[int]:
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isascii() and text.isdigit() else None

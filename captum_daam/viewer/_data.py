@@ -2,13 +2,16 @@
 :func:`captum_daam.explain_dataset` or :func:`captum_daam.compare` (:class:`StoreData`), or
 made from flows in memory (:class:`FlowData`, for ``captum-daam explain`` and notebooks).
 
-Both give the same four things the page asks for:
+Both give the same five things the page asks for:
 
-- ``summary()``: the store's description, accuracy, each metric's mean with its bootstrap
-  interval and histogram, the mean flow mass per block, the colour map;
+- ``summary()``: the store's description, accuracy, the scores' histogram, the mean flow
+  mass per block, the colour map: what every page needs first;
+- ``stats()``: each metric's mean with its bootstrap interval and histogram (the summary
+  page's table; apart, as its bootstrap takes a second on 50,000 examples);
 - ``table()``: one column per field over the shown examples (index, label, target,
   prediction, score, each method's metrics), for sorting and filtering in the page;
-- ``maps(k)``: the maps of examples ``k * GROUP_SIZE ...`` as float16 in base64;
+- ``maps(k)``: the maps of examples ``k * GROUP_SIZE ...`` as float16 in base64, each
+  example's divided by its largest magnitude (the display scalings do not change with it);
 - ``images(k)``: the thumbnails of those examples as JPEG bytes (none where the store keeps
   no thumbnails).
 """
@@ -41,17 +44,19 @@ def open_store(path: Any) -> "StoreData":
     path = Path(path)
     if not path.is_dir():
         raise ViewerInputError(f"Expected a store folder of explain-dataset or compare, got "
-                               f"{path}, which is {'a file' if path.exists() else 'absent'}.")
+                               f"{path}, which is {'a file' if path.exists() else 'absent'}; "
+                               f"give the folder their --out wrote.")
     try:
         settings = ds._stored_settings(path)
     except ValueError as error:
         if "cut short" in str(error):  # a store that was never created whole: say so
             raise ViewerInputError(" ".join(str(error).split())) from error
         raise ViewerInputError(f"Expected a store of explain-dataset or compare, got {path}, "
-                               f"which holds other files or folders.") from error
+                               f"which holds other files or folders; give the folder their "
+                               f"--out wrote.") from error
     if settings is None:
         raise ViewerInputError(f"Expected a store of explain-dataset or compare, got {path}, "
-                               f"an empty folder.")
+                               f"an empty folder; give the folder their --out wrote.")
     group = ds._import_zarr().open_group(str(path), mode="r")
     return StoreData(group, path, settings)
 
@@ -121,7 +126,6 @@ class StoreData:
             "methods": methods,
             "metrics": self.metrics,
             "lower_is_better": [name for name in self.metrics if name in LOWER_IS_BETTER],
-            "stats": self._metric_stats(),
             "score_histogram": _histogram(self._shared["scores"][rows].astype(np.float64)),
             "flow_mass": {item["name"]: self._flow_mass(self.methods[item["name"]])
                           for item in methods if item["flow"]},
@@ -132,6 +136,9 @@ class StoreData:
             "images": self.has_images,
             "colormap": colormap_table(),
         }
+
+    def stats(self) -> Dict[str, Any]:
+        return self._metric_stats()
 
     def table(self) -> Dict[str, Any]:
         rows = self.rows
@@ -211,11 +218,10 @@ class StoreData:
                            for metric in sorted(folder.array_keys())}
         return found
 
-    def _flow_mass(self, prefix: str) -> List[float]:
+    def _flow_mass(self, prefix: str) -> List[Optional[float]]:
         from ..comparison import _mean_flow_mass
 
-        return [float(value) for value in _mean_flow_mass(self.group[f"{prefix}maps"],
-                                                          self.rows)]
+        return _rounded(_mean_flow_mass(self.group[f"{prefix}maps"], self.rows))
 
 
 class FlowData:
@@ -238,14 +244,15 @@ class FlowData:
         return {
             "kind": "explain", "title": self.title, "store": None, "model": None,
             "dataset": None, "examples": len(self.examples), "shown": len(self.examples),
-            "chunks": None, "partial": False, "accuracy": None, "labels_are_classes": False,
+            "chunks": None, "partial": False, "accuracy": None,
+            "labels_are_classes": True,  # "classes" names the model's classes here
             "labels_meaning": None,
             "classes": {str(item["target"]): item["label"] for item in self.examples
                         if item.get("label") is not None},
             "methods": [{"name": "DAAM", "blocks": int(first.shape[0]),
                          "grid": [int(side) for side in first.shape[1:]],
                          "flow": int(first.shape[0]) > 1}],
-            "metrics": [], "lower_is_better": [], "stats": {"DAAM": {}},
+            "metrics": [], "lower_is_better": [],
             "score_histogram": None, "flow_mass": {}, "block_metrics": {}, "confidence": None,
             "resamples": None,
             "group_size": max(1, len(self.examples)), "images": True,
@@ -253,6 +260,9 @@ class FlowData:
             "block_numbers": self.examples[0].get("block_numbers"),
             "colormap": colormap_table(),
         }
+
+    def stats(self) -> Dict[str, Any]:
+        return {"DAAM": {}}
 
     def table(self) -> Dict[str, Any]:
         count = len(self.examples)
@@ -266,12 +276,12 @@ class FlowData:
         return 1
 
     def maps(self, number: int) -> Dict[str, Any]:
-        flows = [torch.as_tensor(item["flow"], dtype=torch.float32) for item in self.examples]
+        flows = [torch.as_tensor(item["flow"]).detach().float().cpu() for item in self.examples]
         return {"examples": {str(index): {"DAAM": encode_maps(flow[None])[0]}
                              for index, flow in enumerate(flows)}}
 
     def image(self, index: int) -> Optional[bytes]:
-        image = torch.as_tensor(self.examples[index]["image"], dtype=torch.float32)
+        image = torch.as_tensor(self.examples[index]["image"]).detach().float().cpu()
         picture = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
         return jpeg(picture.numpy(), longest=288)
 
@@ -285,11 +295,17 @@ class FlowData:
 def encode_maps(maps: torch.Tensor) -> List[Dict[str, Any]]:
     """(B, L, h, w) maps -> per example {"shape": [L, h, w], "data": base64 of float16
     little-endian}; maps larger than MAP_SIDE on a side are average-pooled first (whole
-    factors, so a pooled cell is the mean of the pixels it covers)."""
+    factors, so a pooled cell is the mean of the pixels it covers). Each example is divided
+    by its largest finite magnitude first, so float16 neither overflows nor loses small
+    maps to its subnormals; the display scalings and the block maps scale with it."""
     maps = maps.float()
     factor = math.ceil(max(maps.shape[-2:]) / MAP_SIDE)
     if factor > 1:
         maps = torch.nn.functional.avg_pool2d(maps, factor, ceil_mode=True)
+    finite = maps.isfinite()
+    largest = torch.where(finite, maps.abs(), torch.zeros_like(maps)).flatten(1).amax(1)
+    maps = maps / torch.where(largest > 0, largest, torch.ones_like(largest))[:, None, None,
+                                                                                None]
     values = maps.to(torch.float16).numpy().astype("<f2")
     return [{"shape": list(example.shape),
              "data": base64.b64encode(example.tobytes()).decode("ascii")}

@@ -6,17 +6,20 @@
 
   var received = {};   // key -> value
   var waiting = {};    // key -> [callbacks]
-  var S = null;        // the summary
-  var T = null;        // the table (columns)
+  var summary = null;  // the store's description (data/summary.js)
+  var table = null;    // one column per field over the shown examples (data/table.js)
   var position = {};   // example index -> row of the table
+  var labelled = false;  // whether any example has a label
   var player = null;   // the play button's timer
   var keys = null;     // the example page's keyboard handler
+  var playButton = null;
+  var shownPage = 0;   // counts the pages shown: a page still loading when left draws nothing
   var PAGE = 60;       // gallery cards per page
   var TINY = 1.1754943508222875e-38;  // float32's smallest normal, as decompose clamps with
 
   function receive(key, value) {
     received[key] = value;
-    (waiting[key] || []).forEach(function (done) { done(value); });
+    (waiting[key] || []).forEach(function (callers) { callers[0](value); });
     delete waiting[key];
   }
 
@@ -24,17 +27,22 @@
     if (key in received) return Promise.resolve(received[key]);
     return new Promise(function (resolve, reject) {
       var first = !(key in waiting);
-      (waiting[key] = waiting[key] || []).push(resolve);
+      (waiting[key] = waiting[key] || []).push([resolve, reject]);
       if (!first) return;
       var script = document.createElement("script");
       script.src = src;
-      script.onerror = function () { reject(new Error("could not load " + src)); };
+      script.onerror = function () {  // every caller hears it; the next load tries again
+        var callers = waiting[key] || [];
+        delete waiting[key];
+        script.remove();
+        callers.forEach(function (pair) { pair[1](new Error("could not load " + src)); });
+      };
       document.head.appendChild(script);
     });
   }
 
   function pad(number) { return String(number).padStart(5, "0"); }
-  function groupOf(index) { return Math.floor(index / S.group_size); }
+  function groupOf(index) { return Math.floor(index / summary.group_size); }
   function mapsOf(index) {
     var group = groupOf(index);
     return load("maps/" + group, "data/maps/" + pad(group) + ".js").then(function (value) {
@@ -44,7 +52,7 @@
   function imageUrl(index) {
     var inline = received["images/" + groupOf(index)];
     if (inline) return inline[String(index)] || null;
-    return S.images ? "images/" + pad(groupOf(index)) + "/" + index + ".jpg" : null;
+    return summary.images ? "images/" + pad(groupOf(index)) + "/" + index + ".jpg" : null;
   }
 
   // ---- numbers and names -----------------------------------------------------------------
@@ -53,24 +61,29 @@
     if (value === null || value === undefined || Number.isNaN(value)) return "–";
     return Number(value).toFixed(digits === undefined ? 3 : digits);
   }
-  function className(index) {
+  // the labels' names (summary.classes) name the model's classes only where the labels are
+  // the model's classes; a prediction or a target is otherwise shown as its index
+  function className(index, isLabel) {
     if (index === null || index === undefined || index < 0) return "–";
-    var name = S.classes[String(index)];
+    var name = isLabel || summary.labels_are_classes ? summary.classes[String(index)] : null;
     return name ? name + " (" + index + ")" : String(index);
   }
   // the model's block number of the l-th map (1-based): explain --blocks 9-12 shows 9..12
-  function blockName(l) { return S.block_numbers ? S.block_numbers[l - 1] : l; }
-  function shortName(index) { return S.classes[String(index)] || String(index); }
-  function labelKnown(row) { return T.label[row] >= 0; }
+  function blockName(l) { return summary.block_numbers ? summary.block_numbers[l - 1] : l; }
+  function shortName(index, isLabel) {
+    return (isLabel || summary.labels_are_classes ? summary.classes[String(index)] : null) || String(index);
+  }
+  function labelKnown(row) { return table.label[row] >= 0; }
+  // the gallery's classes: the labels where the dataset has any, else the explained classes
+  function classOf(row) { return labelled ? table.label[row] : table.target[row]; }
   function correct(row) {
-    if (!S.labels_are_classes || !labelKnown(row)) return null;
-    return T.prediction[row] === T.label[row];
+    if (!summary.labels_are_classes || !labelKnown(row)) return null;
+    return table.prediction[row] === table.label[row];
   }
   function el(tag, attributes, children) {
     var node = document.createElement(tag);
     Object.keys(attributes || {}).forEach(function (key) {
-      if (key === "text") node.textContent = attributes[key];
-      else if (key === "html") node.innerHTML = attributes[key];
+      if (key === "text") node.textContent = attributes[key];  // text is never parsed as HTML
       else node.setAttribute(key, attributes[key]);
     });
     (children || []).forEach(function (child) { if (child) node.appendChild(child); });
@@ -119,7 +132,9 @@
 
   function minMaxInto(source, out, start, stop) {
     var low = Infinity, high = -Infinity, i;
-    for (i = start; i < stop; i++) { low = Math.min(low, source[i]); high = Math.max(high, source[i]); }
+    for (i = start; i < stop; i++) {
+      if (Number.isFinite(source[i])) { low = Math.min(low, source[i]); high = Math.max(high, source[i]); }
+    }
     var span = Math.max(high - low, TINY);
     for (i = start; i < stop; i++) out[i] = (source[i] - low) / span;
   }
@@ -155,8 +170,8 @@
     var smallContext = small.getContext("2d");
     var pixels = smallContext.createImageData(width, height);
     for (var k = 0; k < height * width; k++) {
-      var value = Math.min(1, Math.max(0, values[k]));
-      var colour = S.colormap[Math.min(255, Math.floor(value * 256))];
+      var value = values[k] >= 0 ? Math.min(1, values[k]) : 0;  // NaN as 0
+      var colour = summary.colormap[Math.min(255, Math.floor(value * 256))];
       pixels.data[4 * k] = colour[0];
       pixels.data[4 * k + 1] = colour[1];
       pixels.data[4 * k + 2] = colour[2];
@@ -174,6 +189,8 @@
   function setPage(name) {
     stopPlaying();
     keys = null;
+    playButton = null;
+    shownPage += 1;
     ["summary", "gallery"].forEach(function (page) {
       var link = document.getElementById("nav-" + page);
       if (link) link.className = page === name ? "active" : "";
@@ -194,7 +211,7 @@
     var page;
     if (where.path[0] === "gallery") page = gallery(where.params);
     else if (where.path[0] === "example") page = example(Number(where.path[1]), where.params);
-    else if (S.kind === "explain") page = example(T.index[0], where.params);
+    else if (summary.kind === "explain") page = example(table.index[0], where.params);
     else page = overview();
     Promise.resolve(page).catch(function (error) {
       var app = document.getElementById("app");
@@ -211,63 +228,73 @@
       facts.appendChild(el("div", { "class": "fact", id: id || "" }, [
         el("div", { "class": "fact-name", text: name }), el("div", { "class": "fact-value", text: value })]));
     }
-    fact("examples", S.shown + (S.partial ? " of " + S.examples : ""), "fact-examples");
-    fact("accuracy", S.accuracy === null ? "–" : fmt(100 * S.accuracy, 1) + " %", "fact-accuracy");
-    fact("model", S.model || "–");
-    fact("dataset", S.dataset || "–");
-    fact("methods", S.methods.map(function (m) { return m.name; }).join(", "));
+    fact("examples", summary.shown + (summary.partial ? " of " + summary.examples : ""), "fact-examples");
+    fact("accuracy", summary.accuracy === null ? "–" : fmt(100 * summary.accuracy, 1) + " %", "fact-accuracy");
+    fact("model", summary.model || "–");
+    fact("dataset", summary.dataset || "–");
+    fact("methods", summary.methods.map(function (m) { return m.name; }).join(", "));
     app.appendChild(facts);
-    if (S.labels_meaning) app.appendChild(el("p", { "class": "note", text: "Labels: " + S.labels_meaning }));
+    if (summary.labels_meaning) app.appendChild(el("p", { "class": "note", text: "Labels: " + summary.labels_meaning }));
 
     var links = el("p", { "class": "shortcuts" });
     links.appendChild(el("a", { href: "#/gallery?failures=1", text: "Failures first" }));
-    if (S.labels_are_classes) links.appendChild(el("a", { href: "#/gallery?outcome=wrong", text: "Wrong predictions" }));
+    if (summary.labels_are_classes) links.appendChild(el("a", { href: "#/gallery?outcome=wrong", text: "Wrong predictions" }));
     links.appendChild(el("a", { href: "#/gallery?sort=score&order=asc", text: "Least confident" }));
     app.appendChild(links);
 
-    if (S.metrics.length) {
-      app.appendChild(el("h2", { text: "Metrics (mean and " + Math.round(100 * S.confidence) +
-        " % bootstrap interval over the examples)" }));
-      var table = el("table", { "class": "metrics", id: "metric-table" });
-      var head = el("tr", {}, [el("th", { text: "method" })]);
-      S.metrics.forEach(function (metric) {
-        var lower = S.lower_is_better.indexOf(metric) >= 0;
-        head.appendChild(el("th", { text: metric + (lower ? " ↓" : " ↑"),
-          title: lower ? "lower is better" : "higher is better" }));
-      });
-      table.appendChild(head);
-      S.methods.forEach(function (method) {
-        var row = el("tr", {}, [el("td", { text: method.name })]);
-        S.metrics.forEach(function (metric) {
-          var stat = (S.stats[method.name] || {})[metric];
-          var cell = el("td", { "data-method": method.name, "data-metric": metric });
-          if (stat && stat.mean !== null) {
-            cell.appendChild(el("div", { "class": "mean", text: fmt(stat.mean) }));
-            cell.appendChild(el("div", { "class": "interval", text: "[" + fmt(stat.low) + ", " + fmt(stat.high) + "]" }));
-            cell.appendChild(histogram(stat.histogram, 120, 34));
-          } else {
-            cell.textContent = "–";
-          }
-          row.appendChild(cell);
-        });
-        table.appendChild(row);
-      });
-      app.appendChild(table);
+    var metricsPlace = el("div", { id: "metrics" });
+    app.appendChild(metricsPlace);
+    if (summary.metrics.length) {
+      metricsPlace.appendChild(el("p", { "class": "loading", text: "Loading the metrics' intervals…" }));
+      load("stats", "data/stats.js").then(function (stats) { metricTable(metricsPlace, stats); },
+        function (error) { metricsPlace.textContent = error.message; });
     }
-    if (S.score_histogram) {
+    if (summary.score_histogram) {
       app.appendChild(el("h2", { text: "Scores of the explained classes" }));
-      app.appendChild(histogram(S.score_histogram, 360, 80, true));
+      app.appendChild(histogram(summary.score_histogram, 360, 80, true));
     }
-    Object.keys(S.flow_mass).forEach(function (name) {
+    Object.keys(summary.flow_mass).forEach(function (name) {
       app.appendChild(el("h2", { text: name + ": how the decision forms, block by block" }));
       app.appendChild(el("p", { "class": "note", text: "The mean share of the final map's mass " +
-        "that each accumulated map D_l holds, over the " + S.shown + " examples." }));
-      app.appendChild(lineChart(S.flow_mass[name], name));
-      Object.keys((S.block_metrics || {})[name] || {}).forEach(function (metric) {
+        "that each accumulated map D_l holds, over the " + summary.shown + " examples." }));
+      app.appendChild(lineChart(summary.flow_mass[name], name));
+      Object.keys((summary.block_metrics || {})[name] || {}).forEach(function (metric) {
         app.appendChild(el("p", { "class": "note", text: "The mean " + metric + " of each accumulated map D_l:" }));
-        app.appendChild(lineChart(S.block_metrics[name][metric], name + "/" + metric));
+        app.appendChild(lineChart(summary.block_metrics[name][metric], name + "/" + metric));
       });
     });
+  }
+
+  // each method's metrics: mean, bootstrap interval and histogram (data/stats.js)
+  function metricTable(place, stats) {
+    place.innerHTML = "";
+    place.appendChild(el("h2", { text: "Metrics (mean and " + Math.round(100 * summary.confidence) +
+      " % bootstrap interval over the examples, " + summary.resamples + " resamples)" }));
+    var grid = el("table", { "class": "metrics", id: "metric-table" });
+    var head = el("tr", {}, [el("th", { text: "method" })]);
+    summary.metrics.forEach(function (metric) {
+      var lower = summary.lower_is_better.indexOf(metric) >= 0;
+      head.appendChild(el("th", { text: metric + (lower ? " ↓" : " ↑"),
+        title: lower ? "lower is better" : "higher is better" }));
+    });
+    grid.appendChild(head);
+    summary.methods.forEach(function (method) {
+      var row = el("tr", {}, [el("td", { text: method.name })]);
+      summary.metrics.forEach(function (metric) {
+        var stat = (stats[method.name] || {})[metric];
+        var cell = el("td", { "data-method": method.name, "data-metric": metric });
+        if (stat && stat.mean !== null) {
+          cell.appendChild(el("div", { "class": "mean", text: fmt(stat.mean) }));
+          cell.appendChild(el("div", { "class": "interval", text: "[" + fmt(stat.low) + ", " + fmt(stat.high) + "]" }));
+          cell.appendChild(histogram(stat.histogram, 120, 34));
+        } else {
+          cell.textContent = "–";
+        }
+        row.appendChild(cell);
+      });
+      grid.appendChild(row);
+    });
+    place.appendChild(grid);
   }
 
   function histogram(data, width, height, axis) {
@@ -296,7 +323,7 @@
   function lineChart(values, name) {
     var width = 460, height = 200, left = 36, bottom = 24, top = 8, right = 10;
     var svg = svgEl("svg", { width: width, height: height, "class": "line-chart", "data-method": name });
-    var most = Math.max.apply(null, values.concat([1]));
+    var most = Math.max.apply(null, values.filter(function (v) { return v !== null; }).concat([1]));
     function x(i) { return left + (values.length > 1 ? i * (width - left - right) / (values.length - 1) : 0); }
     function y(v) { return top + (height - top - bottom) * (1 - v / most); }
     svg.appendChild(svgEl("line", { x1: left, y1: y(0), x2: width - right, y2: y(0), "class": "axis" }));
@@ -306,8 +333,10 @@
       label.textContent = fmt(v, 2);
       svg.appendChild(label);
     });
-    svg.appendChild(svgEl("polyline", { points: values.map(function (v, i) { return x(i) + "," + y(v); }).join(" ") }));
+    svg.appendChild(svgEl("polyline", { points: values.map(function (v, i) { return v === null ? null : x(i) + "," + y(v); })
+      .filter(function (point) { return point !== null; }).join(" ") }));
     values.forEach(function (v, i) {
+      if (v === null) return;  // no value for this block (NaN)
       var dot = svgEl("circle", { cx: x(i), cy: y(v), r: 3 });
       var title = svgEl("title");
       title.textContent = "D_" + (i + 1) + ": " + fmt(v);
@@ -324,30 +353,32 @@
 
   function columns() {
     var list = [{ key: "index", name: "index" }, { key: "score", name: "score" }];
-    S.methods.forEach(function (method) {
-      S.metrics.forEach(function (metric) {
-        list.push({ key: method.name + "/" + metric, name: (S.methods.length > 1 ? method.name + ": " : "") + metric });
+    summary.methods.forEach(function (method) {
+      summary.metrics.forEach(function (metric) {
+        list.push({ key: method.name + "/" + metric, name: (summary.methods.length > 1 ? method.name + ": " : "") + metric });
       });
     });
     return list;
   }
   function valueOf(key, row) {
-    if (key === "index") return T.index[row];
-    if (key === "score") return T.score[row];
+    if (key === "index") return table.index[row];
+    if (key === "score") return table.score[row];
     var cut = key.lastIndexOf("/");
-    var values = (T.metrics[key.slice(0, cut)] || {})[key.slice(cut + 1)];
+    var values = (table.metrics[key.slice(0, cut)] || {})[key.slice(cut + 1)];
     return values ? values[row] : null;
   }
-  function failureMetric() {
-    var method = S.methods[0].name;
-    if (S.metrics.indexOf("pointing_game") >= 0) return method + "/pointing_game";
-    return null;
+  // the method failures are judged by: the first with a flow (DAAM), else the first
+  function leadMethod() {
+    return (summary.methods.filter(function (m) { return m.flow; })[0] || summary.methods[0]).name;
   }
-  // a failure: pointing missed on a correct prediction (right for the wrong reason); where
-  // the store has no pointing game, a wrong prediction
+  function failureMetric() {
+    return summary.metrics.indexOf("pointing_game") >= 0 ? leadMethod() + "/pointing_game" : null;
+  }
+  // a failure: the lead method's pointing missed on a correct prediction (right for the wrong
+  // reason); where the store has no pointing game, a wrong prediction
   function isFailure(row) {
     var pointing = failureMetric();
-    if (pointing !== null) return correct(row) !== false && valueOf(pointing, row) === 0;
+    if (pointing !== null) return correct(row) === true && valueOf(pointing, row) === 0;
     return correct(row) === false;
   }
 
@@ -356,13 +387,12 @@
     var low = params.get("min"), high = params.get("max");
     var where = params.get("where"), op = params.get("op") || "lt", bound = params.get("value");
     var rows = [];
-    for (var row = 0; row < T.index.length; row++) {
-      var shownClass = labelKnown(row) ? T.label[row] : T.target[row];
-      if (cls !== null && cls !== "" && shownClass !== Number(cls)) continue;
+    for (var row = 0; row < table.index.length; row++) {
+      if (cls !== null && cls !== "" && classOf(row) !== Number(cls)) continue;
       if (outcome === "correct" && correct(row) !== true) continue;
       if (outcome === "wrong" && correct(row) !== false) continue;
-      if (low !== null && low !== "" && !(T.score[row] >= Number(low))) continue;
-      if (high !== null && high !== "" && !(T.score[row] <= Number(high))) continue;
+      if (low !== null && low !== "" && !(table.score[row] >= Number(low))) continue;
+      if (high !== null && high !== "" && !(table.score[row] <= Number(high))) continue;
       if (where && bound !== null && bound !== "") {
         var v = valueOf(where, row);
         if (v === null || (op === "lt" ? !(v < Number(bound)) : !(v >= Number(bound)))) continue;
@@ -378,10 +408,10 @@
         if (fa !== fb) return fa - fb;
       }
       var va = valueOf(key, a), vb = valueOf(key, b);
-      if (va === null && vb === null) return T.index[a] - T.index[b];
+      if (va === null && vb === null) return table.index[a] - table.index[b];
       if (va === null) return 1;  // missing values last, in both orders
       if (vb === null) return -1;
-      return (va - vb) * sign || T.index[a] - T.index[b];
+      return (va - vb) * sign || table.index[a] - table.index[b];
     });
     return rows;
   }
@@ -402,13 +432,14 @@
       });
       return node;
     }
+    var byLabel = labelled;
     var classes = {};
-    for (var row = 0; row < T.index.length; row++) classes[labelKnown(row) ? T.label[row] : T.target[row]] = true;
+    for (var row = 0; row < table.index.length; row++) if (classOf(row) >= 0) classes[classOf(row)] = true;
     var classOptions = [["", "all"]].concat(Object.keys(classes).map(Number).sort(function (a, b) { return a - b; })
-      .map(function (c) { return [c, className(c)]; }));
-    control(T.label.some(function (l) { return l >= 0; }) ? "class (label)" : "class (target)",
+      .map(function (c) { return [c, className(c, byLabel)]; }));
+    control(byLabel ? "class (label)" : "class (target)",
       select("class", classOptions, params.get("class")));
-    if (S.labels_are_classes) {
+    if (summary.labels_are_classes) {
       control("outcome", select("outcome", [["", "all"], ["correct", "correct"], ["wrong", "wrong"]], params.get("outcome")));
     }
     control("score ≥", el("input", { name: "min", id: "control-min", type: "number", step: "0.05", min: 0, max: 1, value: params.get("min") || "" }));
@@ -423,7 +454,8 @@
     control("order", select("order", [["asc", "ascending"], ["desc", "descending"]], params.get("order")));
     var failures = el("input", { type: "checkbox", name: "failures", id: "control-failures", value: "1" });
     failures.checked = params.get("failures") === "1";
-    control(failureMetric() ? "failures first (pointing missed on a correct prediction)" : "failures first (wrong predictions)", failures);
+    control(failureMetric() ? "failures first (" + leadMethod() + "'s pointing missed on a correct prediction)"
+      : "failures first (wrong predictions)", failures);
     controls.addEventListener("change", function () {
       var next = new URLSearchParams();
       new FormData(controls).forEach(function (value, key) { if (value !== "") next.set(key, value); });
@@ -435,14 +467,14 @@
 
     var rows = selectRows(params);
     var pages = Math.max(1, Math.ceil(rows.length / PAGE));
-    var page = Math.min(pages - 1, Math.max(0, Number(params.get("page") || 0)));
+    var page = Math.min(pages - 1, Math.max(0, parseInt(params.get("page"), 10) || 0));
     var sortKey = params.get("sort") || "index";
     var info = el("p", { "class": "count", id: "gallery-count",
-      text: rows.length + " of " + T.index.length + " examples" + (pages > 1 ? " · page " + (page + 1) + " of " + pages : "") });
+      text: rows.length + " of " + table.index.length + " examples" + (pages > 1 ? " · page " + (page + 1) + " of " + pages : "") });
     app.appendChild(info);
     var grid = el("div", { "class": "gallery", id: "gallery" });
     rows.slice(page * PAGE, (page + 1) * PAGE).forEach(function (row) {
-      var index = T.index[row];
+      var index = table.index[row];
       var card = el("a", { "class": "card", href: "#/example/" + index + "?from=" + encodeURIComponent(location.hash), "data-index": index });
       var url = imageUrl(index);
       card.appendChild(url ? el("img", { src: url, loading: "lazy", alt: "example " + index }) : el("div", { "class": "no-image", text: "#" + index }));
@@ -450,10 +482,10 @@
       var caption = el("div", { "class": "caption" });
       caption.appendChild(el("div", { text: "#" + index + (verdict === null ? "" : verdict ? " ✓" : " ✗"),
         "class": verdict === false ? "wrong" : "" }));
-      var classes = verdict === true ? shortName(T.label[row])
-        : (labelKnown(row) ? shortName(T.label[row]) + " → " : "") + shortName(T.prediction[row]);
+      var classes = verdict === true ? shortName(table.label[row], true)
+        : (labelKnown(row) ? shortName(table.label[row], true) + " → " : "") + shortName(table.prediction[row]);
       caption.appendChild(el("div", { "class": "small", text: classes, title: "label → prediction" }));
-      var shown = sortKey === "index" || sortKey === "score" ? "p " + fmt(T.score[row], 2) : fmt(valueOf(sortKey, row), 3) + " · p " + fmt(T.score[row], 2);
+      var shown = sortKey === "index" || sortKey === "score" ? "p " + fmt(table.score[row], 2) : fmt(valueOf(sortKey, row), 3) + " · p " + fmt(table.score[row], 2);
       caption.appendChild(el("div", { "class": "small value", text: shown }));
       card.appendChild(caption);
       grid.appendChild(card);
@@ -476,11 +508,15 @@
   // The example page ------------------------------------------------------------------------
 
   function blocksHint(blocks) {
-    return blocks > 1 ? "  keys: ← → block, space play, [ ] previous / next example" : "  keys: [ ] previous / next example";
+    var hints = [];
+    if (blocks > 1) hints.push("← → block", "space play");
+    if (table.index.length > 1) hints.push("[ ] previous / next example");
+    return hints.length ? "  keys: " + hints.join(", ") : "";
   }
 
   function stopPlaying() {
     if (player !== null) { clearInterval(player); player = null; }
+    if (playButton) playButton.textContent = "▶ play";
   }
 
   function example(index, params) {
@@ -490,34 +526,35 @@
       app.appendChild(el("p", { "class": "error", text: "Example " + index + " is not in this report." }));
       return null;
     }
-    var blocks = Math.max.apply(null, S.methods.map(function (m) { return m.blocks; }));
+    var blocks = Math.max.apply(null, summary.methods.map(function (m) { return m.blocks; }));
     var state = {
-      block: Math.min(blocks, Math.max(1, Number(params.get("block") || blocks))),
+      block: Math.min(blocks, Math.max(1, parseInt(params.get("block"), 10) || blocks)),
       scaling: params.get("scaling") || "paper",
       mode: params.get("mode") || "flow",
-      alpha: Number(params.get("alpha") || 0.5),
+      alpha: Math.min(1, Math.max(0, parseFloat(params.get("alpha")))) || 0.5,
       image: params.get("image") !== "0"
     };
     var verdict = correct(row);
     var title = "Example #" + index;
-    if (S.kind === "explain" && S.names) title = S.names[index];
+    if (summary.kind === "explain" && summary.names) title = summary.names[index];
     var head = el("div", { "class": "example-head" }, [el("h2", { id: "example-title", "data-index": index, text: title })]);
     var facts = [];
-    if (labelKnown(row)) facts.push("label " + className(T.label[row]));
-    facts.push("explained " + className(T.target[row]) + " (p " + fmt(T.score[row], 3) + ")");
-    if (S.kind !== "explain") facts.push("predicted " + className(T.prediction[row]));
+    if (labelKnown(row)) facts.push("label " + className(table.label[row], true));
+    facts.push("explained " + className(table.target[row]) + " (p " + fmt(table.score[row], 3) + ")");
+    if (summary.kind !== "explain") facts.push("predicted " + className(table.prediction[row]));
     if (verdict !== null) facts.push(verdict ? "correct" : "wrong");
     head.appendChild(el("p", { "class": "facts-line" + (verdict === false ? " wrong" : ""), text: facts.join(" · ") }));
     // previous and next in the order of the gallery the example was opened from
     var from = params.get("from");
+    if (from && from.indexOf("#/gallery") !== 0) from = null;  // only a gallery of this report
     var order = from ? selectRows(new URLSearchParams(from.split("?")[1] || "")) : null;
     var at = order ? order.indexOf(row) : -1;
-    if (at < 0) { order = T.index.map(function (_, r) { return r; }); at = row; }
+    if (at < 0) { order = table.index.map(function (_, r) { return r; }); at = row; }
     var step = el("p", { "class": "steps" });
     [["previous", at - 1], ["next", at + 1]].forEach(function (item) {
       if (item[1] >= 0 && item[1] < order.length) {
         step.appendChild(el("a", { id: "example-" + item[0], text: item[0],
-          href: "#/example/" + T.index[order[item[1]]] + (from ? "?from=" + encodeURIComponent(from) : "") }));
+          href: "#/example/" + table.index[order[item[1]]] + (from ? "?from=" + encodeURIComponent(from) : "") }));
       }
     });
     if (from) step.appendChild(el("a", { id: "example-back", href: from, text: "back to the gallery" }));
@@ -562,11 +599,14 @@
       img.src = url;
     }) : Promise.resolve();
 
+    var thisPage = shownPage;
     return Promise.all([mapsOf(index), pictureReady]).then(function (results) {
+      if (thisPage !== shownPage) return;  // left while loading
+      playButton = play;
       var entries = results[0] || {};
       var views = [];
       var aspect = picture ? picture.naturalWidth / picture.naturalHeight : null;
-      S.methods.forEach(function (method) {
+      summary.methods.forEach(function (method) {
         var entry = entries[method.name];
         if (!entry) return;
         var shape = entry.shape, size = shape[1] * shape[2];
@@ -574,8 +614,8 @@
         var canvas = el("canvas", { "class": "map", "data-method": method.name });
         canvas.width = ratio >= 1 ? 256 : Math.round(256 * ratio);
         canvas.height = ratio >= 1 ? Math.round(256 / ratio) : 256;
-        var metricsLine = S.metrics.map(function (metric) {
-          var values = (T.metrics[method.name] || {})[metric];
+        var metricsLine = summary.metrics.map(function (metric) {
+          var values = (table.metrics[method.name] || {})[metric];
           return metric + " " + fmt(values ? values[row] : null);
         }).join(" · ");
         var caption = el("figcaption", {}, [el("strong", { text: method.name }),
@@ -588,7 +628,7 @@
         return;
       }
       if (!picture) panels.appendChild(el("p", { "class": "note", text: "This store holds no image of the example; the maps are shown alone." }));
-      var lead = views[0];
+      var lead = views.filter(function (view) { return view.shape[0] > 1; })[0] || views[0];
       var stripCanvases = [];
       if (lead.shape[0] > 1) {
         for (var l = 0; l < lead.shape[0]; l++) {
@@ -604,9 +644,10 @@
       }
 
       function draw() {
-        blockLabel.textContent = S.block_numbers ? "block " + blockName(state.block) + " (" + state.block + " of " + blocks + ")"
+        blockLabel.textContent = summary.block_numbers ? "block " + blockName(state.block) + " (" + state.block + " of " + blocks + ")"
           : state.block + " of " + blocks;
         DAAMView.shown = { index: index, block: state.block, scaling: state.scaling, mode: state.mode, maps: {} };
+        DAAMView.drawn.push(state.block);
         views.forEach(function (view) {
           var count = view.shape[0];
           var scaled = scale(sequence(decode(view.entry), count, view.size, state.mode), count, view.size, state.scaling);
@@ -637,7 +678,6 @@
       keys = function (event) {
         if ((event.key === "ArrowRight" || event.key === "ArrowLeft") && blocks > 1) {
           stopPlaying();
-          play.textContent = "▶ play";
           state.block = Math.min(blocks, Math.max(1, state.block + (event.key === "ArrowRight" ? 1 : -1)));
           slider.value = state.block;
           draw();
@@ -652,12 +692,12 @@
         event.preventDefault();
       };
       play.addEventListener("click", function () {
-        if (player !== null) { stopPlaying(); play.textContent = "▶ play"; return; }
+        if (player !== null) { stopPlaying(); return; }
         play.textContent = "❚❚ pause";
         if (state.block >= blocks) state.block = 0;
         player = setInterval(function () {
           state.block = Math.min(blocks, state.block + 1);
-          if (state.block === blocks) { stopPlaying(); play.textContent = "▶ play"; }
+          if (state.block === blocks) stopPlaying();
           slider.value = state.block;
           draw();
         }, 500);
@@ -673,18 +713,19 @@
 
   function start() {
     Promise.all([load("summary", "data/summary.js"), load("table", "data/table.js")]).then(function (values) {
-      S = values[0];
-      T = values[1];
-      T.index.forEach(function (index, row) { position[index] = row; });
-      document.getElementById("title").textContent = S.title + (S.kind === "compare" ? " · comparison" : "");
-      document.title = S.title + " · captum-daam view";
-      if (S.kind === "explain") document.getElementById("nav-summary").hidden = true;
-      if (S.kind === "explain" && T.index.length === 1) document.getElementById("bar").hidden = true;
-      if (S.partial) {
+      summary = values[0];
+      table = values[1];
+      table.index.forEach(function (index, row) { position[index] = row; });
+      labelled = table.label.some(function (label) { return label >= 0; });
+      document.getElementById("title").textContent = summary.title + (summary.kind === "compare" ? " · comparison" : "");
+      document.title = summary.title + " · captum-daam view";
+      if (summary.kind === "explain") document.getElementById("nav-summary").hidden = true;
+      if (summary.kind === "explain" && table.index.length === 1) document.getElementById("bar").hidden = true;
+      if (summary.partial) {
         var notice = document.getElementById("notice");
         notice.hidden = false;
-        notice.textContent = "Partial store: " + S.shown + " of " + S.examples + " examples (" +
-          S.chunks[0] + " of " + S.chunks[1] + " chunks) are complete; these pages show those. " +
+        notice.textContent = "Partial store: " + summary.shown + " of " + summary.examples + " examples (" +
+          summary.chunks[0] + " of " + summary.chunks[1] + " chunks) are complete; these pages show those. " +
           "Run the command again to finish it, then view it again.";
       }
       window.addEventListener("hashchange", route);
@@ -699,5 +740,6 @@
     });
   }
 
-  window.DAAMView = { receive: receive, start: start, scale: scale, sequence: sequence, shown: null };
+  // shown and drawn: what the example page drew last, and the blocks it drew (for tests)
+  window.DAAMView = { receive: receive, start: start, scale: scale, sequence: sequence, shown: null, drawn: [] };
 })();
