@@ -660,3 +660,29 @@ def test_a_compare_summary_shows_the_block_metrics_of_the_flow(compared):
     np.testing.assert_allclose(summary["block_metrics"]["daam"]["pointing_game"],
                                np.nanmean(pointing, axis=0), rtol=1e-4)
     assert set(summary["flow_mass"]) == {"daam"}  # the methods with one map have no flow
+
+
+def test_the_viewer_gives_the_intervals_of_the_compare_report(compared, tmp_path):
+    from captum_daam.comparison import report
+
+    data = open_store(compared)
+    data.resamples = 500
+    stats = data.stats()
+    rows = report(compared, tmp_path / "report", resamples=500)["rows"]
+    for row in rows:
+        cell, shown = row["pointing_game"], stats[row["method"]]["pointing_game"]
+        assert (shown["mean"], shown["low"], shown["high"]) == pytest.approx(
+            (cell["mean"], cell["low"], cell["high"]), abs=1e-12)
+
+
+def test_the_notebook_view_refuses_what_flow_figure_refuses():
+    image, flow = torch.rand(3, 16, 16), torch.rand(4, 2, 2)
+    for bad_image, bad_flow, words in [
+        (torch.rand(2, 3, 16, 16), flow, "batch"),
+        (image * 3 - 1, flow, "[0, 1]"),
+        (torch.rand(4, 16, 16), flow, "RGB"),
+        (image, torch.full((4, 2, 2), float("nan")), "finite"),
+        (image, torch.rand(2, 2), "(L, gh, gw)"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            FlowView(bad_image, bad_flow)

@@ -33,8 +33,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
-import torch
-
 from ._data import GROUP_SIZE, FlowData, StoreData, ViewerInputError, open_store
 
 __all__ = ["view", "serve", "make_server", "open_store", "FlowView", "flow_page",
@@ -145,7 +143,8 @@ class FlowView:
     the notebook keeps it in its output).
 
     Args:
-        image (Tensor): (3, H, W) in [0, 1], the image as shown.
+        image (Tensor): (3, H, W) or (1, 3, H, W) in [0, 1] (or uint8), the image as shown,
+                    before the model's normalisation.
         flow (Tensor): (L, h, w) or (1, L, h, w), the raw flow D_1..D_L of
                     ``DAAM.attribute(..., return_flow=True)``.
         target (int, optional): The explained class. Default: 0
@@ -157,13 +156,19 @@ class FlowView:
 
         >>> from captum_daam.viewer import FlowView
         >>> FlowView(image, flow[0], target=3, label="circle")  # doctest: +SKIP
+
+    Raises:
+        ValueError: for a batch of more than one image, an image that is not (3, H, W) in
+                    [0, 1], or a flow that is not (L, h, w) and finite; as
+                    :func:`captum_daam.visualization.flow_figure` does.
     """
 
     def __init__(self, image: Any, flow: Any, target: int = 0, score: float = float("nan"),
                  label: Optional[str] = None, height: int = 640) -> None:
-        flow = torch.as_tensor(flow).detach().float().cpu()
-        flow = flow[0] if flow.dim() == 4 else flow
-        image = torch.as_tensor(image).detach().float().cpu()
+        from ..visualization import _as_flow, _as_image
+
+        # checked as flow_figure checks them: one example, an RGB image in [0, 1], a finite flow
+        image, flow = _as_image(image), _as_flow(flow)
         self.page = flow_page([{"name": label or f"class {target}", "image": image,
                                 "flow": flow, "target": int(target), "score": float(score),
                                 "label": label}], title="DAAM flow")

@@ -65,7 +65,7 @@ class StoreData:
     """The viewer's data from an explain_dataset or compare store (its complete chunks)."""
 
     def __init__(self, group: Any, path: Path, settings: Dict[str, Any],
-                 resamples: int = 2000, confidence: float = 0.95) -> None:
+                 resamples: int = 10_000, confidence: float = 0.95) -> None:
         from ..comparison import _complete_rows
 
         self.group, self.path, self.settings = group, path, settings
@@ -90,7 +90,7 @@ class StoreData:
         self._shared = {name: np.asarray(group[name][:]) for name in
                         ("targets", "predictions", "scores", "labels")}
 
-    # ---- the page's four requests ------------------------------------------------------
+    # ---- the page's requests -----------------------------------------------------------
 
     def summary(self) -> Dict[str, Any]:
         from ..comparison import LOWER_IS_BETTER
@@ -192,9 +192,16 @@ class StoreData:
         stats: Dict[str, Any] = {name: {} for name in self.methods}
         if not columns:
             return stats
+        # every interval in one pass, as compare's report forms them (a column with NaNs is
+        # resampled over its values that are not NaN)
         finite = [column[column.isfinite()] for column in columns]
-        intervals = [m.bootstrap_intervals(values[:, None], self.confidence, self.resamples)[0]
-                     if len(values) else None for values in finite]
+        whole = [k for k, values in enumerate(finite) if len(values)]
+        intervals: List[Any] = [None] * len(columns)
+        if whole:
+            found = m.bootstrap_intervals(torch.stack([columns[k] for k in whole], dim=1),
+                                          self.confidence, self.resamples)
+            for k, interval in zip(whole, found):
+                intervals[k] = interval
         for (name, metric), values, interval in zip(keys, finite, intervals):
             stats[name][metric] = {
                 "mean": None if interval is None else interval[0],
