@@ -37,7 +37,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "per method) and its report in OUT/report: compare.md and compare.csv (each metric's "
         "mean with a 95% bootstrap interval, the paired difference from DAAM, a random row "
         "as the chance level, seconds per image), curves.png and flow.png. Re-running the "
-        "same command resumes a run that stopped. Needs zarr: pip install "
+        "same command resumes a run that stopped; captum-daam view OUT shows every example "
+        "with every method. Needs zarr: pip install "
         "\"captum-daam[dataset]\".",
     )
     add_store_arguments(parser, "compare.zarr")

@@ -33,7 +33,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Explain every image of a dataset with DAAM and write the maps, targets, "
         "predictions, scores and per-example metrics into one Zarr v3 store. Re-running the "
         "same command resumes a run that stopped. Under torchrun each process explains its "
-        "share. Needs zarr: pip install \"captum-daam[dataset]\".",
+        "share. Look at the store with captum-daam view OUT. Needs zarr: pip install "
+        "\"captum-daam[dataset]\".",
     )
     add_store_arguments(parser, "maps.zarr")
     parser.add_argument("--batch-size", type=int, default=64,

@@ -31,8 +31,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("store", metavar="STORE",
                         help="the store folder of explain-dataset or compare")
     parser.add_argument("--out", default=None,
-                        help="the report's folder (default: STORE/view); replaced when it "
-                        "exists")
+                        help="the report's folder (default: STORE/view); an earlier report "
+                        "there is replaced, a folder holding anything else is refused")
     parser.add_argument("--serve", action="store_true",
                         help="serve the report from a local port instead of writing it")
     parser.add_argument("--port", type=int, default=8000,
