@@ -665,8 +665,7 @@ def test_a_compare_summary_shows_the_block_metrics_of_the_flow(compared):
 def test_the_viewer_gives_the_intervals_of_the_compare_report(compared, tmp_path):
     from captum_daam.comparison import report
 
-    data = open_store(compared)
-    data.resamples = 500
+    data = open_store(compared, resamples=500)
     stats = data.stats()
     rows = report(compared, tmp_path / "report", resamples=500)["rows"]
     for row in rows:

@@ -15,14 +15,14 @@ from ._common import (
     SCALINGS,
     UsageError,
     _device,
+    _finish_page,
     _first_line,
     _load_model,
+    _page_entry,
     _prepare_out,
     _remove_if_empty,
     _unique_stems,
     _write_outputs,
-    _finish_page,
-    _page_entry,
 )
 
 if TYPE_CHECKING:

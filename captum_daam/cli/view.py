@@ -61,8 +61,7 @@ def view_command(args: argparse.Namespace) -> int:
             page = view(args.store, args.out, resamples=args.resamples)
             print(f"captum-daam view: wrote {page.parent}/ (open {page} in a browser)")
             return 0
-        data = open_store(args.store)
-        data.resamples = args.resamples
+        data = open_store(args.store, args.resamples)
     except ViewerInputError as error:
         raise UsageError(str(error)) from error
     except OSError as error:  # writing the report: a full disk, a folder not writable

@@ -73,8 +73,7 @@ def view(store: PathLike, out: Optional[PathLike] = None, resamples: int = 10_00
         >>> print(page)  # open it in a browser  # doctest: +SKIP
         store.zarr/view/index.html
     """
-    data = open_store(store)
-    data.resamples = resamples
+    data = open_store(store, resamples)
     out = Path(out) if out is not None else data.path / "view"
     _check_out(out, data.path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,8 +119,7 @@ def serve(store: PathLike, port: int = 8000, host: str = "127.0.0.1",
     """Serve the report of ``store`` at ``http://host:port/`` until interrupted, making each
     file when the page asks for it (nothing is written): for a store too large to write
     out at once. See :func:`make_server` for a server to run in a thread of your own."""
-    data = open_store(store)
-    data.resamples = resamples
+    data = open_store(store, resamples)
     server = make_server(data, host, port)
     print(f"serving {store} at http://{server.server_address[0]}:{server.server_address[1]}/")
     try:

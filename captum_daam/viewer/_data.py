@@ -36,9 +36,9 @@ class ViewerInputError(ValueError):
     """A store the viewer cannot show; the message is one line a user can act on."""
 
 
-def open_store(path: Any) -> "StoreData":
+def open_store(path: Any, resamples: int = 10_000) -> "StoreData":
     """The store at ``path``, checked: a store of this package with at least one complete
-    chunk; a ViewerInputError otherwise."""
+    chunk; a ViewerInputError otherwise. ``resamples``: of the metrics' bootstrap."""
     from .. import dataset as ds
 
     path = Path(path)
@@ -58,7 +58,7 @@ def open_store(path: Any) -> "StoreData":
         raise ViewerInputError(f"Expected a store of explain-dataset or compare, got {path}, "
                                f"an empty folder; give the folder their --out wrote.")
     group = ds._import_zarr().open_group(str(path), mode="r")
-    return StoreData(group, path, settings)
+    return StoreData(group, path, settings, resamples)
 
 
 class StoreData:
@@ -80,7 +80,6 @@ class StoreData:
                 f"none yet ({len(complete)} chunks): run explain-dataset or compare on it "
                 f"to fill it.")
         self.chunks = (int(complete.sum()), len(complete))
-        self._shown = set(self.rows.tolist())
         if self.kind == "compare":
             self.methods = {name: f"methods/{name}/" for name in settings["methods"]}
         else:
@@ -89,6 +88,7 @@ class StoreData:
         self.has_images = "thumbnails" in group
         self._shared = {name: np.asarray(group[name][:]) for name in
                         ("targets", "predictions", "scores", "labels")}
+        self._last_chunk: Dict[str, Any] = {}  # array name -> (chunk, its values)
 
     # ---- the page's requests -----------------------------------------------------------
 
@@ -112,7 +112,6 @@ class StoreData:
         return {
             "kind": self.kind,
             "title": self.path.name,
-            "store": str(self.path),
             "model": self.settings.get("model", {}).get("class", "?"),
             "dataset": _dataset_name(self.settings.get("dataset", {})),
             "examples": self.examples,
@@ -137,9 +136,6 @@ class StoreData:
             "colormap": colormap_table(),
         }
 
-    def stats(self) -> Dict[str, Any]:
-        return self._metric_stats()
-
     def table(self) -> Dict[str, Any]:
         rows = self.rows
         columns: Dict[str, Any] = {"index": rows.tolist()}
@@ -162,8 +158,7 @@ class StoreData:
         if not len(rows):
             return {"examples": examples}
         for name, prefix in self.methods.items():
-            maps = torch.from_numpy(np.asarray(self.group[f"{prefix}maps"][start:stop],
-                                               np.float32))[torch.from_numpy(rows - start)]
+            maps = torch.from_numpy(self._rows(f"{prefix}maps", rows).astype(np.float32))
             for row, encoded in zip(rows, encode_maps(maps)):
                 examples[str(int(row))][name] = encoded
         return {"examples": examples}
@@ -174,12 +169,27 @@ class StoreData:
         rows = self.rows[(self.rows >= start) & (self.rows < stop)]
         if not self.has_images or not len(rows):
             return {}
-        pictures = np.asarray(self.group["thumbnails"][start:stop])
-        return {int(row): jpeg(pictures[row - start]) for row in rows}
+        pictures = self._rows("thumbnails", rows)
+        return {int(row): jpeg(picture) for row, picture in zip(rows, pictures)}
 
     # ---- helpers -----------------------------------------------------------------------
 
-    def _metric_stats(self) -> Dict[str, Any]:
+    def _rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """``rows`` (ascending) of an array, read a store chunk at a time and the last chunk
+        kept: the groups of 50 the page asks for, in order, decompress each chunk once."""
+        array = self.group[name]
+        size = array.chunks[0]
+        parts = []
+        for chunk in np.unique(rows // size):
+            kept = self._last_chunk.get(name)
+            if kept is None or kept[0] != chunk:
+                kept = (chunk, np.asarray(array[chunk * size:(chunk + 1) * size]))
+                self._last_chunk[name] = kept
+            parts.append(kept[1][rows[rows // size == chunk] - chunk * size])
+        return np.concatenate(parts)
+
+    def stats(self) -> Dict[str, Any]:
+        """Each method's metrics: mean, bootstrap interval, count and histogram."""
         from .. import metrics as m
 
         columns, keys = [], []
@@ -249,7 +259,7 @@ class FlowData:
     def summary(self) -> Dict[str, Any]:
         first = self.examples[0]["flow"]
         return {
-            "kind": "explain", "title": self.title, "store": None, "model": None,
+            "kind": "explain", "title": self.title, "model": None,
             "dataset": None, "examples": len(self.examples), "shown": len(self.examples),
             "chunks": None, "partial": False, "accuracy": None,
             "labels_are_classes": True,  # "classes" names the model's classes here

@@ -741,5 +741,5 @@
   }
 
   // shown and drawn: what the example page drew last, and the blocks it drew (for tests)
-  window.DAAMView = { receive: receive, start: start, scale: scale, sequence: sequence, shown: null, drawn: [] };
+  window.DAAMView = { receive: receive, start: start, shown: null, drawn: [] };
 })();
